@@ -1,0 +1,171 @@
+//! A test-only handler whose behaviour the client picks with its first line,
+//! so one component covers every guest-side scenario of the test suite:
+//!
+//! - `count`: bumps a global counter and replies its value (always `1` when
+//!   every connection gets a fresh instance).
+//! - `info`: replies the `connection-info` fields, one `key=value` a line.
+//! - `echo`: echoes the rest of the input, like the echo handler.
+//! - `trap`: executes `unreachable`.
+//! - `panic`: panics with a message (reaches the host's log through stderr).
+//! - `error`: returns `Err("requested error")`.
+//! - `print`: writes a line to stdout and one to stderr, replies `printed`.
+//! - `return-early`: replies `bye` and returns without reading further.
+//! - `spin`: loops forever without calling the host.
+//! - `alloc`: allocates memory until allocation fails.
+//! - `recurse`: recurses without bound.
+//! - `flood N`: writes N bytes to stdout.
+//! - `read-file PATH`, `env`, `connect ADDR`: try what the sandbox denies and
+//!   reply what happened.
+
+wit_bindgen::generate!({
+    path: "../../wit",
+    world: "host:handler/handler",
+    // Generate the `wasi:io` bindings the contract uses, too.
+    generate_all,
+});
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use wasi::io::streams::StreamError;
+
+static CALLS: AtomicU64 = AtomicU64::new(0);
+
+struct TestGuest;
+
+impl Guest for TestGuest {
+    fn handle(
+        info: ConnectionInfo,
+        input: InputStream,
+        output: OutputStream,
+    ) -> Result<(), String> {
+        let (line, rest) = read_line(&input)?;
+        let (command, arg) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+        let reply = match command {
+            "count" => format!("{}", CALLS.fetch_add(1, Ordering::SeqCst) + 1),
+            "info" => format!(
+                "peer-address={}\nlocal-address={}\nconnection-id={}\nworker={}\ntenant={}\n",
+                info.peer_address, info.local_address, info.connection_id, info.worker, info.tenant
+            ),
+            "echo" => {
+                write_all(&output, &rest)?;
+                loop {
+                    match input.blocking_read(65536) {
+                        Ok(bytes) => write_all(&output, &bytes)?,
+                        Err(StreamError::Closed) => break,
+                        Err(e) => return Err(format!("read failed: {e:?}")),
+                    }
+                }
+                String::new()
+            }
+            "trap" => core::arch::wasm32::unreachable(),
+            "panic" => panic!("the test guest was asked to panic"),
+            "error" => return Err("requested error".to_string()),
+            "print" => {
+                println!("hello from the guest's stdout");
+                eprintln!("hello from the guest's stderr");
+                "printed".to_string()
+            }
+            "return-early" => "bye".to_string(),
+            "spin" => spin(),
+            "alloc" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    let mut block = Vec::new();
+                    if block.try_reserve_exact(1 << 20).is_err() {
+                        break format!("allocation failed after {} MiB", hoard.len());
+                    }
+                    block.resize(1 << 20, 1);
+                    hoard.push(block);
+                }
+            }
+            "recurse" => format!("{}", recurse(0)),
+            "flood" => {
+                let total: usize = arg.parse().map_err(|_| format!("bad size {arg:?}"))?;
+                let chunk = vec![b'x'; 64 * 1024];
+                let mut out = std::io::stdout();
+                let mut written = 0;
+                while written < total {
+                    let n = chunk.len().min(total - written);
+                    if out.write_all(&chunk[..n]).is_err() {
+                        break;
+                    }
+                    written += n;
+                }
+                format!("flooded {written}")
+            }
+            "read-file" => match std::fs::read(arg) {
+                Ok(data) => format!("read {} bytes", data.len()),
+                Err(e) => format!("denied: {e}"),
+            },
+            "env" => {
+                let vars: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
+                format!("env: [{}]", vars.join(", "))
+            }
+            "connect" => match std::net::TcpStream::connect(arg) {
+                Ok(_) => "connected".to_string(),
+                Err(e) => format!("denied: {e}"),
+            },
+            other => return Err(format!("unknown command {other:?}")),
+        };
+        write_all(&output, reply.as_bytes())?;
+        output
+            .blocking_flush()
+            .map_err(|e| format!("flush failed: {e:?}"))
+    }
+}
+
+/// Reads up to the first `\n`; returns the line and whatever followed it.
+fn read_line(input: &InputStream) -> Result<(String, Vec<u8>), String> {
+    let mut buf = Vec::new();
+    loop {
+        if let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+            let rest = buf.split_off(pos + 1);
+            buf.pop();
+            return Ok((String::from_utf8_lossy(&buf).into_owned(), rest));
+        }
+        match input.blocking_read(4096) {
+            Ok(bytes) => buf.extend_from_slice(&bytes),
+            Err(StreamError::Closed) => {
+                return Ok((String::from_utf8_lossy(&buf).into_owned(), Vec::new()))
+            }
+            Err(e) => return Err(format!("read failed: {e:?}")),
+        }
+    }
+}
+
+fn write_all(output: &OutputStream, mut data: &[u8]) -> Result<(), String> {
+    while !data.is_empty() {
+        let permit = output
+            .check_write()
+            .map_err(|e| format!("write failed: {e:?}"))?;
+        if permit == 0 {
+            output.subscribe().block();
+            continue;
+        }
+        let n = data.len().min(permit as usize);
+        output
+            .write(&data[..n])
+            .map_err(|e| format!("write failed: {e:?}"))?;
+        data = &data[n..];
+    }
+    Ok(())
+}
+
+#[inline(never)]
+fn spin() -> String {
+    let mut x: u64 = 0;
+    loop {
+        x = std::hint::black_box(x.wrapping_add(1));
+    }
+}
+
+#[inline(never)]
+fn recurse(depth: u64) -> u64 {
+    let pad = std::hint::black_box([depth; 16]);
+    if pad[3] == u64::MAX {
+        return 0;
+    }
+    1 + recurse(std::hint::black_box(pad[3] + 1))
+}
+
+export!(TestGuest);

@@ -1,0 +1,75 @@
+//! The host: serves TCP connections by running the `handle` export of a
+//! WebAssembly component in a fresh, sandboxed instance per connection, on a
+//! worker thread or in a child process.
+//!
+//! [`serve`] is the whole `host serve` command; [`server::run`] is its accept
+//! loop, which tests drive directly with their own [`server::Shutdown`].
+
+pub mod cli;
+pub mod config;
+pub mod connection;
+mod engine;
+mod guest_log;
+pub mod handler;
+pub mod logging;
+mod net_stream;
+pub mod server;
+pub mod strategy;
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+
+use crate::config::{ServeConfig, StrategyKind};
+use crate::connection::Service;
+use crate::handler::Handler;
+use crate::server::Shutdown;
+
+/// Pending connections the kernel holds while every worker is busy.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// `host serve`: compile the handler, bind, print `listening on ADDR`, then
+/// accept until `shutdown` is triggered.
+pub fn serve(config: &ServeConfig, shutdown: &Shutdown) -> Result<()> {
+    // Invariant: everything that can be refused is checked before binding, so
+    // a bad handler leaves nothing listening.
+    let engine = engine::build(config)?;
+    let handler = Handler::load(&engine, &config.handler)?;
+    let listener = bind(config)?;
+    let addr = listener
+        .local_addr()
+        .context("cannot read the listener's address")?;
+    let service = Arc::new(Service::new(
+        handler,
+        config.tenant.clone(),
+        config.idle_timeout,
+    ));
+    let mut strategy = strategy::build(config, service, shutdown, &listener)?;
+
+    let limits = match config.strategy {
+        StrategyKind::Threading => format!("{} workers", config.workers),
+        StrategyKind::Forking => format!("at most {} children", config.max_children),
+    };
+    tracing::info!(
+        "serving {} with the {} strategy ({limits}); grants: none (no directories, no environment, no network)",
+        config.handler,
+        config.strategy.name()
+    );
+    // The one stable line tests and scripts wait for.
+    eprintln!("listening on {addr}");
+    server::run(&listener, strategy.as_mut(), shutdown)
+}
+
+fn bind(config: &ServeConfig) -> Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let addr = config.addr;
+    let attempt = || -> std::io::Result<TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(LISTEN_BACKLOG)?;
+        Ok(socket.into())
+    };
+    attempt().with_context(|| format!("cannot listen on {addr}"))
+}

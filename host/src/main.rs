@@ -1,0 +1,25 @@
+//! `host`: the command-line entry point. Parses the flags, runs the command,
+//! and turns any error into one `error: ...` line and a non-zero exit.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use host::cli::{Cli, Command};
+use host::server::Shutdown;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    host::logging::init();
+    let result = match cli.command {
+        Command::Serve(args) => args.into_config().and_then(|config| {
+            Shutdown::new().and_then(|shutdown| host::serve(&config, &shutdown))
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

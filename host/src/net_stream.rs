@@ -1,0 +1,447 @@
+//! The connection's socket as `wasi:io` streams: the `input-stream` and
+//! `output-stream` resources a handler receives are implemented directly over
+//! the accepted `TcpStream`.
+//!
+//! Every operation first tries the socket without blocking (`recv`/`send` with
+//! `MSG_DONTWAIT`), so data that is already there costs one system call. Only
+//! when the guest has to wait does a stream register the socket with the
+//! ambient tokio reactor that wasmtime-wasi runs its blocking calls on, so a
+//! guest that polls a stream together with other pollables (a timer, the
+//! other direction) waits on all of them at once. A wait that sees no progress
+//! for the idle timeout fails the stream with an `idle timeout` error.
+
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::io::unix::AsyncFd;
+use wasmtime_wasi_io::bytes::{Bytes, BytesMut};
+use wasmtime_wasi_io::poll::Pollable;
+use wasmtime_wasi_io::streams::{InputStream, OutputStream, StreamError, StreamResult};
+
+/// The most one read hands the guest, and the most the output stream buffers
+/// before `check-write` asks the guest to wait.
+pub const CHUNK: usize = 64 * 1024;
+
+/// The accepted socket, shared by the connection's two streams and the host.
+pub struct Socket {
+    /// Registered with the tokio reactor the first time a stream must wait.
+    /// Declared before `stream`: it must be dropped (deregistered) before the
+    /// descriptor closes.
+    reactor: OnceLock<AsyncFd<RawFdRef>>,
+    stream: TcpStream,
+    idle_timeout: Duration,
+    pub traffic: Traffic,
+}
+
+/// What happened on a connection, read by the host once `handle` returns.
+#[derive(Default)]
+pub struct Traffic {
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    /// A wait saw no progress for the idle timeout.
+    pub idle_timed_out: AtomicBool,
+    /// The client reset the connection or stopped reading for good.
+    pub client_reset: AtomicBool,
+}
+
+/// Lets `AsyncFd` watch the socket's descriptor without owning it.
+struct RawFdRef(RawFd);
+
+impl AsRawFd for RawFdRef {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Direction {
+    Read,
+    Write,
+}
+
+impl Direction {
+    fn poll_events(self) -> libc::c_short {
+        match self {
+            Direction::Read => libc::POLLIN,
+            Direction::Write => libc::POLLOUT,
+        }
+    }
+}
+
+impl Socket {
+    pub fn new(stream: TcpStream, idle_timeout: Duration) -> Arc<Socket> {
+        Arc::new(Socket {
+            stream,
+            idle_timeout,
+            reactor: OnceLock::new(),
+            traffic: Traffic::default(),
+        })
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    fn fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    /// Whether the socket is ready for `direction` right now (or has an error
+    /// or hang-up pending, which the next operation reports).
+    fn ready_now(&self, direction: Direction) -> bool {
+        poll_fd(self.fd(), direction.poll_events(), Some(Duration::ZERO)).unwrap_or(true)
+    }
+
+    /// Waits until the socket is ready for `direction`, without blocking the
+    /// executor: other pollables in the same `poll` keep being watched.
+    /// Returns false (and records it) when the idle timeout passes first.
+    async fn wait(&self, direction: Direction) -> bool {
+        let deadline = Instant::now() + self.idle_timeout;
+        loop {
+            if self.ready_now(direction) {
+                return true;
+            }
+            let Some(reactor) = self.reactor() else {
+                // No reactor could be had: fall back to blocking this thread.
+                return self.wait_blocking(direction, deadline);
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let readiness = async {
+                match direction {
+                    Direction::Read => reactor.readable().await.map(|mut g| g.clear_ready()),
+                    Direction::Write => reactor.writable().await.map(|mut g| g.clear_ready()),
+                }
+            };
+            match tokio::time::timeout(remaining, readiness).await {
+                // Readiness is re-checked with poll(2) at the top of the loop;
+                // clearing tokio's cached readiness first means no edge is lost.
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return self.wait_blocking(direction, deadline),
+                Err(_elapsed) => {
+                    self.traffic.idle_timed_out.store(true, Ordering::Relaxed);
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Blocks this thread in poll(2) until ready or `deadline`.
+    fn wait_blocking(&self, direction: Direction, deadline: Instant) -> bool {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match poll_fd(self.fd(), direction.poll_events(), Some(remaining)) {
+            Ok(true) | Err(_) => true,
+            Ok(false) => {
+                self.traffic.idle_timed_out.store(true, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    fn reactor(&self) -> Option<&AsyncFd<RawFdRef>> {
+        if let Some(reactor) = self.reactor.get() {
+            return Some(reactor);
+        }
+        // Registration needs a tokio runtime in context; wasmtime-wasi enters
+        // one around every blocking call, which is where waits happen.
+        tokio::runtime::Handle::try_current().ok()?;
+        // SAFETY: the descriptor belongs to `self.stream`, which outlives the
+        // registration (see the field order of `Socket`).
+        let reactor = unsafe { AsyncFd::register(RawFdRef(self.fd())) }.ok()?;
+        Some(self.reactor.get_or_init(|| reactor))
+    }
+
+    fn timed_out(&self) -> bool {
+        self.traffic.idle_timed_out.load(Ordering::Relaxed)
+    }
+
+    /// Sends what it can without blocking; `Ok(0)` when the socket is full.
+    fn send_now(&self, data: &[u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: `data` is a valid buffer of `data.len()` bytes and the
+            // descriptor is owned by `self.stream`.
+            let n = unsafe {
+                libc::send(
+                    self.fd(),
+                    data.as_ptr().cast(),
+                    data.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n >= 0 {
+                self.traffic
+                    .bytes_out
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                return Ok(n as usize);
+            }
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(0),
+                _ => return Err(err),
+            }
+        }
+    }
+
+    /// Receives what is there without blocking: `Ok(None)` when nothing is,
+    /// `Ok(Some(empty))` at end of input.
+    fn recv_now(&self, size: usize) -> io::Result<Option<Bytes>> {
+        let mut buf = BytesMut::with_capacity(size);
+        loop {
+            // SAFETY: the spare capacity holds `size` writable bytes; `recv`
+            // initialises the first `n` of them before `set_len(n)`.
+            let n =
+                unsafe { libc::recv(self.fd(), buf.as_mut_ptr().cast(), size, libc::MSG_DONTWAIT) };
+            if n >= 0 {
+                unsafe { buf.set_len(n as usize) };
+                self.traffic.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                return Ok(Some(buf.freeze()));
+            }
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(None),
+                _ => return Err(err),
+            }
+        }
+    }
+
+    /// Records a failure of the socket and turns it into the guest's error.
+    fn failed(&self, err: io::Error) -> StreamError {
+        if matches!(
+            err.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionAborted
+        ) {
+            self.traffic.client_reset.store(true, Ordering::Relaxed);
+        }
+        StreamError::LastOperationFailed(wasmtime::Error::from(err))
+    }
+}
+
+fn idle_timeout_error() -> StreamError {
+    StreamError::LastOperationFailed(wasmtime::format_err!("idle timeout"))
+}
+
+/// poll(2) on one descriptor. `Ok(false)` when `timeout` passes first;
+/// `None` waits forever.
+pub fn poll_fd(fd: RawFd, events: libc::c_short, timeout: Option<Duration>) -> io::Result<bool> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        let millis = match deadline {
+            None => -1,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                // Round up so a wait never returns before its deadline.
+                left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+            }
+        };
+        let mut pfd = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, millis) };
+        if n > 0 {
+            return Ok(true);
+        }
+        if n == 0 {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(false);
+            }
+            continue;
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// The `input-stream` a handler reads the client's bytes from.
+pub struct SocketInput {
+    socket: Arc<Socket>,
+    at_end: bool,
+}
+
+impl SocketInput {
+    pub fn new(socket: Arc<Socket>) -> Self {
+        SocketInput {
+            socket,
+            at_end: false,
+        }
+    }
+}
+
+#[wasmtime_wasi_io::async_trait]
+impl Pollable for SocketInput {
+    async fn ready(&mut self) {
+        if !self.at_end && !self.socket.timed_out() {
+            self.socket.wait(Direction::Read).await;
+        }
+    }
+}
+
+#[wasmtime_wasi_io::async_trait]
+impl InputStream for SocketInput {
+    fn read(&mut self, size: usize) -> StreamResult<Bytes> {
+        if self.at_end {
+            return Err(StreamError::Closed);
+        }
+        if self.socket.timed_out() {
+            return Err(idle_timeout_error());
+        }
+        let size = size.min(CHUNK);
+        if size == 0 {
+            return Ok(Bytes::new());
+        }
+        match self.socket.recv_now(size) {
+            Ok(None) => Ok(Bytes::new()),
+            Ok(Some(bytes)) if bytes.is_empty() => {
+                self.at_end = true;
+                Err(StreamError::Closed)
+            }
+            Ok(Some(bytes)) => Ok(bytes),
+            Err(err) => {
+                self.at_end = true;
+                Err(self.socket.failed(err))
+            }
+        }
+    }
+
+    async fn blocking_read(&mut self, size: usize) -> StreamResult<Bytes> {
+        loop {
+            let bytes = self.read(size)?;
+            if !bytes.is_empty() || size == 0 {
+                return Ok(bytes);
+            }
+            if !self.socket.wait(Direction::Read).await {
+                return Err(idle_timeout_error());
+            }
+        }
+    }
+}
+
+/// The `output-stream` a handler writes the client's reply to. Bytes the
+/// socket cannot take at once wait in a buffer of at most [`CHUNK`] bytes; a
+/// dropped stream sends what is left before it goes (within the idle timeout).
+pub struct SocketOutput {
+    socket: Arc<Socket>,
+    pending: BytesMut,
+    /// A flush is under way: `check-write` answers 0 until `pending` is sent.
+    flushing: bool,
+    closed: bool,
+}
+
+impl SocketOutput {
+    pub fn new(socket: Arc<Socket>) -> Self {
+        SocketOutput {
+            socket,
+            pending: BytesMut::new(),
+            flushing: false,
+            closed: false,
+        }
+    }
+
+    /// Sends as much of `pending` as the socket takes now.
+    fn push_pending(&mut self) -> StreamResult<()> {
+        while !self.pending.is_empty() {
+            match self.socket.send_now(&self.pending) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let _ = self.pending.split_to(n);
+                }
+                Err(err) => {
+                    self.closed = true;
+                    self.pending.clear();
+                    return Err(self.socket.failed(err));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn usable(&self) -> StreamResult<()> {
+        if self.closed {
+            return Err(StreamError::Closed);
+        }
+        if self.socket.timed_out() {
+            return Err(idle_timeout_error());
+        }
+        Ok(())
+    }
+}
+
+#[wasmtime_wasi_io::async_trait]
+impl Pollable for SocketOutput {
+    async fn ready(&mut self) {
+        if !self.pending.is_empty() && !self.closed && !self.socket.timed_out() {
+            self.socket.wait(Direction::Write).await;
+        }
+    }
+}
+
+#[wasmtime_wasi_io::async_trait]
+impl OutputStream for SocketOutput {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.usable()?;
+        if bytes.len() > CHUNK - self.pending.len() {
+            return Err(StreamError::trap(
+                "write of more bytes than check-write permitted",
+            ));
+        }
+        if self.pending.is_empty() {
+            let sent = match self.socket.send_now(&bytes) {
+                Ok(n) => n,
+                Err(err) => {
+                    self.closed = true;
+                    return Err(self.socket.failed(err));
+                }
+            };
+            self.pending.extend_from_slice(&bytes[sent..]);
+        } else {
+            self.pending.extend_from_slice(&bytes);
+            self.push_pending()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        self.usable()?;
+        self.push_pending()?;
+        self.flushing = !self.pending.is_empty();
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        self.usable()?;
+        self.push_pending()?;
+        if self.flushing {
+            if !self.pending.is_empty() {
+                return Ok(0);
+            }
+            self.flushing = false;
+        }
+        Ok(CHUNK - self.pending.len())
+    }
+}
+
+impl Drop for SocketOutput {
+    fn drop(&mut self) {
+        // What the guest wrote reaches the client even when it did not flush.
+        let deadline = Instant::now() + self.socket.idle_timeout;
+        while !self.closed && !self.pending.is_empty() {
+            if self.push_pending().is_err() || self.pending.is_empty() {
+                break;
+            }
+            if !self.socket.wait_blocking(Direction::Write, deadline) {
+                break;
+            }
+        }
+    }
+}
