@@ -10,6 +10,8 @@
 //! - `error`: returns `Err("requested error")`.
 //! - `print`: writes a line to stdout and one to stderr, replies `printed`.
 //! - `return-early`: replies `bye` and returns without reading further.
+//! - `hold`: replies its worker's name at once, then waits for the end of
+//!   the input before returning (so a client knows the call is running).
 //! - `spin`: loops forever without calling the host.
 //! - `alloc`: allocates memory until allocation fails.
 //! - `recurse`: recurses without bound.
@@ -66,6 +68,19 @@ impl Guest for TestGuest {
                 "printed".to_string()
             }
             "return-early" => "bye".to_string(),
+            "hold" => {
+                write_all(&output, format!("{}\n", info.worker).as_bytes())?;
+                output
+                    .blocking_flush()
+                    .map_err(|e| format!("flush failed: {e:?}"))?;
+                loop {
+                    match input.blocking_read(65536) {
+                        Ok(_) => {}
+                        Err(StreamError::Closed) => break String::new(),
+                        Err(e) => return Err(format!("read failed: {e:?}")),
+                    }
+                }
+            }
             "spin" => spin(),
             "alloc" => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();

@@ -1,0 +1,186 @@
+//! Guest behaviour seen from outside: a fresh instance per connection, the
+//! connection's details, workers, and guests that fail in every way ending
+//! only their own connection.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Write};
+use std::net::Shutdown;
+
+use crate::for_each_strategy;
+use crate::support::{exchange, fields, guest, pattern, read_to_end, Server, Strategy};
+
+for_each_strategy!(
+    every_connection_gets_a_fresh_instance,
+    connection_info_describes_the_connection,
+    hello_replies_with_its_worker,
+    concurrent_calls_run_on_different_workers,
+    the_connection_closes_when_handle_returns,
+    a_trap_ends_only_its_own_connection,
+    a_panic_is_a_trap_and_its_message_is_logged,
+    a_handler_error_is_logged_with_its_text,
+    guest_stdout_and_stderr_reach_the_log,
+    the_sandbox_grants_nothing,
+);
+
+fn test_guest(strategy: Strategy, extra: &[&str]) -> Server {
+    Server::start(strategy, Some(&guest("test-guest")), extra)
+}
+
+fn every_connection_gets_a_fresh_instance(strategy: Strategy) {
+    let server = test_guest(strategy, &[]);
+    let addr = server.addr();
+    for _ in 0..5 {
+        assert_eq!(exchange(addr, b"count\n"), b"1");
+    }
+    let clients: Vec<_> = (0..16)
+        .map(|_| std::thread::spawn(move || exchange(addr, b"count\n")))
+        .collect();
+    for client in clients {
+        assert_eq!(
+            client.join().unwrap(),
+            b"1",
+            "a connection saw another's instance"
+        );
+    }
+}
+
+fn connection_info_describes_the_connection(strategy: Strategy) {
+    let server = test_guest(strategy, &[]);
+    for expected_id in 1..=3u64 {
+        let stream = server.connect();
+        let client_addr = stream.local_addr().unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        writer.write_all(b"info\n").unwrap();
+        writer.shutdown(Shutdown::Write).unwrap();
+        let reply = String::from_utf8(read_to_end(stream)).unwrap();
+        let info = fields(&reply);
+        assert_eq!(info["peer-address"], client_addr.to_string(), "{reply}");
+        assert_eq!(info["local-address"], server.addr().to_string(), "{reply}");
+        assert_eq!(info["connection-id"], expected_id.to_string(), "{reply}");
+        assert_eq!(info["tenant"], "default", "{reply}");
+        assert!(
+            info["worker"].starts_with(strategy.worker_prefix()),
+            "{reply}"
+        );
+    }
+}
+
+fn hello_replies_with_its_worker(strategy: Strategy) {
+    let server = Server::start(strategy, Some(&guest("hello")), &[]);
+    let stream = server.connect();
+    // The seed's client: send, then read the reply without half-closing.
+    (&stream).write_all(b"Hello World 1").unwrap();
+    let reply = String::from_utf8(read_to_end(stream)).unwrap();
+    let (worker, data) = reply.split_once(": ").expect("reply is `worker: data`");
+    assert!(worker.starts_with(strategy.worker_prefix()), "{reply}");
+    assert!(
+        worker[strategy.worker_prefix().len()..]
+            .parse::<u32>()
+            .is_ok(),
+        "{reply}"
+    );
+    assert_eq!(data, "Hello World 1");
+    if strategy == Strategy::Forking {
+        assert_ne!(
+            worker,
+            format!("pid-{}", server.pid()),
+            "the parent served it"
+        );
+    }
+}
+
+fn concurrent_calls_run_on_different_workers(strategy: Strategy) {
+    let server = test_guest(strategy, &[]);
+    // Four calls that are all running at once (each has answered and waits
+    // for its input to end) must be on four different workers.
+    let held: Vec<_> = (0..4)
+        .map(|_| {
+            let stream = server.connect();
+            (&stream).write_all(b"hold\n").unwrap();
+            let mut line = String::new();
+            BufReader::new(&stream).read_line(&mut line).unwrap();
+            (stream, line.trim().to_string())
+        })
+        .collect();
+    let workers: HashSet<_> = held.iter().map(|(_, w)| w.clone()).collect();
+    assert_eq!(workers.len(), 4, "workers: {workers:?}");
+    for (stream, _) in held {
+        stream.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(read_to_end(stream), b"");
+    }
+}
+
+fn the_connection_closes_when_handle_returns(strategy: Strategy) {
+    let server = test_guest(strategy, &[]);
+    let stream = server.connect();
+    // The client keeps its side open; the host must close when `handle` returns.
+    (&stream).write_all(b"return-early\n").unwrap();
+    assert_eq!(read_to_end(stream), b"bye");
+    assert!(server.closed_line(1).contains("outcome=ok"));
+}
+
+fn a_trap_ends_only_its_own_connection(strategy: Strategy) {
+    let server = test_guest(strategy, &[]);
+    // A stream in flight on another connection while the trap happens.
+    let data = pattern(3, 256 * 1024);
+    let streaming = server.connect();
+    (&streaming).write_all(b"echo\n").unwrap();
+    (&streaming).write_all(&data[..1000]).unwrap();
+
+    assert_eq!(exchange(server.addr(), b"trap\n"), b"");
+    let line = server.closed_line(2);
+    assert!(line.contains("outcome=trap"), "{line}");
+    assert!(line.contains("unreachable"), "{line}");
+
+    let reader = streaming.try_clone().unwrap();
+    let rest = data[1000..].to_vec();
+    let sender = std::thread::spawn(move || {
+        (&streaming).write_all(&rest).unwrap();
+        streaming.shutdown(Shutdown::Write).unwrap();
+    });
+    let echoed = read_to_end(reader);
+    sender.join().unwrap();
+    assert!(echoed == data, "the other connection's stream was damaged");
+    assert_eq!(exchange(server.addr(), b"count\n"), b"1");
+}
+
+fn a_panic_is_a_trap_and_its_message_is_logged(strategy: Strategy) {
+    let server = test_guest(strategy, &[]);
+    assert_eq!(exchange(server.addr(), b"panic\n"), b"");
+    assert!(server.closed_line(1).contains("outcome=trap"));
+    server.wait_for_log(|l| {
+        l.contains("connection 1 stderr:") && l.contains("the test guest was asked to panic")
+    });
+    assert_eq!(exchange(server.addr(), b"count\n"), b"1");
+}
+
+fn a_handler_error_is_logged_with_its_text(strategy: Strategy) {
+    let server = test_guest(strategy, &[]);
+    assert_eq!(exchange(server.addr(), b"error\n"), b"");
+    let line = server.closed_line(1);
+    assert!(
+        line.contains(r#"outcome=handler-error error="requested error""#),
+        "{line}"
+    );
+}
+
+fn guest_stdout_and_stderr_reach_the_log(strategy: Strategy) {
+    let server = test_guest(strategy, &[]);
+    assert_eq!(exchange(server.addr(), b"print\n"), b"printed");
+    server.wait_for_log(|l| l.contains("connection 1 stdout: hello from the guest's stdout"));
+    server.wait_for_log(|l| l.contains("connection 1 stderr: hello from the guest's stderr"));
+}
+
+fn the_sandbox_grants_nothing(strategy: Strategy) {
+    let server = test_guest(strategy, &[]);
+    let addr = server.addr();
+    assert_eq!(
+        String::from_utf8(exchange(addr, b"env\n")).unwrap(),
+        "env: []"
+    );
+    let read = String::from_utf8(exchange(addr, b"read-file /etc/passwd\n")).unwrap();
+    assert!(read.starts_with("denied: "), "{read}");
+    let connect = format!("connect {addr}\n");
+    let connect = String::from_utf8(exchange(addr, connect.as_bytes())).unwrap();
+    assert!(connect.starts_with("denied: "), "{connect}");
+}

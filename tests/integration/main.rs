@@ -1,0 +1,9 @@
+//! The integration tests: one binary, every scenario against a real `host`
+//! process over real TCP with real components, repeated under each strategy.
+
+mod support;
+
+mod bad_input;
+mod cli;
+mod echo;
+mod guests;

@@ -1,0 +1,294 @@
+//! Test support: the guests (built once per run), a real `host serve` process
+//! on port 0 whose log the tests can read, and small TCP clients.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long any single wait in a test may take before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    Threading,
+    Forking,
+}
+
+impl Strategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Threading => "threading",
+            Strategy::Forking => "forking",
+        }
+    }
+
+    /// The prefix of `connection-info.worker` under this strategy.
+    pub fn worker_prefix(self) -> &'static str {
+        match self {
+            Strategy::Threading => "thread-",
+            Strategy::Forking => "pid-",
+        }
+    }
+}
+
+/// Declares each scenario `fn name(strategy: Strategy)` as one test per
+/// strategy: `threading::name` and `forking::name`.
+#[macro_export]
+macro_rules! for_each_strategy {
+    ($($name:ident),* $(,)?) => {
+        mod threading {
+            $( #[test] fn $name() { super::$name($crate::support::Strategy::Threading) } )*
+        }
+        mod forking {
+            $( #[test] fn $name() { super::$name($crate::support::Strategy::Forking) } )*
+        }
+    };
+}
+
+pub fn host_binary() -> &'static str {
+    env!("CARGO_BIN_EXE_host")
+}
+
+fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+/// The path of a guest component from `handlers/`, building the whole guest
+/// workspace once per test run. `name` is the crate name (`test-guest`).
+pub fn guest(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let target_dir = PathBuf::from(env!("HOST_GUEST_TARGET_DIR"));
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--workspace",
+            ])
+            .arg("--manifest-path")
+            .arg(repo_root().join("handlers/Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("RUSTFLAGS")
+            .status()
+            .expect("cannot run cargo to build the guests");
+        assert!(status.success(), "building the guests in handlers/ failed");
+        target_dir.join("wasm32-wasip2/release")
+    });
+    let path = dir.join(format!("{}.wasm", name.replace('-', "_")));
+    let path = if path.exists() {
+        path
+    } else {
+        dir.join(format!("{name}.wasm"))
+    };
+    assert!(
+        path.is_file(),
+        "guest {name} was not built at {}",
+        path.display()
+    );
+    path
+}
+
+/// A scratch directory for one test, removed at the end.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("host-test-{}-{tag}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `host serve --addr 127.0.0.1:0`, killed when dropped.
+pub struct Server {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<(Mutex<Vec<String>>, Condvar)>,
+}
+
+impl Server {
+    /// Starts the host with `handler` (None: the built-in echo) and waits for
+    /// its `listening on` line.
+    pub fn start(strategy: Strategy, handler: Option<&Path>, extra: &[&str]) -> Server {
+        let mut command = Command::new(host_binary());
+        command.args([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--strategy",
+            strategy.name(),
+        ]);
+        if let Some(handler) = handler {
+            command.arg("--handler").arg(handler);
+        }
+        command.args(extra);
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start the host");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new((Mutex::new(Vec::<String>::new()), Condvar::new()));
+        let sink = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let (lines, changed) = &*sink;
+                lines.lock().unwrap().push(line);
+                changed.notify_all();
+            }
+        });
+        let mut server = Server {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            log,
+        };
+        let line = server.wait_for_log(|l| l.starts_with("listening on "));
+        server.addr = line["listening on ".len()..]
+            .parse()
+            .expect("listening on IP:PORT");
+        server
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until a log line satisfies `matches` and returns it.
+    pub fn wait_for_log(&self, matches: impl Fn(&str) -> bool) -> String {
+        let (lines, changed) = &*self.log;
+        let deadline = Instant::now() + PATIENCE;
+        let mut guard = lines.lock().unwrap();
+        loop {
+            if let Some(line) = guard.iter().find(|l| matches(l)) {
+                return line.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no such log line; the log so far:\n{}",
+                guard.join("\n")
+            );
+            guard = changed.wait_timeout(guard, left).unwrap().0;
+        }
+    }
+
+    /// The `connection N closed ...` line of connection `id`.
+    pub fn closed_line(&self, id: u64) -> String {
+        let prefix = format!("connection {id} closed ");
+        self.wait_for_log(|l| l.contains(&prefix))
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.0.lock().unwrap().clone()
+    }
+
+    pub fn connect(&self) -> TcpStream {
+        connect(self.addr)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).expect("connect to the host");
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.set_write_timeout(Some(PATIENCE)).unwrap();
+    stream
+}
+
+/// Sends `data` (from a second thread, so large inputs cannot deadlock),
+/// half-closes, and reads the reply to the end.
+pub fn exchange(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
+    let stream = connect(addr);
+    let mut writer = stream.try_clone().unwrap();
+    let data = data.to_vec();
+    let sender = thread::spawn(move || {
+        writer.write_all(&data).expect("send to the host");
+        writer.shutdown(Shutdown::Write).expect("half-close");
+    });
+    let reply = read_to_end(stream);
+    sender.join().unwrap();
+    reply
+}
+
+pub fn read_to_end(mut stream: TcpStream) -> Vec<u8> {
+    let mut reply = Vec::new();
+    stream
+        .read_to_end(&mut reply)
+        .expect("read the reply to the end");
+    reply
+}
+
+/// Deterministic pseudo-random bytes, different for each `seed`.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Runs the host with `args` to completion (it must end by itself) and
+/// returns what it did.
+pub fn run_host(args: &[&str]) -> Output {
+    let mut child = Command::new(host_binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start the host");
+    let deadline = Instant::now() + PATIENCE;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("host {args:?} did not exit");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Lines that look like `key=value`, as the test guest's `info` replies.
+pub fn fields(text: &str) -> std::collections::HashMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
