@@ -34,6 +34,10 @@ fn main() {
         // The host's own flags are not meant for the guest.
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("RUSTFLAGS")
+        // Nor are the wrappers of `cargo clippy`.
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("CLIPPY_ARGS")
         .env_remove("CARGO_BUILD_TARGET")
         .output()
         .expect("cannot run cargo to build the built-in echo handler");

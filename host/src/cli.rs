@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{ServeConfig, StrategyKind};
+use crate::config::{DirGrant, Grants, Limits, ServeConfig, StrategyKind};
 use crate::handler::HandlerSource;
 
 #[derive(Parser, Debug)]
@@ -48,15 +48,49 @@ pub struct ServeArgs {
     pub workers: Option<u32>,
 
     /// Child processes alive at once for the forking strategy; the host stops
-    /// accepting while this many are running.
+    /// accepting while this many are running [default: 40]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_children: Option<u32>,
+
+    /// The most connections in flight at once; beyond it the host stops
+    /// accepting until one ends [default: threading 2 per worker, forking
+    /// --max-children]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: Option<u32>,
+
+    /// The most memory one instance may use: all its memories and tables
+    /// together (e.g. 64MiB).
+    #[arg(long, value_name = "SIZE", default_value = "64MiB")]
+    pub max_memory: String,
+
+    /// Wall-clock limit for one connection's `handle` (e.g. 500ms, 30s, 2m).
+    #[arg(long, value_name = "DURATION", default_value = "30s")]
+    pub timeout: String,
+
+    /// Close a connection that sends nothing, or reads nothing it is sent,
+    /// for this long.
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    pub idle_timeout: String,
+
+    /// After SIGINT or SIGTERM, how long connections in flight may finish
+    /// before they are ended.
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    pub drain_timeout: String,
+
+    /// Grant the guest an environment variable (repeatable).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+
+    /// Grant the guest read-only access to a host directory, seen at
+    /// GUEST_PATH (repeatable).
+    #[arg(long, value_name = "HOST_PATH::GUEST_PATH")]
+    pub dir: Vec<String>,
 }
 
 /// socketserver's `ForkingMixIn.max_children`.
 const DEFAULT_MAX_CHILDREN: usize = 40;
-const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-const DEFAULT_MAX_MEMORY: u64 = 64 << 20;
+/// The most a 32-bit linear memory can hold.
+const MAX_MEMORY_LIMIT: u64 = 4 << 30;
 
 impl ServeArgs {
     /// Checks the flags together and fills in the defaults.
@@ -83,11 +117,79 @@ impl ServeArgs {
             max_children: self
                 .max_children
                 .map_or(DEFAULT_MAX_CHILDREN, |n| n as usize),
+            max_connections: self.max_connections.map(|n| n as usize),
             tenant: "default".to_string(),
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            max_memory: DEFAULT_MAX_MEMORY,
+            limits: Limits {
+                timeout: parse_duration("--timeout", &self.timeout)?,
+                idle_timeout: parse_duration("--idle-timeout", &self.idle_timeout)?,
+                max_memory: parse_size("--max-memory", &self.max_memory)?,
+            },
+            grants: Grants {
+                env: self
+                    .env
+                    .iter()
+                    .map(|e| parse_env(e))
+                    .collect::<Result<_>>()?,
+                dirs: self
+                    .dir
+                    .iter()
+                    .map(|d| parse_dir(d))
+                    .collect::<Result<_>>()?,
+            },
+            drain_timeout: parse_duration("--drain-timeout", &self.drain_timeout)?,
         })
     }
+}
+
+/// `500ms`, `30s`, `2m`, `1h30m`; zero is refused.
+pub fn parse_duration(flag: &str, text: &str) -> Result<Duration> {
+    let duration = humantime::parse_duration(text.trim()).map_err(|e| {
+        anyhow!("invalid {flag} {text:?}: {e} (expected a duration such as 500ms, 30s or 2m)")
+    })?;
+    if duration.is_zero() {
+        bail!("invalid {flag} {text:?}: must be longer than zero");
+    }
+    Ok(duration)
+}
+
+/// `64MiB`, `512KiB`, `1GiB`, or bytes; between 64 KiB and 4 GiB.
+pub fn parse_size(flag: &str, text: &str) -> Result<u64> {
+    let size: bytesize::ByteSize = text
+        .trim()
+        .parse()
+        .map_err(|e| anyhow!("invalid {flag} {text:?}: {e} (expected a size such as 64MiB)"))?;
+    let bytes = size.as_u64();
+    if !(64 << 10..=MAX_MEMORY_LIMIT).contains(&bytes) {
+        bail!("invalid {flag} {text:?}: must be between 64KiB and 4GiB");
+    }
+    Ok(bytes)
+}
+
+fn parse_env(text: &str) -> Result<(String, String)> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() && !key.contains('\0') && !value.contains('\0') => {
+            Ok((key.to_string(), value.to_string()))
+        }
+        _ => bail!("invalid --env {text:?}: expected KEY=VALUE"),
+    }
+}
+
+fn parse_dir(text: &str) -> Result<DirGrant> {
+    let Some((host, guest)) = text.split_once("::") else {
+        bail!("invalid --dir {text:?}: expected HOST_PATH::GUEST_PATH");
+    };
+    if host.is_empty() || guest.is_empty() {
+        bail!("invalid --dir {text:?}: expected HOST_PATH::GUEST_PATH");
+    }
+    let meta =
+        std::fs::metadata(host).map_err(|e| anyhow!("invalid --dir {text:?}: {host}: {e}"))?;
+    if !meta.is_dir() {
+        bail!("invalid --dir {text:?}: {host} is not a directory");
+    }
+    Ok(DirGrant {
+        host: PathBuf::from(host),
+        guest: guest.to_string(),
+    })
 }
 
 fn parse_addr(text: &str) -> Result<SocketAddr> {
@@ -136,6 +238,67 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "--max-children applies to --strategy forking, not threading"
+        );
+    }
+
+    #[test]
+    fn limits_parse_with_units() {
+        let config = args(&[
+            "--timeout",
+            "500ms",
+            "--idle-timeout",
+            "2m",
+            "--max-memory",
+            "32MiB",
+        ])
+        .unwrap();
+        assert_eq!(config.limits.timeout, Duration::from_millis(500));
+        assert_eq!(config.limits.idle_timeout, Duration::from_secs(120));
+        assert_eq!(config.limits.max_memory, 32 << 20);
+        let defaults = args(&[]).unwrap();
+        assert_eq!(defaults.limits.timeout, Duration::from_secs(30));
+        assert_eq!(defaults.limits.idle_timeout, Duration::from_secs(10));
+        assert_eq!(defaults.limits.max_memory, 64 << 20);
+        assert_eq!(defaults.drain_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn bad_limits_are_named() {
+        let err = args(&["--timeout", "30x"]).unwrap_err().to_string();
+        assert!(err.starts_with("invalid --timeout \"30x\": "), "{err}");
+        let err = args(&["--idle-timeout", "0s"]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid --idle-timeout \"0s\": must be longer than zero"
+        );
+        let err = args(&["--max-memory", "lots"]).unwrap_err().to_string();
+        assert!(err.starts_with("invalid --max-memory \"lots\": "), "{err}");
+        let err = args(&["--max-memory", "8GiB"]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid --max-memory \"8GiB\": must be between 64KiB and 4GiB"
+        );
+    }
+
+    #[test]
+    fn grants() {
+        let config = args(&["--env", "A=1", "--env", "B=x=y", "--dir", "/tmp::/scratch"]).unwrap();
+        assert_eq!(
+            config.grants.env,
+            vec![("A".into(), "1".into()), ("B".into(), "x=y".into())]
+        );
+        assert_eq!(config.grants.dirs[0].guest, "/scratch");
+        let err = args(&["--env", "NOVALUE"]).unwrap_err().to_string();
+        assert_eq!(err, "invalid --env \"NOVALUE\": expected KEY=VALUE");
+        let err = args(&["--dir", "/tmp"]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid --dir \"/tmp\": expected HOST_PATH::GUEST_PATH"
+        );
+        let err = args(&["--dir", "/no/such::/x"]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("invalid --dir \"/no/such::/x\": /no/such: "),
+            "{err}"
         );
     }
 

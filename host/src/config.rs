@@ -2,6 +2,7 @@
 //! into values once, before anything is compiled or bound.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::handler::HandlerSource;
@@ -34,12 +35,66 @@ pub struct ServeConfig {
     pub workers: usize,
     /// Child processes alive at once (forking).
     pub max_children: usize,
+    /// The most connections in flight at once, if narrower than the
+    /// strategy's own bound.
+    pub max_connections: Option<usize>,
     /// The service name handlers see in `connection-info.tenant`.
     pub tenant: String,
-    /// A connection that makes no progress for this long is closed.
+    pub limits: Limits,
+    pub grants: Grants,
+    /// How long in-flight connections may finish after SIGINT/SIGTERM.
+    pub drain_timeout: Duration,
+}
+
+/// What one connection may use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Wall-clock time for one connection's `handle`.
+    pub timeout: Duration,
+    /// A connection that neither sends nor reads for this long is closed.
     pub idle_timeout: Duration,
-    /// The most linear memory one instance may use, in bytes.
+    /// All linear memories and tables of one instance together, in bytes.
     pub max_memory: u64,
+}
+
+/// What the guest may see of the host beyond its connection: nothing unless
+/// granted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Grants {
+    /// Environment variables, in the order given.
+    pub env: Vec<(String, String)>,
+    /// Host directories the guest may read.
+    pub dirs: Vec<DirGrant>,
+}
+
+/// One read-only preopened directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirGrant {
+    pub host: PathBuf,
+    pub guest: String,
+}
+
+impl Grants {
+    /// One line for the start-up log.
+    pub fn describe(&self) -> String {
+        if self.env.is_empty() && self.dirs.is_empty() {
+            return "none (no directories, no environment, no network)".to_string();
+        }
+        let mut parts = Vec::new();
+        if !self.env.is_empty() {
+            let keys: Vec<_> = self.env.iter().map(|(k, _)| k.as_str()).collect();
+            parts.push(format!("env {}", keys.join(", ")));
+        }
+        for dir in &self.dirs {
+            parts.push(format!(
+                "dir {} as {} (read-only)",
+                dir.host.display(),
+                dir.guest
+            ));
+        }
+        parts.push("no network".to_string());
+        parts.join("; ")
+    }
 }
 
 impl ServeConfig {
@@ -49,13 +104,24 @@ impl ServeConfig {
         std::thread::available_parallelism().map_or(1, |n| n.get()) * 4
     }
 
-    /// The most connections accepted and not yet finished: threading queues
-    /// at most one connection per worker behind the busy ones; forking runs
-    /// at most `max_children`.
+    /// The most connections accepted and not yet finished. Threading: by
+    /// default one queued connection per worker behind the busy ones;
+    /// `--max-connections` sets it. Forking: `--max-children`, narrowed by
+    /// `--max-connections`.
     pub fn max_in_flight(&self) -> usize {
         match self.strategy {
-            StrategyKind::Threading => self.workers * 2,
-            StrategyKind::Forking => self.max_children,
+            StrategyKind::Threading => self.max_connections.unwrap_or(self.workers * 2),
+            StrategyKind::Forking => self
+                .max_connections
+                .map_or(self.max_children, |m| m.min(self.max_children)),
+        }
+    }
+
+    /// The most instances alive at once (a queued connection has none yet).
+    pub fn max_instances(&self) -> usize {
+        match self.strategy {
+            StrategyKind::Threading => self.workers.min(self.max_in_flight()),
+            StrategyKind::Forking => 1,
         }
     }
 }

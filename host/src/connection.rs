@@ -3,26 +3,31 @@
 //! close, and the one log line that says how it went. This is *what* runs; the
 //! strategies only decide *where*.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
-use wasmtime::Store;
-use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime::{Engine, Store, Trap};
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream};
 
+use crate::config::{Grants, Limits};
+use crate::engine::EpochClock;
+use crate::guest_clock::GuestClock;
 use crate::guest_log::GuestOutput;
 use crate::handler::{one_line, ConnState, ConnectionInfo, Handler};
+use crate::limits::InstanceLimiter;
 use crate::net_stream::{poll_fd, Socket, SocketInput, SocketOutput};
 
 /// After `handle` returns, the host reads and drops what the client still
 /// sends for at most this long (and at most [`LINGER_BYTES`]), so that closing
 /// with unread input does not reset the connection and destroy the reply.
-const LINGER: Duration = Duration::from_secs(2);
+pub const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 1 << 20;
 
 /// A connection the accept loop has taken from the listener.
@@ -42,11 +47,17 @@ pub enum Outcome {
     HandlerError(String),
     /// The guest trapped (or a host call it made failed fatally).
     Trap(String),
+    /// The instance needed more than `--max-memory` and could not go on.
+    MemoryLimit(String),
+    /// `handle` ran past `--timeout`.
+    Timeout,
     /// The client sent nothing, or read nothing, for the idle timeout.
     IdleTimeout,
     /// The client reset the connection.
     ClientReset,
-    /// The host could not set the connection up (e.g. instantiation failed).
+    /// The host ended the connection while shutting down.
+    Shutdown,
+    /// The host could not set the connection up.
     HostError(String),
 }
 
@@ -57,17 +68,21 @@ impl Outcome {
             Outcome::Ok => "ok",
             Outcome::HandlerError(_) => "handler-error",
             Outcome::Trap(_) => "trap",
+            Outcome::MemoryLimit(_) => "memory-limit",
+            Outcome::Timeout => "timeout",
             Outcome::IdleTimeout => "idle-timeout",
             Outcome::ClientReset => "client-reset",
+            Outcome::Shutdown => "shutdown",
             Outcome::HostError(_) => "host-error",
         }
     }
 
     fn detail(&self) -> Option<&str> {
         match self {
-            Outcome::HandlerError(text) | Outcome::Trap(text) | Outcome::HostError(text) => {
-                Some(text)
-            }
+            Outcome::HandlerError(text)
+            | Outcome::Trap(text)
+            | Outcome::MemoryLimit(text)
+            | Outcome::HostError(text) => Some(text),
             _ => None,
         }
     }
@@ -82,24 +97,56 @@ impl fmt::Display for Outcome {
     }
 }
 
-/// What every connection of one listener runs: the handler and its settings.
+/// What every connection of one listener runs: the handler, its limits and
+/// grants.
 pub struct Service {
     handler: Handler,
     tenant: String,
-    idle_timeout: Duration,
+    limits: Limits,
+    grants: Grants,
+    clock: EpochClock,
+    /// The sockets of the connections this process is serving, so a forced
+    /// shutdown can end them.
+    live: Mutex<HashMap<u64, Arc<Socket>>>,
+    aborting: AtomicBool,
+}
+
+/// How a guest call went, before the socket's story is added.
+enum CallResult {
+    Returned(Result<(), String>),
+    Trapped(wasmtime::Error),
+    SetupFailed(String),
 }
 
 impl Service {
-    pub fn new(handler: Handler, tenant: String, idle_timeout: Duration) -> Service {
+    pub fn new(
+        handler: Handler,
+        tenant: String,
+        limits: Limits,
+        grants: Grants,
+        clock: EpochClock,
+    ) -> Service {
         Service {
             handler,
             tenant,
-            idle_timeout,
+            limits,
+            grants,
+            clock,
+            live: Mutex::new(HashMap::new()),
+            aborting: AtomicBool::new(false),
         }
     }
 
     pub fn handler(&self) -> &Handler {
         &self.handler
+    }
+
+    pub fn engine(&self) -> &Engine {
+        self.handler.engine()
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Serves `conn` to the end on the calling thread, logs its line and
@@ -112,7 +159,15 @@ impl Service {
             .map_or_else(|_| "unknown".to_string(), |a| a.to_string());
         // Replies are often one small write: do not hold them back (Nagle).
         let _ = stream.set_nodelay(true);
-        let socket = Socket::new(stream, self.idle_timeout);
+        let socket = Socket::new(
+            stream,
+            self.limits.idle_timeout,
+            started + self.limits.timeout,
+        );
+        self.lock_live().insert(id, socket.clone());
+        if self.aborting.load(Ordering::SeqCst) {
+            socket.abort();
+        }
         let info = ConnectionInfo {
             peer_address: peer.to_string(),
             local_address: local,
@@ -121,72 +176,162 @@ impl Service {
             tenant: self.tenant.clone(),
         };
 
-        let result = self.run_guest(&socket, &info);
-        close(&socket);
-
-        let traffic = &socket.traffic;
-        let outcome = match result {
-            Err(outcome @ (Outcome::Trap(_) | Outcome::HostError(_))) => outcome,
-            _ if traffic.idle_timed_out.load(Ordering::Relaxed) => Outcome::IdleTimeout,
-            _ if traffic.client_reset.load(Ordering::Relaxed) => Outcome::ClientReset,
-            Ok(()) => Outcome::Ok,
-            Err(outcome) => outcome,
+        let (result, limiter) = if socket.traffic.aborted.load(Ordering::SeqCst) {
+            (CallResult::SetupFailed("not started".into()), None)
+        } else {
+            self.run_guest(&socket, &info)
         };
+        close(&socket);
+        self.lock_live().remove(&id);
+
+        let outcome = classify(result, &socket, limiter.as_ref());
+        let traffic = &socket.traffic;
+        let memory = limiter.map_or(0, |l| l.peak());
         tracing::info!(
-            "connection {id} closed peer={peer} worker={worker} tenant={} in={} out={} duration={:.3}ms outcome={outcome}",
+            "connection {id} closed peer={peer} worker={worker} tenant={} in={} out={} memory={}KiB duration={:.3}ms outcome={outcome}",
             self.tenant,
             traffic.bytes_in.load(Ordering::Relaxed),
             traffic.bytes_out.load(Ordering::Relaxed),
+            memory.div_ceil(1024),
             started.elapsed().as_secs_f64() * 1000.0,
         );
         outcome
     }
 
+    /// Ends every connection this process is serving: guests running wasm
+    /// trap at their next epoch check, guests waiting on their socket wake
+    /// up to an error, and queued connections are closed unserved.
+    pub fn abort_all(&self) {
+        self.aborting.store(true, Ordering::SeqCst);
+        for socket in self.lock_live().values() {
+            socket.abort();
+        }
+        self.clock.expire_all(self.engine(), self.limits.timeout);
+    }
+
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Socket>>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Instantiates the handler in a fresh store and calls `handle`. The
     /// store, and with it every guest resource, is gone when this returns.
-    fn run_guest(&self, socket: &Arc<Socket>, info: &ConnectionInfo) -> Result<(), Outcome> {
-        let output_log = GuestOutput::new(info.connection_id);
-        let wasi = WasiCtxBuilder::new()
+    fn run_guest(
+        &self,
+        socket: &Arc<Socket>,
+        info: &ConnectionInfo,
+    ) -> (CallResult, Option<InstanceLimiter>) {
+        let mut store = match self.new_store(info.connection_id, socket) {
+            Ok(store) => store,
+            Err(why) => return (CallResult::SetupFailed(why), None),
+        };
+        let streams = {
+            let table = &mut store.data_mut().table;
+            let input: DynInputStream = Box::new(SocketInput::new(socket.clone()));
+            let output: DynOutputStream = Box::new(SocketOutput::new(socket.clone()));
+            table
+                .push(input)
+                .and_then(|input| Ok((input, table.push(output)?)))
+        };
+        let result = match streams {
+            Err(e) => CallResult::SetupFailed(format!("cannot create the streams: {e}")),
+            Ok((input, output)) => match self.handler.pre().instantiate(&mut store) {
+                // Instantiation runs guest code (start functions) and grows
+                // memory: its failures are the guest's.
+                Err(e) => CallResult::Trapped(e.context("instantiation failed")),
+                Ok(instance) => match instance.call_handle(&mut store, info, input, output) {
+                    Ok(returned) => CallResult::Returned(returned),
+                    Err(e) => CallResult::Trapped(e),
+                },
+            },
+        };
+        let limiter = std::mem::replace(&mut store.data_mut().limiter, InstanceLimiter::new(0));
+        drop(store);
+        (result, Some(limiter))
+    }
+
+    /// A store granting what `--env` and `--dir` grant and nothing else, with
+    /// the memory limit and the deadline set.
+    fn new_store(&self, id: u64, socket: &Arc<Socket>) -> Result<Store<ConnState>, String> {
+        let output_log = GuestOutput::new(id);
+        let clock = GuestClock {
+            base: Instant::now(),
+        };
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.monotonic_clock(clock)
             .stdout(output_log.stream("stdout"))
             .stderr(output_log.stream("stderr"))
             .allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
+            .allow_ip_name_lookup(false);
+        for (key, value) in &self.grants.env {
+            wasi.env(key, value);
+        }
+        for dir in &self.grants.dirs {
+            wasi.preopened_dir(&dir.host, &dir.guest, FsPerms::ReadOnly)
+                .map_err(|e| {
+                    format!("cannot open --dir {}: {}", dir.host.display(), one_line(&e))
+                })?;
+        }
         let mut store = Store::new(
-            self.handler.engine(),
+            self.engine(),
             ConnState {
-                wasi,
+                wasi: wasi.build(),
                 table: ResourceTable::new(),
+                limiter: InstanceLimiter::new(self.limits.max_memory),
+                clock,
+                socket: socket.clone(),
             },
         );
-        let table = &mut store.data_mut().table;
-        let input: DynInputStream = Box::new(SocketInput::new(socket.clone()));
-        let output: DynOutputStream = Box::new(SocketOutput::new(socket.clone()));
-        let streams = table
-            .push(input)
-            .and_then(|input| Ok((input, table.push(output)?)));
-        let (input, output) =
-            streams.map_err(|e| Outcome::HostError(format!("cannot create the streams: {e}")))?;
+        store.limiter(|state| &mut state.limiter);
+        store.set_epoch_deadline(self.clock.deadline_ticks(self.limits.timeout));
+        store.epoch_deadline_trap();
+        Ok(store)
+    }
+}
 
-        let instance =
-            self.handler.pre().instantiate(&mut store).map_err(|e| {
-                Outcome::HostError(format!("instantiation failed: {}", one_line(&e)))
-            })?;
-        match instance.call_handle(&mut store, info, input, output) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(text)) => Err(Outcome::HandlerError(text)),
-            Err(e) => Err(Outcome::Trap(trap_message(&e))),
+/// Names how the connection ended, from what the guest call returned and
+/// what the socket and the memory limiter saw. The host's view wins over the
+/// guest's: a handler that fails because its client vanished ended by
+/// `client-reset`, not `handler-error`.
+fn classify(result: CallResult, socket: &Socket, limiter: Option<&InstanceLimiter>) -> Outcome {
+    let traffic = &socket.traffic;
+    let flag = |f: &AtomicBool| f.load(Ordering::Relaxed);
+    let failed = !matches!(result, CallResult::Returned(Ok(())));
+    if flag(&traffic.aborted) {
+        return Outcome::Shutdown;
+    }
+    if let CallResult::Trapped(e) = &result {
+        if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+            return Outcome::Timeout;
         }
+    }
+    if flag(&traffic.timed_out) {
+        return Outcome::Timeout;
+    }
+    if failed && limiter.is_some_and(InstanceLimiter::refused) {
+        let detail = match &result {
+            CallResult::Trapped(e) => trap_message(e),
+            CallResult::Returned(Err(text)) => text.clone(),
+            _ => String::new(),
+        };
+        return Outcome::MemoryLimit(detail);
+    }
+    match result {
+        CallResult::Trapped(e) => Outcome::Trap(trap_message(&e)),
+        CallResult::SetupFailed(why) => Outcome::HostError(why),
+        _ if flag(&traffic.idle_timed_out) => Outcome::IdleTimeout,
+        _ if flag(&traffic.client_reset) => Outcome::ClientReset,
+        CallResult::Returned(Ok(())) => Outcome::Ok,
+        CallResult::Returned(Err(text)) => Outcome::HandlerError(text),
     }
 }
 
 /// A trap's message without its multi-line wasm backtrace.
 fn trap_message(e: &wasmtime::Error) -> String {
-    if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
-        return format!("wasm trap: {trap}");
+    match e.downcast_ref::<Trap>() {
+        Some(trap) => trap.to_string(),
+        None => one_line(e),
     }
-    one_line(e)
 }
 
 /// Ends the connection after the guest: the output was flushed when its

@@ -1,5 +1,7 @@
 //! The one `Engine` of a host process, configured for the strategy that will
-//! run it.
+//! run it, and the epoch clock that enforces `--timeout`.
+
+use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
@@ -7,28 +9,34 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use crate::config::{ServeConfig, StrategyKind};
 use crate::handler::one_line;
 
+/// The epoch ticker's period: the precision of `--timeout` under threading.
+const TICK: Duration = Duration::from_millis(10);
+
 /// Builds the engine for `config`.
 ///
-/// - threading: the pooling allocator with copy-on-write memory images, sized
-///   for the connections that can be in flight at once, and parallel
-///   compilation;
+/// - threading: the pooling allocator with copy-on-write memory images, one
+///   slot per worker, and parallel compilation;
 /// - forking: on-demand allocation (a child instantiates once, and a pool's
 ///   large reservations would make every `fork()` slower) and compilation on
 ///   the main thread, so that no thread exists when the accept loop forks.
+///
+/// Both use epoch interruption, so a guest spinning without host calls stops
+/// at its deadline.
 pub fn build(config: &ServeConfig) -> Result<Engine> {
     let mut wasm = Config::new();
     wasm.wasm_component_model(true);
+    wasm.epoch_interruption(true);
     match config.strategy {
         StrategyKind::Threading => {
             wasm.parallel_compilation(true);
-            let slots = config.max_in_flight() as u32;
+            let slots = config.max_instances() as u32;
             let mut pool = PoolingAllocationConfig::default();
             pool.total_component_instances(slots)
                 .total_core_instances(slots.saturating_mul(16))
                 .total_memories(slots.saturating_mul(4))
                 .total_tables(slots.saturating_mul(4))
                 .total_stacks(slots)
-                .max_memory_size(config.max_memory as usize);
+                .max_memory_size(config.limits.max_memory as usize);
             let mut pooled = wasm.clone();
             pooled.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
             match Engine::new(&pooled) {
@@ -44,4 +52,54 @@ pub fn build(config: &ServeConfig) -> Result<Engine> {
         }
     }
     Engine::new(&wasm).map_err(|e| anyhow!("cannot create the wasm engine: {}", one_line(&e)))
+}
+
+/// What advances the engine's epoch, and so how a store's deadline is set.
+#[derive(Clone, Copy, Debug)]
+pub enum EpochClock {
+    /// One ticker thread per engine advances the epoch every [`TICK`]
+    /// (threading).
+    Ticker,
+    /// Each process arms a one-shot alarm at its connection's deadline that
+    /// advances the epoch once (forking: threads do not survive `fork()`).
+    Alarm,
+}
+
+impl EpochClock {
+    /// For threading: starts the engine's one ticker thread, which stops by
+    /// itself once the engine is dropped.
+    pub fn start_ticker(engine: &Engine) -> Result<EpochClock> {
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || loop {
+                std::thread::sleep(TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => return,
+                }
+            })
+            .map_err(|e| anyhow!("cannot start the epoch ticker: {e}"))?;
+        Ok(EpochClock::Ticker)
+    }
+
+    /// The store deadline, in epoch ticks from now, for `timeout`.
+    pub fn deadline_ticks(self, timeout: Duration) -> u64 {
+        match self {
+            EpochClock::Ticker => ticks(timeout) + 1,
+            EpochClock::Alarm => 1,
+        }
+    }
+
+    /// Advances the epoch past every store's deadline: running guests trap at
+    /// their next check.
+    pub fn expire_all(self, engine: &Engine, timeout: Duration) {
+        for _ in 0..=self.deadline_ticks(timeout) {
+            engine.increment_epoch();
+        }
+    }
+}
+
+fn ticks(timeout: Duration) -> u64 {
+    (timeout.as_nanos().div_ceil(TICK.as_nanos())) as u64
 }

@@ -48,12 +48,17 @@ impl fmt::Display for HandlerSource {
     }
 }
 
-/// What one connection's `Store` holds: its WASI context (no grants) and the
-/// resource table its streams live in. Dropped with the store when the
-/// connection ends.
+/// What one connection's `Store` holds: its WASI context (only what was
+/// granted), the resource table its streams live in, and its memory limiter.
+/// Dropped with the store when the connection ends.
 pub struct ConnState {
     pub wasi: WasiCtx,
     pub table: ResourceTable,
+    pub limiter: crate::limits::InstanceLimiter,
+    /// The guest's monotonic clock.
+    pub clock: crate::guest_clock::GuestClock,
+    /// The connection: its deadline ends guest sleeps too.
+    pub socket: std::sync::Arc<crate::net_stream::Socket>,
 }
 
 impl WasiView for ConnState {
@@ -93,6 +98,7 @@ impl Handler {
         let mut linker = Linker::<ConnState>::new(engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| anyhow!("cannot link WASI: {}", one_line(&e)))?;
+        crate::guest_clock::add_to_linker(&mut linker)?;
         let pre = linker.instantiate_pre(&component).map_err(|e| {
             anyhow!(
                 "handler {source} needs imports the host does not provide: {}",

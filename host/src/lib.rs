@@ -9,8 +9,10 @@ pub mod cli;
 pub mod config;
 pub mod connection;
 mod engine;
+mod guest_clock;
 mod guest_log;
 pub mod handler;
+mod limits;
 pub mod logging;
 mod net_stream;
 pub mod server;
@@ -23,6 +25,7 @@ use anyhow::{Context as _, Result};
 
 use crate::config::{ServeConfig, StrategyKind};
 use crate::connection::Service;
+use crate::engine::EpochClock;
 use crate::handler::Handler;
 use crate::server::Shutdown;
 
@@ -40,25 +43,37 @@ pub fn serve(config: &ServeConfig, shutdown: &Shutdown) -> Result<()> {
     let addr = listener
         .local_addr()
         .context("cannot read the listener's address")?;
+    let clock = match config.strategy {
+        StrategyKind::Threading => EpochClock::start_ticker(&engine)?,
+        StrategyKind::Forking => EpochClock::Alarm,
+    };
     let service = Arc::new(Service::new(
         handler,
         config.tenant.clone(),
-        config.idle_timeout,
+        config.limits.clone(),
+        config.grants.clone(),
+        clock,
     ));
     let mut strategy = strategy::build(config, service, shutdown, &listener)?;
 
-    let limits = match config.strategy {
+    let workers = match config.strategy {
         StrategyKind::Threading => format!("{} workers", config.workers),
         StrategyKind::Forking => format!("at most {} children", config.max_children),
     };
+    let limits = &config.limits;
     tracing::info!(
-        "serving {} with the {} strategy ({limits}); grants: none (no directories, no environment, no network)",
+        "serving {} with the {} strategy ({workers}, at most {} connections in flight); limits: memory {}, timeout {:?}, idle timeout {:?}; grants: {}",
         config.handler,
-        config.strategy.name()
+        config.strategy.name(),
+        config.max_in_flight(),
+        bytesize::ByteSize(limits.max_memory).display().iec(),
+        limits.timeout,
+        limits.idle_timeout,
+        config.grants.describe(),
     );
     // The one stable line tests and scripts wait for.
     eprintln!("listening on {addr}");
-    server::run(&listener, strategy.as_mut(), shutdown)
+    server::run(listener, strategy.as_mut(), shutdown, config.drain_timeout)
 }
 
 fn bind(config: &ServeConfig) -> Result<TcpListener> {

@@ -12,7 +12,10 @@ fn main() -> ExitCode {
     host::logging::init();
     let result = match cli.command {
         Command::Serve(args) => args.into_config().and_then(|config| {
-            Shutdown::new().and_then(|shutdown| host::serve(&config, &shutdown))
+            let shutdown = Shutdown::new()?;
+            // SIGINT/SIGTERM drain; a second one ends at once.
+            shutdown.stop_on_signals()?;
+            host::serve(&config, &shutdown)
         }),
     };
     match result {

@@ -8,7 +8,9 @@
 //! ambient tokio reactor that wasmtime-wasi runs its blocking calls on, so a
 //! guest that polls a stream together with other pollables (a timer, the
 //! other direction) waits on all of them at once. A wait that sees no progress
-//! for the idle timeout fails the stream with an `idle timeout` error.
+//! for the idle timeout fails the stream with an `idle timeout` error, and no
+//! wait outlasts the connection's deadline (`--timeout`): a guest blocked in
+//! I/O is stopped by it as surely as one spinning in wasm code.
 
 use std::io;
 use std::net::TcpStream;
@@ -34,6 +36,8 @@ pub struct Socket {
     reactor: OnceLock<AsyncFd<RawFdRef>>,
     stream: TcpStream,
     idle_timeout: Duration,
+    /// When the connection's `--timeout` runs out.
+    deadline: Instant,
     pub traffic: Traffic,
 }
 
@@ -44,6 +48,10 @@ pub struct Traffic {
     pub bytes_out: AtomicU64,
     /// A wait saw no progress for the idle timeout.
     pub idle_timed_out: AtomicBool,
+    /// A wait reached the connection's deadline.
+    pub timed_out: AtomicBool,
+    /// The host ended the connection early (shutdown).
+    pub aborted: AtomicBool,
     /// The client reset the connection or stopped reading for good.
     pub client_reset: AtomicBool,
 }
@@ -73,13 +81,19 @@ impl Direction {
 }
 
 impl Socket {
-    pub fn new(stream: TcpStream, idle_timeout: Duration) -> Arc<Socket> {
+    pub fn new(stream: TcpStream, idle_timeout: Duration, deadline: Instant) -> Arc<Socket> {
         Arc::new(Socket {
             stream,
             idle_timeout,
+            deadline,
             reactor: OnceLock::new(),
             traffic: Traffic::default(),
         })
+    }
+
+    /// When the connection's `--timeout` runs out.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
     }
 
     pub fn stream(&self) -> &TcpStream {
@@ -96,11 +110,39 @@ impl Socket {
         poll_fd(self.fd(), direction.poll_events(), Some(Duration::ZERO)).unwrap_or(true)
     }
 
+    /// Ends the connection from the host's side: both directions are shut
+    /// down, so a guest waiting on the socket wakes up to an error.
+    pub fn abort(&self) {
+        self.traffic.aborted.store(true, Ordering::Relaxed);
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// The end of a wait starting now: the idle timeout, or the connection's
+    /// deadline if that comes first.
+    fn wait_deadline(&self) -> Instant {
+        (Instant::now() + self.idle_timeout).min(self.deadline)
+    }
+
+    /// Records that the connection ran into its `--timeout`.
+    pub fn mark_timed_out(&self) {
+        self.traffic.timed_out.store(true, Ordering::Relaxed);
+    }
+
+    /// Records why a wait ended without the socket becoming ready.
+    fn expired(&self, deadline: Instant) {
+        if deadline >= self.deadline {
+            self.mark_timed_out();
+        } else {
+            self.traffic.idle_timed_out.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// Waits until the socket is ready for `direction`, without blocking the
     /// executor: other pollables in the same `poll` keep being watched.
-    /// Returns false (and records it) when the idle timeout passes first.
+    /// Returns false (and records why) when the idle timeout or the
+    /// connection's deadline passes first.
     async fn wait(&self, direction: Direction) -> bool {
-        let deadline = Instant::now() + self.idle_timeout;
+        let deadline = self.wait_deadline();
         loop {
             if self.ready_now(direction) {
                 return true;
@@ -122,7 +164,7 @@ impl Socket {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return self.wait_blocking(direction, deadline),
                 Err(_elapsed) => {
-                    self.traffic.idle_timed_out.store(true, Ordering::Relaxed);
+                    self.expired(deadline);
                     return false;
                 }
             }
@@ -135,7 +177,7 @@ impl Socket {
         match poll_fd(self.fd(), direction.poll_events(), Some(remaining)) {
             Ok(true) | Err(_) => true,
             Ok(false) => {
-                self.traffic.idle_timed_out.store(true, Ordering::Relaxed);
+                self.expired(deadline);
                 false
             }
         }
@@ -154,8 +196,22 @@ impl Socket {
         Some(self.reactor.get_or_init(|| reactor))
     }
 
-    fn timed_out(&self) -> bool {
-        self.traffic.idle_timed_out.load(Ordering::Relaxed)
+    /// Why the streams may no longer wait, if they may not.
+    fn expiry(&self) -> Option<StreamError> {
+        let traffic = &self.traffic;
+        if Instant::now() >= self.deadline {
+            // Nothing is read or written for the guest after its deadline.
+            self.mark_timed_out();
+        }
+        if traffic.timed_out.load(Ordering::Relaxed) {
+            Some(stream_failure("timeout"))
+        } else if traffic.idle_timed_out.load(Ordering::Relaxed) {
+            Some(stream_failure("idle timeout"))
+        } else if traffic.aborted.load(Ordering::Relaxed) {
+            Some(stream_failure("the host is shutting down"))
+        } else {
+            None
+        }
     }
 
     /// Sends what it can without blocking; `Ok(0)` when the socket is full.
@@ -223,8 +279,8 @@ impl Socket {
     }
 }
 
-fn idle_timeout_error() -> StreamError {
-    StreamError::LastOperationFailed(wasmtime::format_err!("idle timeout"))
+fn stream_failure(why: &'static str) -> StreamError {
+    StreamError::LastOperationFailed(wasmtime::format_err!("{why}"))
 }
 
 /// poll(2) on one descriptor. `Ok(false)` when `timeout` passes first;
@@ -281,7 +337,7 @@ impl SocketInput {
 #[wasmtime_wasi_io::async_trait]
 impl Pollable for SocketInput {
     async fn ready(&mut self) {
-        if !self.at_end && !self.socket.timed_out() {
+        if !self.at_end && self.socket.expiry().is_none() {
             self.socket.wait(Direction::Read).await;
         }
     }
@@ -293,8 +349,8 @@ impl InputStream for SocketInput {
         if self.at_end {
             return Err(StreamError::Closed);
         }
-        if self.socket.timed_out() {
-            return Err(idle_timeout_error());
+        if let Some(err) = self.socket.expiry() {
+            return Err(err);
         }
         let size = size.min(CHUNK);
         if size == 0 {
@@ -321,7 +377,7 @@ impl InputStream for SocketInput {
                 return Ok(bytes);
             }
             if !self.socket.wait(Direction::Read).await {
-                return Err(idle_timeout_error());
+                return Err(self.socket.expiry().unwrap_or(StreamError::Closed));
             }
         }
     }
@@ -370,17 +426,17 @@ impl SocketOutput {
         if self.closed {
             return Err(StreamError::Closed);
         }
-        if self.socket.timed_out() {
-            return Err(idle_timeout_error());
+        match self.socket.expiry() {
+            Some(err) => Err(err),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
 #[wasmtime_wasi_io::async_trait]
 impl Pollable for SocketOutput {
     async fn ready(&mut self) {
-        if !self.pending.is_empty() && !self.closed && !self.socket.timed_out() {
+        if !self.pending.is_empty() && !self.closed && self.socket.expiry().is_none() {
             self.socket.wait(Direction::Write).await;
         }
     }

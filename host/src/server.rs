@@ -9,9 +9,9 @@
 use std::io;
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 
@@ -19,14 +19,16 @@ use crate::connection::Accepted;
 use crate::strategy::Strategy;
 
 /// Stops an accept loop from anywhere: another thread, a signal handler (via
-/// [`Shutdown::register_signal`]) or a test. Clones share one doorbell.
+/// [`Shutdown::stop_on_signals`]) or a test. Clones share one doorbell.
 #[derive(Clone)]
 pub struct Shutdown {
     inner: Arc<Doorbell>,
 }
 
 struct Doorbell {
-    requested: Arc<AtomicBool>,
+    requested: AtomicBool,
+    /// Shutdown signals received; a second one means "now".
+    signals: AtomicUsize,
     read: OwnedFd,
     write: OwnedFd,
 }
@@ -60,7 +62,8 @@ impl Shutdown {
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         Ok(Shutdown {
             inner: Arc::new(Doorbell {
-                requested: Arc::new(AtomicBool::new(false)),
+                requested: AtomicBool::new(false),
+                signals: AtomicUsize::new(0),
                 read,
                 write,
             }),
@@ -92,13 +95,27 @@ impl Shutdown {
         Ok(())
     }
 
-    /// Makes `signal` stop the loop.
-    pub fn register_signal(&self, signal: libc::c_int) -> Result<()> {
-        // Handlers run in registration order: the flag is set before the
-        // doorbell rings, so the woken loop sees it.
-        signal_hook::flag::register(signal, self.inner.requested.clone())
-            .with_context(|| format!("cannot handle signal {signal}"))?;
-        self.ring_on_signal(signal)
+    /// Makes SIGINT and SIGTERM stop the loop: the first drains, a second
+    /// one ends what is left at once.
+    pub fn stop_on_signals(&self) -> Result<()> {
+        for signal in [libc::SIGINT, libc::SIGTERM] {
+            let doorbell = self.inner.clone();
+            let action = move || {
+                doorbell.signals.fetch_add(1, Ordering::SeqCst);
+                doorbell.requested.store(true, Ordering::SeqCst);
+                ring(doorbell.write.as_raw_fd());
+            };
+            // SAFETY: the action only touches atomics and write(2), which
+            // are async-signal-safe, and allocates nothing.
+            unsafe { signal_hook::low_level::register(signal, action) }
+                .with_context(|| format!("cannot handle signal {signal}"))?;
+        }
+        Ok(())
+    }
+
+    /// A second shutdown signal arrived: do not wait for anything.
+    pub fn is_forced(&self) -> bool {
+        self.inner.signals.load(Ordering::SeqCst) >= 2
     }
 
     /// The descriptors a forked child must close: the doorbell is the
@@ -122,41 +139,35 @@ impl Shutdown {
 }
 
 /// Accepts connections from `listener` and hands each to `strategy` until
-/// `shutdown` is triggered; then lets the strategy finish what is in flight.
-pub fn run(listener: &TcpListener, strategy: &mut dyn Strategy, shutdown: &Shutdown) -> Result<()> {
+/// `shutdown` is triggered. Then it closes the listener (new clients are
+/// refused), lets the connections in flight finish for up to `drain_timeout`
+/// (or until a second signal), ends the rest, and returns once every worker
+/// is done.
+pub fn run(
+    listener: TcpListener,
+    strategy: &mut dyn Strategy,
+    shutdown: &Shutdown,
+    drain_timeout: Duration,
+) -> Result<()> {
     listener
         .set_nonblocking(true)
         .context("cannot make the listener non-blocking")?;
     let mut next_id: u64 = 1;
     while !shutdown.is_triggered() {
         let accepting = strategy.has_capacity();
-        let mut fds = [
-            libc::pollfd {
-                fd: if accepting { listener.as_raw_fd() } else { -1 },
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: shutdown.inner.read.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: two valid pollfds.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err).context("poll on the listener failed");
-        }
-        if fds[1].revents != 0 {
+        let [listener_ready, doorbell_rang] = wait(
+            &[
+                (accepting.then(|| listener.as_raw_fd())),
+                Some(shutdown.inner.read.as_raw_fd()),
+            ],
+            strategy.next_wakeup(),
+        )?;
+        if doorbell_rang {
             shutdown.drain();
-            strategy.maintain();
-            continue;
         }
-        if fds[0].revents == 0 {
+        // Reap, count freed slots and enforce deadlines on every wake-up.
+        strategy.maintain();
+        if !listener_ready || shutdown.is_triggered() {
             continue;
         }
         // Take what the backlog holds, as long as there is room for it.
@@ -175,8 +186,67 @@ pub fn run(listener: &TcpListener, strategy: &mut dyn Strategy, shutdown: &Shutd
             }
         }
     }
+
+    drop(listener);
+    strategy.stop_accepting();
+    strategy.maintain();
+    let in_flight = strategy.in_flight();
+    tracing::info!(
+        "shutting down: no longer accepting; {in_flight} connection(s) in flight, waiting up to {drain_timeout:?}"
+    );
+    let deadline = Instant::now() + drain_timeout;
+    loop {
+        strategy.maintain();
+        let in_flight = strategy.in_flight();
+        if in_flight == 0 {
+            break;
+        }
+        if shutdown.is_forced() {
+            tracing::warn!("second signal: ending {in_flight} connection(s) now");
+            strategy.abort();
+            break;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!("drain timeout: ending {in_flight} connection(s) still in flight");
+            strategy.abort();
+            break;
+        }
+        let wake_at = strategy.next_wakeup().map_or(deadline, |t| t.min(deadline));
+        let [_, doorbell_rang] = wait(
+            &[None, Some(shutdown.inner.read.as_raw_fd())],
+            Some(wake_at),
+        )?;
+        if doorbell_rang {
+            shutdown.drain();
+        }
+    }
     strategy.finish();
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// poll(2) on up to two descriptors until one is readable or `until` passes;
+/// says which were readable. EINTR counts as a wake-up with nothing ready.
+fn wait(fds: &[Option<RawFd>; 2], until: Option<Instant>) -> Result<[bool; 2]> {
+    let mut pollfds = fds.map(|fd| libc::pollfd {
+        fd: fd.unwrap_or(-1),
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    let timeout = until.map_or(-1, |t| {
+        let left = t.saturating_duration_since(Instant::now());
+        left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+    });
+    // SAFETY: two valid pollfds.
+    let n = unsafe { libc::poll(pollfds.as_mut_ptr(), 2, timeout) };
+    if n < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::Interrupted {
+            return Ok([false, false]);
+        }
+        return Err(err).context("poll on the listener failed");
+    }
+    Ok(pollfds.map(|p| p.revents != 0))
 }
 
 /// An accept error ends one connection attempt, never the server. Running out

@@ -78,6 +78,10 @@ pub fn guest(name: &str) -> PathBuf {
             .arg(&target_dir)
             .env_remove("CARGO_ENCODED_RUSTFLAGS")
             .env_remove("RUSTFLAGS")
+            // Nor are the wrappers of `cargo clippy`.
+            .env_remove("RUSTC_WORKSPACE_WRAPPER")
+            .env_remove("RUSTC_WRAPPER")
+            .env_remove("CLIPPY_ARGS")
             .status()
             .expect("cannot run cargo to build the guests");
         assert!(status.success(), "building the guests in handlers/ failed");

@@ -13,11 +13,14 @@
 //! - `hold`: replies its worker's name at once, then waits for the end of
 //!   the input before returning (so a client knows the call is running).
 //! - `spin`: loops forever without calling the host.
-//! - `alloc`: allocates memory until allocation fails.
+//! - `alloc`: allocates memory until the allocator aborts (a memory bomb).
+//! - `alloc-try`: allocates until allocation fails, then replies how far it
+//!   got (a guest that copes with the limit).
 //! - `recurse`: recurses without bound.
 //! - `flood N`: writes N bytes to stdout.
 //! - `read-file PATH`, `env`, `connect ADDR`: try what the sandbox denies and
-//!   reply what happened.
+//!   reply what happened (also written to stderr, so it shows in the log).
+//! - `sleep MS`: sleeps (a blocking host call), then replies `slept`.
 
 wit_bindgen::generate!({
     path: "../../wit",
@@ -83,6 +86,14 @@ impl Guest for TestGuest {
             }
             "spin" => spin(),
             "alloc" => {
+                // A memory bomb: allocates until the allocator aborts.
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "alloc-try" => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
                     let mut block = Vec::new();
@@ -108,18 +119,27 @@ impl Guest for TestGuest {
                 }
                 format!("flooded {written}")
             }
-            "read-file" => match std::fs::read(arg) {
-                Ok(data) => format!("read {} bytes", data.len()),
+            "read-file" => report(match std::fs::read(arg) {
+                Ok(data) => format!(
+                    "read {} bytes: {}",
+                    data.len(),
+                    String::from_utf8_lossy(&data)
+                ),
                 Err(e) => format!("denied: {e}"),
-            },
+            }),
             "env" => {
                 let vars: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
-                format!("env: [{}]", vars.join(", "))
+                report(format!("env: [{}]", vars.join(", ")))
             }
-            "connect" => match std::net::TcpStream::connect(arg) {
+            "connect" => report(match std::net::TcpStream::connect(arg) {
                 Ok(_) => "connected".to_string(),
                 Err(e) => format!("denied: {e}"),
-            },
+            }),
+            "sleep" => {
+                let ms: u64 = arg.parse().map_err(|_| format!("bad duration {arg:?}"))?;
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                "slept".to_string()
+            }
             other => return Err(format!("unknown command {other:?}")),
         };
         write_all(&output, reply.as_bytes())?;
@@ -127,6 +147,12 @@ impl Guest for TestGuest {
             .blocking_flush()
             .map_err(|e| format!("flush failed: {e:?}"))
     }
+}
+
+/// Writes `text` to stderr too, so the host's log shows it.
+fn report(text: String) -> String {
+    eprintln!("{text}");
+    text
 }
 
 /// Reads up to the first `\n`; returns the line and whatever followed it.

@@ -1,55 +1,82 @@
 //! `forking`: a child process per connection, as Python's `ForkingMixIn`, at
-//! most `max_children` alive at once. The parent only accepts, forks and
-//! reaps; a child serves one connection and exits, so a crash or kill of a
-//! child costs that connection only.
+//! most `limit` alive at once. The parent only accepts, forks and reaps; a
+//! child serves one connection and exits, so a crash or kill of a child costs
+//! that connection only.
 //!
 //! Invariant: the parent starts no thread before it forks (the engine is
-//! built without parallel compilation for this strategy, and the parent never
-//! runs guest code, so wasmtime-wasi's tokio runtime is never started in it).
-//! Children inherit nothing half-locked.
+//! built without parallel compilation for this strategy, no epoch ticker runs
+//! in the parent, and the parent never runs guest code, so wasmtime-wasi's
+//! tokio runtime is never started in it). Children inherit nothing
+//! half-locked.
+//!
+//! Deadlines: threads do not survive `fork()`, so a child keeps its own
+//! `--timeout` with a one-shot `SIGALRM` whose handler advances the engine's
+//! epoch (a signal-safe atomic increment), trapping the guest. As a backstop
+//! the parent kills a child that outlives its deadline plus the time its
+//! close may take.
 
 use std::collections::HashMap;
 use std::io;
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use wasmtime::Engine;
 
 use super::Strategy;
-use crate::connection::{Accepted, Service};
+use crate::connection::{Accepted, Service, LINGER};
 use crate::server::Shutdown;
 
 pub struct Forking {
     service: Arc<Service>,
-    max_children: usize,
+    limit: usize,
     children: HashMap<libc::pid_t, Child>,
     /// The parent's descriptors a child closes first (listener, doorbell).
     close_in_child: Vec<RawFd>,
+    /// How long after its start the parent kills a child.
+    backstop: Duration,
 }
 
 struct Child {
     id: u64,
-    peer: std::net::SocketAddr,
+    peer: SocketAddr,
     started: Instant,
+    /// Why the parent killed it, if it did.
+    killed: Option<&'static str>,
+}
+
+/// The engine whose epoch the child's SIGALRM advances.
+static ALARM_ENGINE: OnceLock<Engine> = OnceLock::new();
+
+extern "C" fn on_alarm(_signal: libc::c_int) {
+    if let Some(engine) = ALARM_ENGINE.get() {
+        engine.increment_epoch();
+    }
 }
 
 impl Forking {
     pub fn new(
         service: Arc<Service>,
-        max_children: usize,
+        limit: usize,
         shutdown: &Shutdown,
-        listener: &std::net::TcpListener,
+        listener: &TcpListener,
     ) -> Result<Forking> {
         // Every exiting child rings the doorbell, so it is reaped at once.
         shutdown.ring_on_signal(libc::SIGCHLD)?;
         let mut close_in_child = shutdown.descriptors().to_vec();
         close_in_child.push(listener.as_raw_fd());
+        let limits = service.limits();
+        // A child's guest stops at `timeout`; its output may then take an
+        // idle timeout to flush and its close a linger.
+        let backstop = limits.timeout + limits.idle_timeout + LINGER + Duration::from_secs(1);
         Ok(Forking {
             service,
-            max_children,
+            limit,
             children: HashMap::new(),
             close_in_child,
+            backstop,
         })
     }
 
@@ -70,6 +97,7 @@ impl Forking {
                 libc::close(fd);
             }
         }
+        arm_alarm(self.service.engine(), self.service.limits().timeout);
         let worker = format!("pid-{}", std::process::id());
         let id = conn.id;
         let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -116,26 +144,67 @@ impl Forking {
             }
         }
     }
+
+    fn kill_children(&mut self, why: &'static str, only_overdue: bool) {
+        let now = Instant::now();
+        for (&pid, child) in &mut self.children {
+            if child.killed.is_some() || (only_overdue && now < child.started + self.backstop) {
+                continue;
+            }
+            child.killed = Some(why);
+            // SAFETY: signalling our own, not yet reaped, child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Arms the one-shot `--timeout` alarm in a child.
+fn arm_alarm(engine: &Engine, timeout: Duration) {
+    let _ = ALARM_ENGINE.set(engine.clone());
+    // SAFETY: installs a handler that only performs an atomic increment, and
+    // a one-shot real-time timer for this process.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_alarm as *const () as usize;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGALRM, &action, std::ptr::null_mut());
+        let timer = libc::itimerval {
+            it_interval: libc::timeval {
+                tv_sec: 0,
+                tv_usec: 0,
+            },
+            it_value: libc::timeval {
+                tv_sec: timeout.as_secs() as libc::time_t,
+                tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+            },
+        };
+        libc::setitimer(libc::ITIMER_REAL, &timer, std::ptr::null_mut());
+    }
 }
 
 /// A child that did not exit normally never wrote its connection's line:
 /// the parent writes it.
 fn report_exit(pid: libc::pid_t, child: &Child, status: libc::c_int) {
-    let cause = if libc::WIFSIGNALED(status) {
-        format!(
-            "the worker process was killed by signal {}",
-            libc::WTERMSIG(status)
+    let (outcome, cause) = if let Some(why) = child.killed {
+        (why, format!("the worker process was killed ({why})"))
+    } else if libc::WIFSIGNALED(status) {
+        let signal = libc::WTERMSIG(status);
+        (
+            "host-error",
+            format!("the worker process was killed by signal {signal}"),
         )
     } else if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) != 0 {
-        format!(
-            "the worker process exited with status {}",
-            libc::WEXITSTATUS(status)
+        let code = libc::WEXITSTATUS(status);
+        (
+            "host-error",
+            format!("the worker process exited with status {code}"),
         )
     } else {
         return;
     };
     tracing::warn!(
-        "connection {} closed peer={} worker=pid-{pid} duration={:.3}ms outcome=host-error error={cause:?}",
+        "connection {} closed peer={} worker=pid-{pid} duration={:.3}ms outcome={outcome} error={cause:?}",
         child.id,
         child.peer,
         child.started.elapsed().as_secs_f64() * 1000.0,
@@ -144,7 +213,7 @@ fn report_exit(pid: libc::pid_t, child: &Child, status: libc::c_int) {
 
 impl Strategy for Forking {
     fn has_capacity(&self) -> bool {
-        self.children.len() < self.max_children
+        self.children.len() < self.limit
     }
 
     fn dispatch(&mut self, conn: Accepted) {
@@ -167,6 +236,7 @@ impl Strategy for Forking {
                         id: conn.id,
                         peer: conn.peer,
                         started: Instant::now(),
+                        killed: None,
                     },
                 );
                 // The child has its own copy of the socket; this one closes.
@@ -177,6 +247,25 @@ impl Strategy for Forking {
 
     fn maintain(&mut self) {
         self.reap(false);
+        self.kill_children("timeout", true);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.children.len()
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        self.children
+            .values()
+            .filter(|c| c.killed.is_none())
+            .map(|c| c.started + self.backstop)
+            .min()
+    }
+
+    fn stop_accepting(&mut self) {}
+
+    fn abort(&mut self) {
+        self.kill_children("shutdown", false);
     }
 
     fn finish(&mut self) {

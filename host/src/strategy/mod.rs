@@ -5,7 +5,9 @@
 mod forking;
 mod threading;
 
+use std::net::TcpListener;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::Result;
 
@@ -26,11 +28,27 @@ pub trait Strategy {
     /// Starts serving `conn` and returns without waiting for it.
     fn dispatch(&mut self, conn: Accepted);
 
-    /// Called when the doorbell rang: catch up on finished work (reap
-    /// children, count freed slots).
+    /// Called on every wake-up of the accept loop: catch up on finished work
+    /// (reap children, count freed slots) and enforce deadlines.
     fn maintain(&mut self);
 
-    /// The accept loop has stopped: wait for the connections in flight.
+    /// Connections dispatched and not yet finished.
+    fn in_flight(&self) -> usize;
+
+    /// When `maintain` must run next even if nothing rings the doorbell.
+    fn next_wakeup(&self) -> Option<Instant> {
+        None
+    }
+
+    /// The accept loop has stopped: from now on every finished connection
+    /// must ring the doorbell, so the drain sees it.
+    fn stop_accepting(&mut self);
+
+    /// Ends every connection in flight now (the drain ran out, or a second
+    /// signal came).
+    fn abort(&mut self);
+
+    /// Waits until every connection has ended and every worker is gone.
     fn finish(&mut self);
 }
 
@@ -39,15 +57,18 @@ pub fn build(
     config: &ServeConfig,
     service: Arc<Service>,
     shutdown: &Shutdown,
-    listener: &std::net::TcpListener,
+    listener: &TcpListener,
 ) -> Result<Box<dyn Strategy>> {
     Ok(match config.strategy {
-        StrategyKind::Threading => {
-            Box::new(Threading::new(service, config.workers, shutdown.waker()))
-        }
+        StrategyKind::Threading => Box::new(Threading::new(
+            service,
+            config.workers,
+            config.max_in_flight(),
+            shutdown.waker(),
+        )),
         StrategyKind::Forking => Box::new(Forking::new(
             service,
-            config.max_children,
+            config.max_in_flight(),
             shutdown,
             listener,
         )?),

@@ -1,10 +1,10 @@
 //! `threading`: a bounded pool of worker threads in the host process, as
-//! Python's `ThreadingMixIn` but with a limit. At most two connections per
-//! worker are in flight (one running, one queued); beyond that the accept
-//! loop stops accepting.
+//! Python's `ThreadingMixIn` but with a limit. At most `limit` connections are
+//! in flight (by default one running and one queued per worker); beyond that
+//! the accept loop stops accepting.
 
 use std::cell::OnceCell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use threadpool::ThreadPool;
@@ -16,38 +16,46 @@ use crate::server::Wake;
 pub struct Threading {
     service: Arc<Service>,
     pool: ThreadPool,
-    in_flight: Arc<AtomicUsize>,
+    slots: Arc<Slots>,
+}
+
+/// The in-flight count, shared with the workers.
+struct Slots {
+    in_flight: AtomicUsize,
     limit: usize,
+    /// Set once the accept loop has stopped: every release rings then.
+    draining: AtomicBool,
     wake: Wake,
 }
 
 impl Threading {
-    pub fn new(service: Arc<Service>, workers: usize, wake: Wake) -> Threading {
+    pub fn new(service: Arc<Service>, workers: usize, limit: usize, wake: Wake) -> Threading {
         Threading {
             service,
             pool: threadpool::Builder::new()
                 .num_threads(workers)
                 .thread_name("host-worker".to_string())
                 .build(),
-            in_flight: Arc::new(AtomicUsize::new(0)),
-            limit: workers * 2,
-            wake,
+            slots: Arc::new(Slots {
+                in_flight: AtomicUsize::new(0),
+                limit,
+                draining: AtomicBool::new(false),
+                wake,
+            }),
         }
     }
 }
 
 /// Frees the connection's slot even if serving it panicked.
-struct Slot {
-    in_flight: Arc<AtomicUsize>,
-    limit: usize,
-    wake: Wake,
-}
+struct Slot(Arc<Slots>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == self.limit {
-            // The accept loop may be waiting for this slot.
-            self.wake.wake();
+        let slots = &self.0;
+        let was = slots.in_flight.fetch_sub(1, Ordering::SeqCst);
+        // The accept loop may be waiting for this slot, or draining.
+        if was == slots.limit || slots.draining.load(Ordering::SeqCst) {
+            slots.wake.wake();
         }
     }
 }
@@ -68,16 +76,12 @@ fn worker_name() -> String {
 
 impl Strategy for Threading {
     fn has_capacity(&self) -> bool {
-        self.in_flight.load(Ordering::SeqCst) < self.limit
+        self.slots.in_flight.load(Ordering::SeqCst) < self.slots.limit
     }
 
     fn dispatch(&mut self, conn: Accepted) {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        let slot = Slot {
-            in_flight: self.in_flight.clone(),
-            limit: self.limit,
-            wake: self.wake.clone(),
-        };
+        self.slots.in_flight.fetch_add(1, Ordering::SeqCst);
+        let slot = Slot(self.slots.clone());
         let service = self.service.clone();
         self.pool.execute(move || {
             let _slot = slot;
@@ -93,6 +97,18 @@ impl Strategy for Threading {
     }
 
     fn maintain(&mut self) {}
+
+    fn in_flight(&self) -> usize {
+        self.slots.in_flight.load(Ordering::SeqCst)
+    }
+
+    fn stop_accepting(&mut self) {
+        self.slots.draining.store(true, Ordering::SeqCst);
+    }
+
+    fn abort(&mut self) {
+        self.service.abort_all();
+    }
 
     fn finish(&mut self) {
         self.pool.join();

@@ -1,0 +1,106 @@
+//! The guest's monotonic clock, and sleeps that end at the connection's
+//! deadline: a guest blocked in `subscribe-duration`/`subscribe-instant` wakes
+//! no later than its `--timeout`, the connection is marked timed out (its
+//! streams refuse further I/O), and the guest traps at its next epoch check.
+//! A long sleep cannot outlive the limit.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use wasmtime::component::{Linker, Resource};
+use wasmtime::StoreContextMut;
+use wasmtime_wasi::clocks::HostMonotonicClock;
+use wasmtime_wasi_io::poll::{subscribe, DynPollable, Pollable};
+
+use crate::handler::ConnState;
+use crate::net_stream::Socket;
+
+/// The `wasi:clocks` interface whose subscriptions are replaced.
+const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
+
+/// Nanoseconds since the connection's store was created.
+#[derive(Clone, Copy)]
+pub struct GuestClock {
+    pub base: Instant,
+}
+
+impl GuestClock {
+    fn now_nanos(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+impl HostMonotonicClock for GuestClock {
+    fn resolution(&self) -> u64 {
+        1
+    }
+
+    fn now(&self) -> u64 {
+        self.now_nanos()
+    }
+}
+
+/// A sleep that ends at `until`; `cut_short` when that is the deadline
+/// rather than what the guest asked for.
+struct Sleep {
+    until: tokio::time::Instant,
+    cut_short: Option<Arc<Socket>>,
+}
+
+#[wasmtime_wasi_io::async_trait]
+impl Pollable for Sleep {
+    async fn ready(&mut self) {
+        tokio::time::sleep_until(self.until).await;
+        if let Some(socket) = &self.cut_short {
+            socket.mark_timed_out();
+        }
+    }
+}
+
+/// Replaces wasmtime-wasi's `subscribe-duration` and `subscribe-instant` with
+/// versions capped at the store's deadline. Call after
+/// `wasmtime_wasi::p2::add_to_linker_sync`.
+pub fn add_to_linker(linker: &mut Linker<ConnState>) -> Result<()> {
+    linker.allow_shadowing(true);
+    let mut clock = linker.instance(MONOTONIC_CLOCK)?;
+    clock.func_wrap(
+        "subscribe-duration",
+        |store: StoreContextMut<'_, ConnState>, (nanos,): (u64,)| {
+            Ok((sleep(store, Duration::from_nanos(nanos))?,))
+        },
+    )?;
+    clock.func_wrap(
+        "subscribe-instant",
+        |store: StoreContextMut<'_, ConnState>, (when,): (u64,)| {
+            let now = store.data().clock.now_nanos();
+            Ok((sleep(
+                store,
+                Duration::from_nanos(when.saturating_sub(now)),
+            )?,))
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+fn sleep(
+    mut store: StoreContextMut<'_, ConnState>,
+    duration: Duration,
+) -> wasmtime::Result<Resource<DynPollable>> {
+    let state = store.data_mut();
+    let now = Instant::now();
+    let deadline = state.socket.deadline();
+    let wanted = now.checked_add(duration);
+    let cut_short = wanted.is_none_or(|wanted| wanted > deadline);
+    let until = if cut_short {
+        deadline
+    } else {
+        wanted.unwrap_or(deadline)
+    };
+    let sleep = state.table.push(Sleep {
+        until: tokio::time::Instant::from_std(until.max(now)),
+        cut_short: cut_short.then(|| state.socket.clone()),
+    })?;
+    subscribe(&mut state.table, sleep)
+}

@@ -1,0 +1,88 @@
+//! The memory cap of one instance: all of its linear memories and tables
+//! together, enforced as wasmtime asks to grow any of them. A refused growth
+//! makes `memory.grow` return -1 (or instantiation fail); the guest decides
+//! whether that is fatal, and the connection's outcome says `memory-limit`
+//! when it was.
+
+use wasmtime::ResourceLimiter;
+
+/// What a table element is counted as.
+const TABLE_ELEMENT_BYTES: usize = std::mem::size_of::<usize>();
+
+pub struct InstanceLimiter {
+    limit: usize,
+    used: usize,
+    peak: usize,
+    refused: bool,
+}
+
+impl InstanceLimiter {
+    pub fn new(limit: u64) -> InstanceLimiter {
+        InstanceLimiter {
+            limit: usize::try_from(limit).unwrap_or(usize::MAX),
+            used: 0,
+            peak: 0,
+            refused: false,
+        }
+    }
+
+    /// Whether a growth was refused for this instance.
+    pub fn refused(&self) -> bool {
+        self.refused
+    }
+
+    /// The most bytes the instance held at once.
+    pub fn peak(&self) -> usize {
+        self.peak
+    }
+
+    fn grow(&mut self, current: usize, desired: usize) -> bool {
+        let used = self.used - current.min(self.used) + desired;
+        if used > self.limit {
+            self.refused = true;
+            return false;
+        }
+        self.used = used;
+        self.peak = self.peak.max(used);
+        true
+    }
+}
+
+impl ResourceLimiter for InstanceLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(self.grow(current, desired))
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(self.grow(
+            current.saturating_mul(TABLE_ELEMENT_BYTES),
+            desired.saturating_mul(TABLE_ELEMENT_BYTES),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InstanceLimiter;
+
+    #[test]
+    fn counts_every_memory_and_table_together() {
+        let mut limiter = InstanceLimiter::new(100);
+        assert!(limiter.grow(0, 60)); // memory A
+        assert!(limiter.grow(0, 30)); // memory B
+        assert!(!limiter.grow(60, 80)); // A may not take B's share
+        assert!(limiter.refused());
+        assert!(limiter.grow(30, 40)); // B grows within the total
+        assert_eq!(limiter.peak(), 100);
+    }
+}
