@@ -5,5 +5,9 @@ mod support;
 
 mod bad_input;
 mod cli;
+mod clients;
 mod echo;
 mod guests;
+mod sandbox;
+mod shutdown;
+mod soak;

@@ -128,7 +128,15 @@ impl Drop for TempDir {
 pub struct Server {
     child: Child,
     addr: SocketAddr,
-    log: Arc<(Mutex<Vec<String>>, Condvar)>,
+    log: Arc<(Mutex<Log>, Condvar)>,
+}
+
+/// What the host has written to stderr so far.
+#[derive(Default)]
+struct Log {
+    lines: Vec<String>,
+    /// stderr is closed: the host has exited.
+    ended: bool,
 }
 
 impl Server {
@@ -154,15 +162,17 @@ impl Server {
             .spawn()
             .expect("cannot start the host");
         let stderr = child.stderr.take().unwrap();
-        let log = Arc::new((Mutex::new(Vec::<String>::new()), Condvar::new()));
+        let log = Arc::new((Mutex::new(Log::default()), Condvar::new()));
         let sink = log.clone();
         thread::spawn(move || {
+            let (log, changed) = &*sink;
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                let (lines, changed) = &*sink;
-                lines.lock().unwrap().push(line);
+                log.lock().unwrap().lines.push(line);
                 changed.notify_all();
             }
+            log.lock().unwrap().ended = true;
+            changed.notify_all();
         });
         let mut server = Server {
             child,
@@ -186,18 +196,23 @@ impl Server {
 
     /// Waits until a log line satisfies `matches` and returns it.
     pub fn wait_for_log(&self, matches: impl Fn(&str) -> bool) -> String {
-        let (lines, changed) = &*self.log;
+        let (log, changed) = &*self.log;
         let deadline = Instant::now() + PATIENCE;
-        let mut guard = lines.lock().unwrap();
+        let mut guard = log.lock().unwrap();
         loop {
-            if let Some(line) = guard.iter().find(|l| matches(l)) {
+            if let Some(line) = guard.lines.iter().find(|l| matches(l)) {
                 return line.clone();
             }
             let left = deadline.saturating_duration_since(Instant::now());
+            let why = if guard.ended {
+                "the host exited"
+            } else {
+                "timed out"
+            };
             assert!(
-                !left.is_zero(),
-                "no such log line; the log so far:\n{}",
-                guard.join("\n")
+                !left.is_zero() && !guard.ended,
+                "no such log line ({why}); the log so far:\n{}",
+                guard.lines.join("\n")
             );
             guard = changed.wait_timeout(guard, left).unwrap().0;
         }
@@ -210,12 +225,112 @@ impl Server {
     }
 
     pub fn log(&self) -> Vec<String> {
-        self.log.0.lock().unwrap().clone()
+        self.log.0.lock().unwrap().lines.clone()
     }
 
     pub fn connect(&self) -> TcpStream {
         connect(self.addr)
     }
+
+    /// Sends `signal` to the host process.
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: signalling our own child process.
+        assert_eq!(
+            unsafe { libc::kill(self.child.id() as libc::pid_t, signal) },
+            0
+        );
+    }
+
+    /// Waits for the host to exit by itself and returns its status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the host did not exit");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The pids of forked workers named in connection log lines.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.log()
+            .iter()
+            .filter_map(|l| l.split(" worker=pid-").nth(1))
+            .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+            .collect()
+    }
+
+    /// Open descriptors, threads and live child processes of the host.
+    pub fn resources(&self) -> Resources {
+        let pid = self.child.id();
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let threads = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap();
+        Resources {
+            fds,
+            threads,
+            children: children_of(pid).len(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resources {
+    pub fds: usize,
+    pub threads: usize,
+    pub children: usize,
+}
+
+/// The pids of the processes whose parent is `pid` (zombies included).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let ppid = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            children.push(child);
+        }
+    }
+    children
+}
+
+/// Whether a process with this pid exists (a zombie counts).
+pub fn process_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Connects from the source address 127.0.0.`n` (2..=250), so that many
+/// short connections do not exhaust one address's ephemeral ports.
+pub fn connect_from(addr: SocketAddr, n: u8) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    let source: SocketAddr = format!("127.0.0.{n}:0").parse().unwrap();
+    socket.bind(&source.into())?;
+    socket.connect_timeout(&addr.into(), PATIENCE)?;
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(PATIENCE))?;
+    stream.set_write_timeout(Some(PATIENCE))?;
+    Ok(stream)
 }
 
 impl Drop for Server {
@@ -245,6 +360,33 @@ pub fn exchange(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
     let reply = read_to_end(stream);
     sender.join().unwrap();
     reply
+}
+
+/// Like [`exchange`], and also returns the connection's id, found through
+/// its peer address in the host's log.
+pub fn exchange_logged(server: &Server, data: &[u8]) -> (u64, Vec<u8>) {
+    let stream = server.connect();
+    let peer = stream.local_addr().unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let data = data.to_vec();
+    let sender = thread::spawn(move || {
+        // The host may close before taking everything (a trap): not an error.
+        let _ = writer.write_all(&data);
+        let _ = writer.shutdown(Shutdown::Write);
+    });
+    let mut reply = Vec::new();
+    let mut reader = stream;
+    let _ = reader.read_to_end(&mut reply);
+    sender.join().unwrap();
+    let marker = format!(" peer={peer} ");
+    let line = server.wait_for_log(|l| l.contains(" closed ") && l.contains(&marker));
+    let id = line
+        .split("connection ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("connection N closed");
+    (id, reply)
 }
 
 pub fn read_to_end(mut stream: TcpStream) -> Vec<u8> {

@@ -1,0 +1,115 @@
+//! Graceful shutdown: SIGTERM stops accepting at once, lets connections in
+//! flight finish, reaps every child, and exits 0; a second signal or the
+//! drain timeout ends what is left.
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::thread;
+
+use crate::for_each_strategy;
+use crate::support::{children_of, guest, pattern, process_exists, Server, Strategy};
+
+for_each_strategy!(
+    sigterm_drains_50_streams_then_exits_0,
+    a_second_signal_ends_at_once,
+    the_drain_timeout_ends_what_is_left,
+);
+
+fn refused(server: &Server) -> bool {
+    matches!(TcpStream::connect(server.addr()), Err(e) if e.kind() == ErrorKind::ConnectionRefused)
+}
+
+fn sigterm_drains_50_streams_then_exits_0(strategy: Strategy) {
+    let room: &[&str] = match strategy {
+        Strategy::Threading => &["--workers", "64"],
+        Strategy::Forking => &["--max-children", "64"],
+    };
+    let mut server = Server::start(strategy, None, room);
+    // 50 streams, each provably being served: its first chunk came back.
+    let streams: Vec<_> = (0..50u64)
+        .map(|i| {
+            let stream = server.connect();
+            let data = pattern(1000 + i, 512 * 1024);
+            (&stream).write_all(&data[..1000]).unwrap();
+            let mut first = vec![0u8; 1000];
+            (&stream).read_exact(&mut first).unwrap();
+            assert_eq!(first, data[..1000]);
+            (stream, data)
+        })
+        .collect();
+
+    server.signal(libc::SIGTERM);
+    server.wait_for_log(|l| l.contains("shutting down: no longer accepting"));
+    assert!(
+        refused(&server),
+        "a new connection was accepted after SIGTERM"
+    );
+
+    let finishing: Vec<_> = streams
+        .into_iter()
+        .map(|(stream, data)| {
+            thread::spawn(move || {
+                let writer = stream.try_clone().unwrap();
+                let rest = data[1000..].to_vec();
+                let sender = thread::spawn(move || {
+                    (&writer).write_all(&rest).unwrap();
+                    writer.shutdown(Shutdown::Write).unwrap();
+                });
+                let mut echoed = data[..1000].to_vec();
+                (&stream).read_to_end(&mut echoed).unwrap();
+                sender.join().unwrap();
+                assert!(echoed == data, "a stream was cut by the shutdown");
+            })
+        })
+        .collect();
+    for stream in finishing {
+        stream.join().expect("every stream completes intact");
+    }
+    server.wait_for_log(|l| l.ends_with(" stopped"));
+    assert_eq!(
+        children_of(server.pid()),
+        Vec::<u32>::new(),
+        "children left at exit"
+    );
+    assert_eq!(server.wait_exit().code(), Some(0));
+    let log = server.log();
+    assert_eq!(log.iter().filter(|l| l.contains("outcome=ok")).count(), 50);
+    for pid in server.worker_pids() {
+        assert!(!process_exists(pid), "worker pid-{pid} was left behind");
+    }
+}
+
+/// Starts the test guest with `extra`, and holds one call in flight.
+fn one_held_call(strategy: Strategy, extra: &[&str]) -> (Server, TcpStream) {
+    let server = Server::start(strategy, Some(&guest("test-guest")), extra);
+    let held = server.connect();
+    (&held).write_all(b"hold\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&held).read_line(&mut line).unwrap();
+    (server, held)
+}
+
+fn a_second_signal_ends_at_once(strategy: Strategy) {
+    let (mut server, held) = one_held_call(strategy, &["--drain-timeout", "10m"]);
+    server.signal(libc::SIGTERM);
+    server.wait_for_log(|l| l.contains("shutting down"));
+    server.signal(libc::SIGINT);
+    server.wait_for_log(|l| l.contains("second signal: ending 1 connection(s) now"));
+    let mut rest = Vec::new();
+    let _ = (&held).read_to_end(&mut rest);
+    assert_eq!(server.wait_exit().code(), Some(0));
+    assert!(server.log().iter().any(|l| l.contains("outcome=shutdown")));
+    for pid in server.worker_pids() {
+        assert!(!process_exists(pid), "worker pid-{pid} was left behind");
+    }
+}
+
+fn the_drain_timeout_ends_what_is_left(strategy: Strategy) {
+    let (mut server, held) = one_held_call(strategy, &["--drain-timeout", "1s"]);
+    server.signal(libc::SIGTERM);
+    server.wait_for_log(|l| l.contains("drain timeout: ending 1 connection(s)"));
+    let mut rest = Vec::new();
+    let _ = (&held).read_to_end(&mut rest);
+    assert_eq!(server.wait_exit().code(), Some(0));
+    assert!(server.log().iter().any(|l| l.contains("outcome=shutdown")));
+}

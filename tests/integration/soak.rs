@@ -1,0 +1,104 @@
+//! The soak: 100,000 short connections per strategy with no error, and the
+//! host's descriptors, threads and child processes back where they started.
+//! Not timed: it asserts counts, never speed.
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::for_each_strategy;
+use crate::support::{connect_from, Resources, Server, Strategy, PATIENCE};
+
+for_each_strategy!(a_hundred_thousand_short_connections);
+
+const CONNECTIONS: u64 = 100_000;
+const CLIENTS: u64 = 32;
+const WARM_UP: u64 = 200;
+
+/// `count` short echo connections from `CLIENTS` threads; returns errors.
+fn short_connections(server: &Server, count: u64) -> Vec<String> {
+    let next = Arc::new(AtomicU64::new(0));
+    let addr = server.addr();
+    let workers: Vec<_> = (0..CLIENTS)
+        .map(|t| {
+            let next = next.clone();
+            thread::spawn(move || {
+                let mut errors = Vec::new();
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= count {
+                        return errors;
+                    }
+                    // Rotate source addresses: 100k connections would exhaust
+                    // one address's ephemeral ports in TIME_WAIT.
+                    let source = 2 + ((n + t) % 240) as u8;
+                    let request = format!("{n:064}");
+                    let result = connect_from(addr, source).and_then(|stream| {
+                        (&stream).write_all(request.as_bytes())?;
+                        stream.shutdown(Shutdown::Write)?;
+                        let mut reply = Vec::new();
+                        (&stream).read_to_end(&mut reply)?;
+                        Ok(reply)
+                    });
+                    match result {
+                        Ok(reply) if reply == request.as_bytes() => {}
+                        Ok(reply) => errors.push(format!("connection {n}: wrong reply {reply:?}")),
+                        Err(e) => errors.push(format!("connection {n}: {e}")),
+                    }
+                }
+            })
+        })
+        .collect();
+    workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect()
+}
+
+/// Waits until the host's resources are back to `baseline`.
+fn settles_to(server: &Server, baseline: Resources) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let now = server.resources();
+        if now == baseline {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "resources {now:?} did not return to {baseline:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn a_hundred_thousand_short_connections(strategy: Strategy) {
+    let server = Server::start(strategy, None, &[]);
+    // Warm up, so lazily started threads (wasmtime-wasi's runtime) count in
+    // the baseline, then let the warm-up connections finish.
+    assert_eq!(short_connections(&server, WARM_UP), Vec::<String>::new());
+    server.closed_line(WARM_UP);
+    let idle = Resources {
+        children: 0,
+        ..server.resources()
+    };
+    settles_to(&server, idle);
+
+    let errors = short_connections(&server, CONNECTIONS);
+    assert!(
+        errors.is_empty(),
+        "{} errors, the first: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    server.closed_line(WARM_UP + CONNECTIONS);
+    settles_to(&server, idle);
+    let failed = server
+        .log()
+        .iter()
+        .filter(|l| l.contains(" closed ") && !l.contains("outcome=ok"))
+        .count();
+    assert_eq!(failed, 0, "connections that did not end ok");
+}
