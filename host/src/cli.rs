@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, Parser, Subcommand};
 
+use crate::compile_cache::CompileCache;
 use crate::config::{DirGrant, Grants, Limits, ServeConfig, StrategyKind};
 use crate::handler::HandlerSource;
 
@@ -26,6 +27,25 @@ pub struct Cli {
 pub enum Command {
     /// Accept TCP connections and run the handler for each one.
     Serve(ServeArgs),
+    /// Compile a handler ahead of time into a file `serve --allow-precompiled`
+    /// loads without compiling.
+    Compile(CompileArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CompileArgs {
+    /// The handler component (.wasm) to compile.
+    #[arg(value_name = "HANDLER")]
+    pub handler: PathBuf,
+
+    /// Where to write the compiled handler.
+    #[arg(short, long, value_name = "PATH")]
+    pub output: PathBuf,
+
+    /// The strategy it will be served with (compiled code is specific to the
+    /// engine settings).
+    #[arg(long, value_enum, default_value_t = StrategyKind::Threading)]
+    pub strategy: StrategyKind,
 }
 
 #[derive(Args, Debug)]
@@ -85,6 +105,20 @@ pub struct ServeArgs {
     /// GUEST_PATH (repeatable).
     #[arg(long, value_name = "HOST_PATH::GUEST_PATH")]
     pub dir: Vec<String>,
+
+    /// Where compiled handlers are cached between runs [default:
+    /// $XDG_CACHE_HOME/wasm-host or ~/.cache/wasm-host]
+    #[arg(long, value_name = "DIR", conflicts_with = "no_cache")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Compile the handler at every start; read and write no cache.
+    #[arg(long)]
+    pub no_cache: bool,
+
+    /// Serve a handler precompiled by `host compile`. Precompiled files are
+    /// native code that runs unchecked: use only files you trust.
+    #[arg(long)]
+    pub allow_precompiled: bool,
 }
 
 /// socketserver's `ForkingMixIn.max_children`.
@@ -137,6 +171,12 @@ impl ServeArgs {
                     .collect::<Result<_>>()?,
             },
             drain_timeout: parse_duration("--drain-timeout", &self.drain_timeout)?,
+            cache_dir: if self.no_cache {
+                None
+            } else {
+                self.cache_dir.or_else(CompileCache::default_dir)
+            },
+            allow_precompiled: self.allow_precompiled,
         })
     }
 }
@@ -213,8 +253,10 @@ mod tests {
     fn args(extra: &[&str]) -> Result<ServeConfig> {
         let mut argv = vec!["host", "serve"];
         argv.extend_from_slice(extra);
-        let Command::Serve(serve) = Cli::try_parse_from(argv)?.command;
-        serve.into_config()
+        match Cli::try_parse_from(argv)?.command {
+            Command::Serve(serve) => serve.into_config(),
+            Command::Compile(_) => unreachable!("only serve is parsed here"),
+        }
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub struct ServeConfig {
     pub grants: Grants,
     /// How long in-flight connections may finish after SIGINT/SIGTERM.
     pub drain_timeout: Duration,
+    /// The compile cache's directory; `None`: no cache.
+    pub cache_dir: Option<PathBuf>,
+    /// Whether a precompiled handler file may be served.
+    pub allow_precompiled: bool,
 }
 
 /// What one connection may use.

@@ -6,13 +6,14 @@ use std::time::Duration;
 use anyhow::{anyhow, Result};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use crate::config::{ServeConfig, StrategyKind};
+use crate::config::StrategyKind;
 use crate::handler::one_line;
 
 /// The epoch ticker's period: the precision of `--timeout` under threading.
 const TICK: Duration = Duration::from_millis(10);
 
-/// Builds the engine for `config`.
+/// Builds the engine for `strategy`, with room for `instances` instances of
+/// at most `max_memory` bytes at once.
 ///
 /// - threading: the pooling allocator with copy-on-write memory images, one
 ///   slot per worker, and parallel compilation;
@@ -22,21 +23,21 @@ const TICK: Duration = Duration::from_millis(10);
 ///
 /// Both use epoch interruption, so a guest spinning without host calls stops
 /// at its deadline.
-pub fn build(config: &ServeConfig) -> Result<Engine> {
+pub fn build(strategy: StrategyKind, instances: usize, max_memory: u64) -> Result<Engine> {
     let mut wasm = Config::new();
     wasm.wasm_component_model(true);
     wasm.epoch_interruption(true);
-    match config.strategy {
+    match strategy {
         StrategyKind::Threading => {
             wasm.parallel_compilation(true);
-            let slots = config.max_instances() as u32;
+            let slots = instances as u32;
             let mut pool = PoolingAllocationConfig::default();
             pool.total_component_instances(slots)
                 .total_core_instances(slots.saturating_mul(16))
                 .total_memories(slots.saturating_mul(4))
                 .total_tables(slots.saturating_mul(4))
                 .total_stacks(slots)
-                .max_memory_size(config.limits.max_memory as usize);
+                .max_memory_size(max_memory as usize);
             let mut pooled = wasm.clone();
             pooled.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
             match Engine::new(&pooled) {

@@ -6,9 +6,13 @@ use std::borrow::Cow;
 use std::fmt;
 use std::path::PathBuf;
 
-use anyhow::{anyhow, Context as _, Result};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context as _, Result};
 use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::Engine;
+use wasmtime::{Engine, Precompiled};
+
+use crate::compile_cache::CompileCache;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 mod bindings {
@@ -74,26 +78,116 @@ impl WasiView for ConnState {
 /// instance per connection.
 pub struct Handler {
     source: HandlerSource,
+    digest: String,
     pre: HandlerPre<ConnState>,
 }
 
+/// How a handler may be loaded.
+#[derive(Default)]
+pub struct LoadOptions {
+    /// Where compiled handlers are kept between runs, if anywhere.
+    pub cache: Option<CompileCache>,
+    /// Whether a precompiled (`host compile`) file may be served.
+    pub allow_precompiled: bool,
+}
+
+fn read(source: &HandlerSource) -> Result<Cow<'static, [u8]>> {
+    Ok(match source {
+        HandlerSource::BuiltinEcho => Cow::Borrowed(BUILTIN_ECHO),
+        HandlerSource::File(path) => Cow::Owned(
+            std::fs::read(path)
+                .with_context(|| format!("handler {} cannot be read", path.display()))?,
+        ),
+    })
+}
+
+/// Compiles a component, and stores the result in `cache` if there is one.
+fn compile(
+    engine: &Engine,
+    source: &HandlerSource,
+    bytes: &[u8],
+    cache: Option<&CompileCache>,
+) -> Result<Component> {
+    let started = Instant::now();
+    let component = Component::from_binary(engine, bytes).map_err(|e| {
+        anyhow!(
+            "handler {source} is not a valid component: {}",
+            one_line(&e)
+        )
+    })?;
+    let took = started.elapsed();
+    match cache.map(|c| (c, c.store(engine, bytes, &component))) {
+        Some((_, Ok(path))) => tracing::info!(
+            "compiled handler {source} in {took:.2?}; cached as {}",
+            path.display()
+        ),
+        Some((cache, Err(e))) => tracing::warn!(
+            "compiled handler {source} in {took:.2?}, but cannot cache it in {}: {e:#}",
+            cache.dir().display()
+        ),
+        None => tracing::info!("compiled handler {source} in {took:.2?} (no compile cache)"),
+    }
+    Ok(component)
+}
+
+/// Loads a file made by `host compile`: trusted native code, so only when
+/// the user asked for it.
+fn load_precompiled(
+    engine: &Engine,
+    source: &HandlerSource,
+    bytes: &[u8],
+    options: &LoadOptions,
+) -> Result<Component> {
+    if !options.allow_precompiled {
+        bail!(
+            "handler {source} is precompiled native code; it runs unchecked, so serve it only if you trust it, with --allow-precompiled"
+        );
+    }
+    // SAFETY: the user vouched for this file with --allow-precompiled; wasmtime
+    // still checks that it was compiled for this engine's settings.
+    unsafe { Component::deserialize(engine, bytes) }.map_err(|e| {
+        anyhow!(
+            "handler {source} cannot be loaded: {} (compile it again with `host compile` of this version, with the same --strategy)",
+            one_line(&e)
+        )
+    })
+}
+
+/// `host compile`: the handler's compiled form for `engine`.
+pub fn precompile(engine: &Engine, source: &HandlerSource) -> Result<Vec<u8>> {
+    let bytes = read(source)?;
+    if Engine::detect_precompiled(&bytes).is_some() {
+        bail!("handler {source} is already precompiled");
+    }
+    check_header(&bytes).map_err(|what| anyhow!("handler {source} {what}"))?;
+    let component = compile(engine, source, &bytes, None)?;
+    component
+        .serialize()
+        .map_err(|e| anyhow!("cannot serialize {source}: {}", one_line(&e)))
+}
+
 impl Handler {
-    /// Reads, checks, compiles and pre-instantiates the handler.
-    pub fn load(engine: &Engine, source: &HandlerSource) -> Result<Handler> {
-        let bytes: Cow<'static, [u8]> = match source {
-            HandlerSource::BuiltinEcho => Cow::Borrowed(BUILTIN_ECHO),
-            HandlerSource::File(path) => Cow::Owned(
-                std::fs::read(path)
-                    .with_context(|| format!("handler {} cannot be read", path.display()))?,
-            ),
+    /// Reads, checks, compiles (or loads from the compile cache) and
+    /// pre-instantiates the handler.
+    pub fn load(engine: &Engine, source: &HandlerSource, options: &LoadOptions) -> Result<Handler> {
+        let bytes = read(source)?;
+        let digest = crate::compile_cache::digest(&bytes);
+        let component = match Engine::detect_precompiled(&bytes) {
+            Some(Precompiled::Component) => load_precompiled(engine, source, &bytes, options)?,
+            Some(Precompiled::Module) => {
+                bail!("handler {source} is a precompiled core module, not a component")
+            }
+            None => {
+                check_header(&bytes).map_err(|what| anyhow!("handler {source} {what}"))?;
+                match options.cache.as_ref().and_then(|c| c.load(engine, &bytes)) {
+                    Some(component) => {
+                        tracing::info!("loaded handler {source} from the compile cache");
+                        component
+                    }
+                    None => compile(engine, source, &bytes, options.cache.as_ref())?,
+                }
+            }
         };
-        check_header(&bytes).map_err(|what| anyhow!("handler {source} {what}"))?;
-        let component = Component::from_binary(engine, &bytes).map_err(|e| {
-            anyhow!(
-                "handler {source} is not a valid component: {}",
-                one_line(&e)
-            )
-        })?;
 
         let mut linker = Linker::<ConnState>::new(engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
@@ -113,8 +207,14 @@ impl Handler {
         })?;
         Ok(Handler {
             source: source.clone(),
+            digest,
             pre,
         })
+    }
+
+    /// The SHA-256 of the handler file, in hex.
+    pub fn digest(&self) -> &str {
+        &self.digest
     }
 
     pub fn source(&self) -> &HandlerSource {

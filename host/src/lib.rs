@@ -6,6 +6,7 @@
 //! loop, which tests drive directly with their own [`server::Shutdown`].
 
 pub mod cli;
+mod compile_cache;
 pub mod config;
 pub mod connection;
 mod engine;
@@ -19,14 +20,16 @@ pub mod server;
 pub mod strategy;
 
 use std::net::TcpListener;
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 
+use crate::compile_cache::CompileCache;
 use crate::config::{ServeConfig, StrategyKind};
 use crate::connection::Service;
 use crate::engine::EpochClock;
-use crate::handler::Handler;
+use crate::handler::{Handler, HandlerSource, LoadOptions};
 use crate::server::Shutdown;
 
 /// Pending connections the kernel holds while every worker is busy.
@@ -37,8 +40,16 @@ const LISTEN_BACKLOG: i32 = 1024;
 pub fn serve(config: &ServeConfig, shutdown: &Shutdown) -> Result<()> {
     // Invariant: everything that can be refused is checked before binding, so
     // a bad handler leaves nothing listening.
-    let engine = engine::build(config)?;
-    let handler = Handler::load(&engine, &config.handler)?;
+    let engine = engine::build(
+        config.strategy,
+        config.max_instances(),
+        config.limits.max_memory,
+    )?;
+    let options = LoadOptions {
+        cache: open_cache(config.cache_dir.as_deref()),
+        allow_precompiled: config.allow_precompiled,
+    };
+    let handler = Handler::load(&engine, &config.handler, &options)?;
     let listener = bind(config)?;
     let addr = listener
         .local_addr()
@@ -74,6 +85,27 @@ pub fn serve(config: &ServeConfig, shutdown: &Shutdown) -> Result<()> {
     // The one stable line tests and scripts wait for.
     eprintln!("listening on {addr}");
     server::run(listener, strategy.as_mut(), shutdown, config.drain_timeout)
+}
+
+/// `host compile`: writes the handler's compiled form for `strategy`.
+pub fn compile(handler: &Path, output: &Path, strategy: StrategyKind) -> Result<()> {
+    let engine = engine::build(strategy, 1, 64 << 20)?;
+    let compiled = handler::precompile(&engine, &HandlerSource::File(handler.to_path_buf()))?;
+    std::fs::write(output, compiled)
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    Ok(())
+}
+
+/// The compile cache, if one is configured and usable; a cache that cannot be
+/// opened costs only speed.
+fn open_cache(dir: Option<&Path>) -> Option<CompileCache> {
+    match CompileCache::open(dir?) {
+        Ok(cache) => Some(cache),
+        Err(e) => {
+            tracing::warn!("compiling without a cache: {e:#}");
+            None
+        }
+    }
 }
 
 fn bind(config: &ServeConfig) -> Result<TcpListener> {

@@ -17,6 +17,7 @@ fn main() -> ExitCode {
             shutdown.stop_on_signals()?;
             host::serve(&config, &shutdown)
         }),
+        Command::Compile(args) => host::compile(&args.handler, &args.output, args.strategy),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

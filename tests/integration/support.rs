@@ -49,6 +49,11 @@ macro_rules! for_each_strategy {
     };
 }
 
+/// The compile cache the tests share, under the target directory.
+pub fn test_cache_dir() -> PathBuf {
+    PathBuf::from(env!("HOST_GUEST_TARGET_DIR")).with_file_name("test-compile-cache")
+}
+
 pub fn host_binary() -> &'static str {
     env!("CARGO_BIN_EXE_host")
 }
@@ -153,6 +158,13 @@ impl Server {
         ]);
         if let Some(handler) = handler {
             command.arg("--handler").arg(handler);
+        }
+        if !extra
+            .iter()
+            .any(|a| *a == "--no-cache" || *a == "--cache-dir")
+        {
+            // Share compiled guests between the tests, not with the user's cache.
+            command.arg("--cache-dir").arg(test_cache_dir());
         }
         command.args(extra);
         let mut child = command
