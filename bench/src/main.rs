@@ -1,0 +1,527 @@
+//! `bench`: one command that starts each echo server under test on loopback
+//! (a native Rust pool, `host serve` threading and forking, Python
+//! socketserver threading and forking), drives it with the same load (short
+//! connections, streaming, held connections) and reports every figure as a
+//! ratio to the native baseline, as a table and as JSON.
+
+mod held;
+mod load;
+mod native;
+mod net;
+mod report;
+mod server;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use crate::held::HeldConfig;
+use crate::load::{Measure, ShortConfig, StreamConfig};
+use crate::report::Row;
+use crate::server::{Server, ServerSpec};
+
+const SERVERS: [&str; 5] = [
+    "native",
+    "host-threading",
+    "host-forking",
+    "py-threading",
+    "py-forking",
+];
+const SCENARIOS: [&str; 3] = ["short", "stream", "held"];
+/// Worker threads of the native pool and of `host serve --strategy threading`.
+const WORKERS: usize = 8;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bench",
+    about = "Benchmark `host serve` against a native Rust echo pool and Python socketserver on loopback."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+
+    /// A ~30 s smoke run: smaller defaults for every scenario.
+    #[arg(long)]
+    quick: bool,
+
+    /// Servers to run, comma-separated [default: all]: native,
+    /// host-threading, host-forking, py-threading, py-forking.
+    #[arg(long, value_delimiter = ',')]
+    servers: Vec<String>,
+
+    /// Scenarios to run, comma-separated [default: all]: short, stream, held.
+    #[arg(long, value_delimiter = ',')]
+    scenarios: Vec<String>,
+
+    /// Short connections: concurrent client threads.
+    #[arg(long, default_value_t = 32)]
+    short_clients: usize,
+
+    /// Short connections: rounds; each round drives every server once, in
+    /// a rotating order [default: 3; quick 1].
+    #[arg(long)]
+    short_rounds: Option<usize>,
+
+    /// Short connections: measured seconds per server per round
+    /// [default: 7; quick 2].
+    #[arg(long)]
+    short_secs: Option<f64>,
+
+    /// Short connections: stop after this many measured connections per
+    /// server per round instead of after --short-secs.
+    #[arg(long)]
+    short_count: Option<u64>,
+
+    /// Short connections: unmeasured warm-up seconds before each round's
+    /// measurement [default: 0.5].
+    #[arg(long)]
+    warmup_secs: Option<f64>,
+
+    /// Streaming: concurrent connections.
+    #[arg(long, default_value_t = 4)]
+    stream_conns: usize,
+
+    /// Streaming: MiB pushed through each connection [default: 256; quick 16].
+    #[arg(long)]
+    stream_mib: Option<u64>,
+
+    /// Held connections: how many idle connections to open at once
+    /// [default: 1000; quick 200].
+    #[arg(long)]
+    held: Option<usize>,
+
+    /// Held connections: seconds to hold them idle [default: 2; quick 0.5].
+    #[arg(long)]
+    hold_secs: Option<f64>,
+
+    /// Where to write the JSON results (relative paths: from the workspace).
+    #[arg(long, default_value = "target/bench/results.json")]
+    out: PathBuf,
+
+    /// An extra argument for both `host serve` servers (repeatable), e.g.
+    /// --host-arg=--max-connections=10000 for larger --held runs.
+    #[arg(long, allow_hyphen_values = true)]
+    host_arg: Vec<String>,
+
+    /// The host binary [default: target/release/host in this workspace].
+    #[arg(long)]
+    host_bin: Option<PathBuf>,
+
+    /// Do not run `cargo build --release -p host` first; use the binary as is.
+    #[arg(long)]
+    no_build: bool,
+
+    /// The Python interpreter for the socketserver servers.
+    #[arg(long, default_value = "python3")]
+    python: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// The native baseline server (started by the bench itself).
+    #[command(hide = true)]
+    NativeServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = WORKERS)]
+        workers: usize,
+    },
+}
+
+/// The resolved sizes of every scenario.
+struct Plan {
+    /// Rounds of the short scenario; each server gets `short` once per round.
+    rounds: usize,
+    short: ShortConfig,
+    stream: StreamConfig,
+    held: HeldConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Cmd::NativeServer { addr, workers }) = cli.command {
+        return match native::serve(addr, workers) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: native server: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ lives in the workspace")
+        .to_path_buf()
+}
+
+fn plan(cli: &Cli) -> Plan {
+    let pick = |value: Option<f64>, normal: f64, quick: f64| {
+        Duration::from_secs_f64(value.unwrap_or(if cli.quick { quick } else { normal }))
+    };
+    Plan {
+        rounds: cli
+            .short_rounds
+            .unwrap_or(if cli.quick { 1 } else { 3 })
+            .max(1),
+        short: ShortConfig {
+            clients: cli.short_clients.max(1),
+            warmup: pick(cli.warmup_secs, 0.5, 0.5),
+            duration: pick(cli.short_secs, 7.0, 2.0),
+            count: cli.short_count,
+            payload: 64,
+            timeout: Duration::from_secs(10),
+        },
+        stream: StreamConfig {
+            connections: cli.stream_conns.max(1),
+            bytes_per_connection: cli.stream_mib.unwrap_or(if cli.quick { 16 } else { 256 }) << 20,
+            stall: Duration::from_secs(60),
+        },
+        held: HeldConfig {
+            connections: cli.held.unwrap_or(if cli.quick { 200 } else { 1000 }),
+            hold: pick(cli.hold_secs, 2.0, 0.5),
+            connect_timeout: Duration::from_secs(10),
+            echo_timeout: Duration::from_secs(60),
+        },
+    }
+}
+
+fn chosen<'a>(
+    list: &[String],
+    all: &'a [&'static str],
+    what: &str,
+) -> Result<Vec<&'a str>, String> {
+    if list.is_empty() {
+        return Ok(all.to_vec());
+    }
+    list.iter()
+        .map(|name| {
+            all.iter()
+                .find(|a| **a == name.as_str())
+                .copied()
+                .ok_or_else(|| format!("unknown {what} {name:?} (expected one of {all:?})"))
+        })
+        .collect()
+}
+
+fn specs(cli: &Cli, root: &Path) -> Result<Vec<ServerSpec>, String> {
+    let bench =
+        std::env::current_exe().map_err(|e| format!("cannot find the bench binary: {e}"))?;
+    let host = cli
+        .host_bin
+        .clone()
+        .unwrap_or_else(|| root.join("target/release/host"));
+    let script = root.join("bench/py/echo_server.py");
+    let host_args = |strategy: &str| {
+        let mut args: Vec<String> = ["serve", "--addr", "127.0.0.1:0", "--strategy", strategy]
+            .map(String::from)
+            .to_vec();
+        if strategy == "threading" {
+            args.extend(["--workers".into(), WORKERS.to_string()]);
+        }
+        // 256 MiB streams must not be cut by the default 30 s handle limit.
+        args.extend(["--timeout".into(), "10m".into()]);
+        args.extend(cli.host_arg.iter().cloned());
+        args
+    };
+    let py = |mode: &str| vec![script.display().to_string(), mode.into(), "0".into()];
+    Ok(vec![
+        ServerSpec {
+            name: "native",
+            program: bench,
+            args: vec![
+                "native-server".into(),
+                "--workers".into(),
+                WORKERS.to_string(),
+            ],
+            forking: false,
+        },
+        ServerSpec {
+            name: "host-threading",
+            program: host.clone(),
+            args: host_args("threading"),
+            forking: false,
+        },
+        ServerSpec {
+            name: "host-forking",
+            program: host,
+            args: host_args("forking"),
+            forking: true,
+        },
+        ServerSpec {
+            name: "py-threading",
+            program: cli.python.clone(),
+            args: py("threading"),
+            forking: false,
+        },
+        ServerSpec {
+            name: "py-forking",
+            program: cli.python.clone(),
+            args: py("forking"),
+            forking: true,
+        },
+    ])
+}
+
+fn build_host(root: &Path) -> Result<(), String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("building the host: cargo build --release -p host");
+    let status = Command::new(cargo)
+        .args(["build", "--release", "-p", "host"])
+        .current_dir(root)
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo build --release -p host failed ({status})"));
+    }
+    Ok(())
+}
+
+fn machine(python: &Path) -> serde_json::Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|m| m.trim().to_string());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|k| k.trim().to_string())
+        .ok();
+    let python_version = Command::new(python)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let unix_time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    json!({
+        "unix_time": unix_time,
+        "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": model,
+        "kernel": kernel,
+        "python": python_version,
+    })
+}
+
+fn on_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
+fn run(cli: &Cli) -> Result<(), String> {
+    server::install_signal_handlers();
+    let root = workspace();
+    let plan = plan(cli);
+    let servers = chosen(&cli.servers, &SERVERS, "server")?;
+    let scenarios = chosen(&cli.scenarios, &SCENARIOS, "scenario")?;
+    let nofile = net::raise_nofile_limit().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
+    if plan.held.connections as u64 + 256 > nofile && scenarios.contains(&"held") {
+        return Err(format!(
+            "--held {} needs more file descriptors than the limit {nofile} allows",
+            plan.held.connections
+        ));
+    }
+    let specs = specs(cli, &root)?;
+    if servers.iter().any(|s| s.starts_with("host-")) {
+        if !cli.no_build {
+            build_host(&root)?;
+        }
+        let host = &specs[1].program;
+        if !host.is_file() {
+            return Err(format!(
+                "no host binary at {} (run `cargo build --release -p host`)",
+                host.display()
+            ));
+        }
+    }
+    let machine = machine(&cli.python);
+    eprintln!("machine: {machine}");
+    match on_path("wasmtime") {
+        None => eprintln!("wasmtime not on PATH: skipped"),
+        Some(p) => eprintln!(
+            "wasmtime at {}: `wasmtime serve` comparison not implemented (no http-hello handler in this repo): skipped",
+            p.display()
+        ),
+    }
+
+    let selected: Vec<&ServerSpec> = specs.iter().filter(|s| servers.contains(&s.name)).collect();
+    let mut rows = Vec::new();
+    for &scenario in &scenarios {
+        eprintln!("running {scenario} ...");
+        for row in run_scenario(scenario, &selected, &plan) {
+            eprintln!("{}", progress(&row));
+            rows.push(row);
+        }
+    }
+
+    let titles = [
+        (
+            "short",
+            format!(
+                "short connections: {} clients, 64 B each, {} round(s) of {}",
+                plan.short.clients,
+                plan.rounds,
+                match plan.short.count {
+                    Some(n) => format!("{n} connections"),
+                    None => format!("{:.1} s measured", plan.short.duration.as_secs_f64()),
+                }
+            ),
+        ),
+        (
+            "stream",
+            format!(
+                "streaming: {} connections x {} MiB (p50/p99 = time for one connection's whole stream)",
+                plan.stream.connections,
+                plan.stream.bytes_per_connection >> 20
+            ),
+        ),
+        (
+            "held",
+            format!(
+                "held connections: {} opened at once, held {:.1} s, then 16 B echo each (latency = time from release)",
+                plan.held.connections,
+                plan.held.hold.as_secs_f64()
+            ),
+        ),
+    ];
+    println!(
+        "ratios are to the native baseline; for p50/p99/RSS/PSS/CPU lower is better; \
+         RSS sums forked children (shared pages counted per process), PSS splits them"
+    );
+    for (scenario, title) in &titles {
+        if scenarios.contains(scenario) {
+            println!("\n{}", report::table(&rows, scenario, title));
+        }
+    }
+    println!("{}", report::targets_text(&rows));
+
+    let config = json!({
+        "quick": cli.quick,
+        "servers": servers,
+        "scenarios": scenarios,
+        "workers": WORKERS,
+        "short": {
+            "rounds": plan.rounds,
+            "clients": plan.short.clients,
+            "warmup_secs": plan.short.warmup.as_secs_f64(),
+            "secs": plan.short.duration.as_secs_f64(),
+            "count": plan.short.count,
+            "payload_bytes": plan.short.payload,
+        },
+        "stream": {
+            "connections": plan.stream.connections,
+            "bytes_per_connection": plan.stream.bytes_per_connection,
+        },
+        "held": {
+            "connections": plan.held.connections,
+            "hold_secs": plan.held.hold.as_secs_f64(),
+        },
+        "commands": specs
+            .iter()
+            .map(|s| json!({"server": s.name, "program": s.program, "args": s.args}))
+            .collect::<Vec<_>>(),
+    });
+    let out = if cli.out.is_absolute() {
+        cli.out.clone()
+    } else {
+        root.join(&cli.out)
+    };
+    report::write_json(&out, machine, config, &rows)
+        .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    println!("results written to {}", out.display());
+    Ok(())
+}
+
+/// Starts every server side by side, fresh for this scenario; drives them one
+/// at a time, in rounds whose order rotates (so a burst of outside load is
+/// spread over the servers); then reads their CPU time and memory and stops
+/// them all.
+fn run_scenario(scenario: &'static str, specs: &[&ServerSpec], plan: &Plan) -> Vec<Row> {
+    let mut rows: Vec<Row> = specs
+        .iter()
+        .map(|spec| Row {
+            scenario,
+            server: spec.name,
+            measure: Measure::default(),
+            memory: Default::default(),
+            server_cpu_secs: 0.0,
+            failure: None,
+        })
+        .collect();
+    // Dropping this vector (also on panic) kills every server.
+    let mut servers: Vec<Option<Server>> = Vec::with_capacity(specs.len());
+    for (row, spec) in rows.iter_mut().zip(specs) {
+        match Server::start(spec) {
+            Ok(server) => servers.push(Some(server)),
+            Err(e) => {
+                row.failure = Some(e);
+                servers.push(None);
+            }
+        }
+    }
+    let cpu_before: Vec<f64> = servers
+        .iter()
+        .map(|s| s.as_ref().map_or(0.0, Server::cpu_secs))
+        .collect();
+    let rounds = if scenario == "short" { plan.rounds } else { 1 };
+    for round in 0..rounds {
+        for k in 0..servers.len() {
+            let i = (k + round) % servers.len();
+            let Some(server) = &servers[i] else { continue };
+            let measure = match scenario {
+                "short" => load::short(server.addr, &plan.short),
+                "stream" => load::stream(server.addr, &plan.stream),
+                _ => held::held(server.addr, &plan.held),
+            };
+            rows[i].measure.add_round(measure);
+        }
+    }
+    // Let forked children finish and be reaped so their CPU time is counted.
+    std::thread::sleep(Duration::from_millis(300));
+    for (i, slot) in servers.iter_mut().enumerate() {
+        if let Some(server) = slot {
+            rows[i].server_cpu_secs = server.cpu_secs() - cpu_before[i];
+            rows[i].memory = server.finish_memory();
+        }
+        *slot = None;
+    }
+    rows
+}
+
+fn progress(row: &Row) -> String {
+    if let Some(f) = &row.failure {
+        return format!("{:<7} {:<15} FAILED: {f}", row.scenario, row.server);
+    }
+    let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
+    format!(
+        "{:<7} {:<15} ok {}/{}  conn/s {}  p50 {} ms  p99 {} ms  MiB/s {}  RSS {} MiB  errors {}",
+        row.scenario,
+        row.server,
+        row.measure.ok,
+        row.measure.attempted,
+        fmt(row.conn_per_s()),
+        row.percentile_ms(50.0)
+            .map_or("-".into(), |v| format!("{v:.2}")),
+        row.percentile_ms(99.0)
+            .map_or("-".into(), |v| format!("{v:.2}")),
+        fmt(row.mib_per_s()),
+        fmt(row.rss_mib()),
+        row.measure.error_count(),
+    )
+}

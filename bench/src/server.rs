@@ -1,0 +1,283 @@
+//! The servers under test as child processes: start one, read its
+//! `listening on IP:PORT` line, drain its log, sample its memory (summing
+//! forked children), read its CPU time, and kill its whole process group when
+//! dropped, on panic, or on SIGINT/SIGTERM of the bench.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+/// How long a server may take to print `listening on`.
+const START_PATIENCE: Duration = Duration::from_secs(120);
+/// How often a forking server's process tree is sampled.
+const SAMPLE_EVERY: Duration = Duration::from_millis(50);
+
+/// What to run: a label and a command line.
+#[derive(Clone, Debug)]
+pub struct ServerSpec {
+    pub name: &'static str,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// Whether the server forks a process per connection (sample children).
+    pub forking: bool,
+}
+
+/// Process groups of live servers, for the signal handler.
+static GROUPS: [AtomicI32; 16] = [const { AtomicI32::new(0) }; 16];
+
+fn register(pgid: i32) {
+    for slot in &GROUPS {
+        if slot
+            .compare_exchange(0, pgid, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            return;
+        }
+    }
+}
+
+fn unregister(pgid: i32) {
+    for slot in &GROUPS {
+        let _ = slot.compare_exchange(pgid, 0, Ordering::SeqCst, Ordering::SeqCst);
+    }
+}
+
+extern "C" fn on_signal(signal: libc::c_int) {
+    for slot in &GROUPS {
+        let pgid = slot.load(Ordering::SeqCst);
+        if pgid > 0 {
+            // SAFETY: kill(2) is async-signal-safe.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
+    }
+    // SAFETY: _exit(2) is async-signal-safe.
+    unsafe { libc::_exit(128 + signal) };
+}
+
+/// On SIGINT, SIGTERM or SIGHUP, kill every live server's group and exit.
+pub fn install_signal_handlers() {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: installing a handler that only calls async-signal-safe functions.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as *const () as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+/// A running server; dropping it kills its process group.
+pub struct Server {
+    pub addr: SocketAddr,
+    child: Child,
+    pgid: i32,
+    sampler: Option<Sampler>,
+}
+
+impl Server {
+    pub fn start(spec: &ServerSpec) -> Result<Server, String> {
+        let mut command = Command::new(&spec.program);
+        command
+            .args(&spec.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            // Its own group, so one kill reaches forked children too.
+            .process_group(0);
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", spec.program.display()))?;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let pgid = child.id() as i32;
+        register(pgid);
+        // From here on, dropping `server` kills the group, whatever happens.
+        let mut server = Server {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            child,
+            pgid,
+            sampler: None,
+        };
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || drain_log(stderr, tx));
+        match rx.recv_timeout(START_PATIENCE) {
+            Ok(Ok(addr)) => server.addr = addr,
+            Ok(Err(log)) => return Err(format!("{} exited before listening:\n{log}", spec.name)),
+            Err(_) => {
+                return Err(format!(
+                    "{} did not print `listening on` in time",
+                    spec.name
+                ))
+            }
+        }
+        server.sampler = Some(Sampler::start(pgid, spec.forking));
+        Ok(server)
+    }
+
+    /// CPU seconds used so far by the server and its reaped children.
+    pub fn cpu_secs(&self) -> f64 {
+        cpu_secs(self.pgid).unwrap_or(0.0)
+    }
+
+    /// Stops sampling and returns the memory figures. Peak RSS is the larger
+    /// of the server's own VmHWM and the sampled sum of VmRSS over the server
+    /// and its children (which counts pages shared after fork() once per
+    /// process); peak PSS is the sampled sum of Pss, which splits them.
+    pub fn finish_memory(&mut self) -> Memory {
+        let hwm = status_kib(self.pgid, "VmHWM:").unwrap_or(0);
+        let mut memory = match self.sampler.take() {
+            Some(sampler) => sampler.stop(),
+            None => Memory::default(),
+        };
+        memory.peak_rss_kib = memory.peak_rss_kib.max(hwm);
+        memory
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(sampler) = self.sampler.take() {
+            sampler.stop();
+        }
+        // SAFETY: kill(2) on the group this bench created for the server.
+        unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
+        let _ = self.child.wait();
+        unregister(self.pgid);
+        // Reap what the group left behind (a forking server's children are
+        // re-parented to init; nothing here can wait for them). Bounded.
+        for _ in 0..100 {
+            // SAFETY: kill with signal 0 only checks whether the group exists.
+            if unsafe { libc::kill(-self.pgid, 0) } != 0 {
+                break;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Sends the address of the `listening on` line, or the log so far if the
+/// server exits first; then drains the log until the server closes it.
+fn drain_log(stderr: std::process::ChildStderr, tx: mpsc::Sender<Result<SocketAddr, String>>) {
+    let mut reader = BufReader::new(stderr);
+    let mut seen = String::new();
+    let mut line = String::new();
+    let mut sent = false;
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if sent {
+            continue;
+        }
+        if let Some(rest) = line.trim().strip_prefix("listening on ") {
+            if let Ok(addr) = rest.parse() {
+                let _ = tx.send(Ok(addr));
+                sent = true;
+                continue;
+            }
+        }
+        if seen.len() < 8192 {
+            seen.push_str(&line);
+        }
+    }
+    if !sent {
+        let _ = tx.send(Err(seen));
+    }
+}
+
+/// Peak memory of a server and its children, in KiB.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Memory {
+    pub peak_rss_kib: u64,
+    pub peak_pss_kib: u64,
+    pub peak_children: u64,
+}
+
+/// A field of /proc/PID/status in KiB.
+fn status_kib(pid: i32, field: &str) -> Option<u64> {
+    proc_kib(pid, "status", field)
+}
+
+/// A `Name:  N kB` field of a /proc/PID file.
+fn proc_kib(pid: i32, file: &str, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    line[field.len()..].split_whitespace().next()?.parse().ok()
+}
+
+/// utime + stime + cutime + cstime of a process, in seconds.
+fn cpu_secs(pid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime is field 14.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields
+        .get(11..15)?
+        .iter()
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(ticks as f64 / hz)
+}
+
+/// The direct children of a single-threaded forking server.
+fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Samples the sums of VmRSS and Pss over a server and its children.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Memory>,
+}
+
+impl Sampler {
+    fn start(pid: i32, forking: bool) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut peak = Memory::default();
+                // Bounded by the stop flag, which every path sets.
+                while !stop.load(Ordering::Relaxed) {
+                    let mut pids = vec![pid];
+                    if forking {
+                        pids.extend(children(pid));
+                    }
+                    let rss: u64 = pids.iter().filter_map(|&p| status_kib(p, "VmRSS:")).sum();
+                    let pss: u64 = pids
+                        .iter()
+                        .filter_map(|&p| proc_kib(p, "smaps_rollup", "Pss:"))
+                        .sum();
+                    peak.peak_rss_kib = peak.peak_rss_kib.max(rss);
+                    peak.peak_pss_kib = peak.peak_pss_kib.max(pss);
+                    peak.peak_children = peak.peak_children.max(pids.len() as u64 - 1);
+                    thread::sleep(SAMPLE_EVERY);
+                }
+                peak
+            })
+        };
+        Sampler { stop, thread }
+    }
+
+    fn stop(self) -> Memory {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
