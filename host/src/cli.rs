@@ -30,6 +30,26 @@ pub enum Command {
     /// Compile a handler ahead of time into a file `serve --allow-precompiled`
     /// loads without compiling.
     Compile(CompileArgs),
+    /// Say whether a file can be served, and why not; with --run, also run
+    /// the standard echo scenarios against it.
+    Check(CheckArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// The handler component (.wasm) to check.
+    #[arg(value_name = "HANDLER")]
+    pub handler: PathBuf,
+
+    /// Serve it on loopback and run the echo conformance scenarios (0 B,
+    /// 1 B, 1 MiB, half-close, 32 concurrent clients, a fresh instance per
+    /// connection).
+    #[arg(long)]
+    pub run: bool,
+
+    /// The strategy to check it under.
+    #[arg(long, value_enum, default_value_t = StrategyKind::Threading)]
+    pub strategy: StrategyKind,
 }
 
 #[derive(Args, Debug)]
@@ -255,7 +275,7 @@ mod tests {
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv)?.command {
             Command::Serve(serve) => serve.into_config(),
-            Command::Compile(_) => unreachable!("only serve is parsed here"),
+            _ => unreachable!("only serve is parsed here"),
         }
     }
 

@@ -209,6 +209,26 @@ impl Service {
         self.clock.expire_all(self.engine(), self.limits.timeout);
     }
 
+    /// Creates one fresh store and instance, as a connection would, and
+    /// says how long the instantiation took (`host check`).
+    pub(crate) fn time_instantiation(&self) -> anyhow::Result<Duration> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let _client = TcpStream::connect(listener.local_addr()?)?;
+        let (stream, _) = listener.accept()?;
+        let socket = Socket::new(
+            stream,
+            self.limits.idle_timeout,
+            Instant::now() + self.limits.timeout,
+        );
+        let mut store = self.new_store(0, &socket).map_err(anyhow::Error::msg)?;
+        let started = Instant::now();
+        self.handler
+            .pre()
+            .instantiate(&mut store)
+            .map_err(|e| anyhow::anyhow!("instantiation failed: {}", one_line(&e)))?;
+        Ok(started.elapsed())
+    }
+
     fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Socket>>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }

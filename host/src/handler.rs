@@ -29,7 +29,7 @@ mod bindings {
 }
 
 pub use bindings::host::handler::types::ConnectionInfo;
-use bindings::HandlerPre;
+pub(crate) use bindings::HandlerPre;
 
 /// The echo handler built from `handlers/echo`, served when no handler is given.
 pub static BUILTIN_ECHO: &[u8] = include_bytes!(env!("HOST_BUILTIN_ECHO_WASM"));
@@ -91,7 +91,32 @@ pub struct LoadOptions {
     pub allow_precompiled: bool,
 }
 
-fn read(source: &HandlerSource) -> Result<Cow<'static, [u8]>> {
+/// Links `component` against everything the host provides (all of WASI
+/// 0.2, granting nothing by itself) and checks its `handle` export.
+pub(crate) fn link(
+    engine: &Engine,
+    source: &HandlerSource,
+    component: &Component,
+) -> Result<HandlerPre<ConnState>> {
+    let mut linker = Linker::<ConnState>::new(engine);
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+        .map_err(|e| anyhow!("cannot link WASI: {}", one_line(&e)))?;
+    crate::guest_clock::add_to_linker(&mut linker)?;
+    let pre = linker.instantiate_pre(component).map_err(|e| {
+        anyhow!(
+            "handler {source} needs imports the host does not provide: {}",
+            one_line(&e)
+        )
+    })?;
+    HandlerPre::new(pre).map_err(|e| {
+        anyhow!(
+            "handler {source} does not export `handle` of the host:handler/handler@0.1.0 world: {}",
+            one_line(&e)
+        )
+    })
+}
+
+pub(crate) fn read(source: &HandlerSource) -> Result<Cow<'static, [u8]>> {
     Ok(match source {
         HandlerSource::BuiltinEcho => Cow::Borrowed(BUILTIN_ECHO),
         HandlerSource::File(path) => Cow::Owned(
@@ -102,7 +127,7 @@ fn read(source: &HandlerSource) -> Result<Cow<'static, [u8]>> {
 }
 
 /// Compiles a component, and stores the result in `cache` if there is one.
-fn compile(
+pub(crate) fn compile(
     engine: &Engine,
     source: &HandlerSource,
     bytes: &[u8],
@@ -189,22 +214,7 @@ impl Handler {
             }
         };
 
-        let mut linker = Linker::<ConnState>::new(engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
-            .map_err(|e| anyhow!("cannot link WASI: {}", one_line(&e)))?;
-        crate::guest_clock::add_to_linker(&mut linker)?;
-        let pre = linker.instantiate_pre(&component).map_err(|e| {
-            anyhow!(
-                "handler {source} needs imports the host does not provide: {}",
-                one_line(&e)
-            )
-        })?;
-        let pre = HandlerPre::new(pre).map_err(|e| {
-            anyhow!(
-                "handler {source} does not export `handle` of the host:handler/handler@0.1.0 world: {}",
-                one_line(&e)
-            )
-        })?;
+        let pre = link(engine, source, &component)?;
         Ok(Handler {
             source: source.clone(),
             digest,
@@ -215,6 +225,19 @@ impl Handler {
     /// The SHA-256 of the handler file, in hex.
     pub fn digest(&self) -> &str {
         &self.digest
+    }
+
+    /// A handler from parts already checked (`host check`).
+    pub(crate) fn from_parts(
+        source: HandlerSource,
+        digest: String,
+        pre: HandlerPre<ConnState>,
+    ) -> Handler {
+        Handler {
+            source,
+            digest,
+            pre,
+        }
     }
 
     pub fn source(&self) -> &HandlerSource {
@@ -232,7 +255,7 @@ impl Handler {
 
 /// Tells a component from a core module and from something that is not
 /// WebAssembly at all, before the compiler gives a less direct message.
-fn check_header(bytes: &[u8]) -> Result<(), &'static str> {
+pub(crate) fn check_header(bytes: &[u8]) -> Result<(), &'static str> {
     if bytes.is_empty() {
         return Err("is empty, not a WebAssembly component");
     }

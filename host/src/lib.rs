@@ -5,6 +5,7 @@
 //! [`serve`] is the whole `host serve` command; [`server::run`] is its accept
 //! loop, which tests drive directly with their own [`server::Shutdown`].
 
+pub mod check;
 pub mod cli;
 mod compile_cache;
 pub mod config;

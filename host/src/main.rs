@@ -18,6 +18,11 @@ fn main() -> ExitCode {
             host::serve(&config, &shutdown)
         }),
         Command::Compile(args) => host::compile(&args.handler, &args.output, args.strategy),
+        Command::Check(args) => match host::check::check(&args.handler, args.run, args.strategy) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,7 @@ mod bad_input;
 mod cache;
 mod cli;
 mod clients;
+mod conformance;
 mod echo;
 mod guests;
 mod sandbox;

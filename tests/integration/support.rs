@@ -106,6 +106,28 @@ pub fn guest(name: &str) -> PathBuf {
     path
 }
 
+/// The echo handler in `lang` (python, js, c, go, wat), building all five
+/// with `handlers/build-all.sh` once per test run. Their toolchains come from
+/// `handlers/install-toolchains.sh`.
+pub fn language_echo(lang: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let dir = PathBuf::from(env!("HOST_GUEST_TARGET_DIR"));
+        let status = Command::new(repo_root().join("handlers/build-all.sh"))
+            .arg(&dir)
+            .status()
+            .expect("cannot run handlers/build-all.sh");
+        assert!(
+            status.success(),
+            "handlers/build-all.sh failed; are the toolchains installed (handlers/install-toolchains.sh)?"
+        );
+        dir
+    });
+    let path = dir.join(format!("echo-{lang}.wasm"));
+    assert!(path.is_file(), "{} was not built", path.display());
+    path
+}
+
 /// A scratch directory for one test, removed at the end.
 pub struct TempDir(PathBuf);
 
@@ -427,6 +449,8 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 pub fn run_host(args: &[&str]) -> Output {
     let mut child = Command::new(host_binary())
         .args(args)
+        // `host check --run` serves with the default cache: keep it in target/.
+        .env("XDG_CACHE_HOME", test_cache_dir())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -1,0 +1,399 @@
+//! `host check`: tells a handler's author, in plain words, whether a file can
+//! be served and why not; with `--run`, serves it on loopback and runs the
+//! standard echo scenarios against it (the conformance kit).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context as _, Result};
+use wasmtime::component::types::ComponentItem;
+use wasmtime::{Engine, Precompiled};
+
+use crate::config::{Grants, Limits, StrategyKind};
+use crate::connection::Service;
+use crate::engine::{self, EpochClock};
+use crate::handler::{self, Handler, HandlerSource};
+
+/// How many instances the instantiation time is measured over.
+const INSTANCES: usize = 20;
+/// How long one conformance scenario may take.
+const SCENARIO_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Runs `host check`; `Ok(true)` when the handler can be served (and, with
+/// `run`, passed every scenario).
+pub fn check(path: &Path, run: bool, strategy: StrategyKind) -> Result<bool> {
+    let source = HandlerSource::File(path.to_path_buf());
+    let bytes = handler::read(&source)?;
+    println!("handler:     {}", path.display());
+    println!(
+        "size:        {}",
+        bytesize::ByteSize(bytes.len() as u64).display().iec()
+    );
+    println!("sha256:      {}", crate::compile_cache::digest(&bytes));
+    let verdict = |ok: bool, why: &str| {
+        if ok {
+            println!("verdict:     can be served");
+        } else {
+            println!("verdict:     cannot be served: {why}");
+        }
+        ok
+    };
+
+    match Engine::detect_precompiled(&bytes) {
+        Some(Precompiled::Component) => {
+            println!("format:      precompiled native code (from `host compile`)");
+            return Ok(verdict(false, "check the .wasm it was compiled from; precompiled files are served only with --allow-precompiled"));
+        }
+        Some(Precompiled::Module) => {
+            println!("format:      a precompiled core module");
+            return Ok(verdict(false, "it is not a component"));
+        }
+        None => {}
+    }
+    if let Err(what) = handler::check_header(&bytes) {
+        println!("format:      not a component: it {what}");
+        return Ok(verdict(false, &format!("the file {what}")));
+    }
+    println!("format:      a WebAssembly component");
+
+    let engine = engine::build(strategy, INSTANCES, 64 << 20)?;
+    let started = Instant::now();
+    let component = match handler::compile(&engine, &source, &bytes, None) {
+        Ok(component) => component,
+        Err(e) => return Ok(verdict(false, &format!("{e:#}"))),
+    };
+    println!("compile:     {:.2?}", started.elapsed());
+
+    let ty = component.component_type();
+    // Interfaces and functions; resource types the contract itself names
+    // (`input-stream`, `output-stream`) are not imports a host provides.
+    let imports: Vec<_> = ty
+        .imports(&engine)
+        .filter(|(_, item)| {
+            matches!(
+                item.ty,
+                ComponentItem::ComponentInstance(_) | ComponentItem::ComponentFunc(_)
+            )
+        })
+        .map(|(name, _)| name.to_string())
+        .collect();
+    println!(
+        "imports:     {}",
+        if imports.is_empty() { "none" } else { "" }
+    );
+    let mut unavailable = Vec::new();
+    for name in &imports {
+        let (verdict, note) = classify_import(name);
+        if verdict == ImportVerdict::Missing {
+            unavailable.push(name.clone());
+        }
+        println!("  {name:<44} {note}");
+    }
+    let exports: Vec<_> = ty
+        .exports(&engine)
+        .map(|(name, item)| match item.ty {
+            ComponentItem::ComponentFunc(_) => format!("{name} (function)"),
+            ComponentItem::ComponentInstance(_) => format!("{name} (interface)"),
+            _ => name.to_string(),
+        })
+        .collect();
+    println!(
+        "exports:     {}",
+        if exports.is_empty() {
+            "none".to_string()
+        } else {
+            exports.join(", ")
+        }
+    );
+
+    if !ty.exports(&engine).any(|(name, _)| name == "handle") {
+        return Ok(verdict(
+            false,
+            "it exports no `handle` function: build it for the world host:handler/handler@0.1.0 in wit/handler.wit",
+        ));
+    }
+    let pre = match handler::link(&engine, &source, &component) {
+        Ok(pre) => pre,
+        Err(e) => {
+            let why = if unavailable.is_empty() {
+                format!(
+                    "{e:#} (expected `handle: func(info: connection-info, input: input-stream, output: output-stream) -> result<_, string>`)"
+                )
+            } else {
+                format!(
+                    "it imports {}, which the host does not provide",
+                    unavailable.join(", ")
+                )
+            };
+            return Ok(verdict(false, &why));
+        }
+    };
+    println!("handle:      exported with the type of host:handler/handler@0.1.0");
+
+    let digest = crate::compile_cache::digest(&bytes);
+    let service = Service::new(
+        Handler::from_parts(source, digest, pre),
+        "default".into(),
+        Limits {
+            timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(10),
+            max_memory: 64 << 20,
+        },
+        Grants::default(),
+        EpochClock::Alarm,
+    );
+    let mut times = Vec::with_capacity(INSTANCES);
+    for _ in 0..INSTANCES {
+        match service.time_instantiation() {
+            Ok(took) => times.push(took),
+            Err(e) => return Ok(verdict(false, &format!("{e:#}"))),
+        }
+    }
+    times.sort();
+    println!(
+        "instantiate: p50 {:.1?}, max {:.1?} ({INSTANCES} fresh instances)",
+        times[INSTANCES / 2],
+        times[INSTANCES - 1]
+    );
+    if !verdict(true, "") {
+        return Ok(false);
+    }
+    if !run {
+        return Ok(true);
+    }
+    conformance(path, strategy)
+}
+
+#[derive(PartialEq, Eq)]
+enum ImportVerdict {
+    Granted,
+    Denied,
+    Missing,
+}
+
+/// What the host does with an import, in words.
+fn classify_import(name: &str) -> (ImportVerdict, &'static str) {
+    let interface = name.split('@').next().unwrap_or(name);
+    let package = interface.split('/').next().unwrap_or(interface);
+    match (package, interface) {
+        (_, "wasi:cli/environment") => (
+            ImportVerdict::Denied,
+            "denied by default: empty unless --env",
+        ),
+        (_, "wasi:cli/stdin") => (ImportVerdict::Denied, "denied: always empty"),
+        (_, "wasi:cli/stdout" | "wasi:cli/stderr") => {
+            (ImportVerdict::Granted, "provided: goes to the host's log")
+        }
+        ("wasi:filesystem", _) => (
+            ImportVerdict::Denied,
+            "denied by default: no directories unless --dir",
+        ),
+        ("wasi:sockets", _) => (ImportVerdict::Denied, "denied: no network"),
+        ("wasi:io" | "wasi:clocks" | "wasi:random" | "wasi:cli", _) => {
+            (ImportVerdict::Granted, "provided")
+        }
+        ("host:handler", _) if name == "host:handler/types@0.1.0" => {
+            (ImportVerdict::Granted, "provided (the contract's types)")
+        }
+        ("host:handler", _) => (
+            ImportVerdict::Missing,
+            "NOT PROVIDED: the host implements host:handler@0.1.0",
+        ),
+        _ => (ImportVerdict::Missing, "NOT PROVIDED by the host"),
+    }
+}
+
+/// A `host serve` of the handler, for the conformance run.
+struct Served {
+    child: Child,
+    addr: SocketAddr,
+    log: mpsc::Receiver<String>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(path: &Path, strategy: StrategyKind) -> Result<Served> {
+    let exe = std::env::current_exe().context("cannot find the host binary")?;
+    let mut child = Command::new(exe)
+        .args([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--strategy",
+            strategy.name(),
+            "--handler",
+        ])
+        .arg(path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start `host serve`")?;
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (lines, log) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match log.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    let addr = addr
+                        .parse()
+                        .context("a `listening on` line without an address")?;
+                    return Ok(Served { child, addr, log });
+                }
+            }
+            Err(_) => return Err(anyhow!("`host serve` did not start listening")),
+        }
+    }
+}
+
+fn exchange(addr: SocketAddr, data: &[u8]) -> Result<Vec<u8>> {
+    let stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(SCENARIO_PATIENCE))?;
+    stream.set_write_timeout(Some(SCENARIO_PATIENCE))?;
+    let mut writer = stream.try_clone()?;
+    let data = data.to_vec();
+    let sender = thread::spawn(move || -> std::io::Result<()> {
+        writer.write_all(&data)?;
+        writer.shutdown(Shutdown::Write)
+    });
+    let mut reply = Vec::new();
+    (&stream).read_to_end(&mut reply)?;
+    sender
+        .join()
+        .map_err(|_| anyhow!("the sender panicked"))?
+        .context("sending")?;
+    Ok(reply)
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn echoes(addr: SocketAddr, data: &[u8]) -> Result<()> {
+    let reply = exchange(addr, data)?;
+    if reply == data {
+        return Ok(());
+    }
+    let first = reply.iter().zip(data).position(|(a, b)| a != b);
+    Err(anyhow!(
+        "sent {} bytes, got {} back{}",
+        data.len(),
+        reply.len(),
+        first.map_or(String::new(), |i| format!(", first difference at byte {i}"))
+    ))
+}
+
+/// One conformance scenario: how many connections it made, or what failed.
+type Scenario = Box<dyn FnMut() -> Result<u64>>;
+
+/// The standard echo scenarios; prints PASS/FAIL per scenario.
+fn conformance(path: &Path, strategy: StrategyKind) -> Result<bool> {
+    println!(
+        "conformance: serving it with the {} strategy",
+        strategy.name()
+    );
+    let served = serve(path, strategy)?;
+    let addr = served.addr;
+    let mut connections = 0u64;
+    let mut scenarios: Vec<(&str, Scenario)> = vec![
+        ("0 bytes", Box::new(|| echoes(addr, b"").map(|()| 1))),
+        ("1 byte", Box::new(|| echoes(addr, b"x").map(|()| 1))),
+        (
+            "1 MiB",
+            Box::new(|| echoes(addr, &pattern(1, 1 << 20)).map(|()| 1)),
+        ),
+        (
+            "half-close ends the reply",
+            Box::new(|| {
+                // Data first, then the half-close: the reply must end (EOF)
+                // after exactly the bytes sent.
+                echoes(addr, b"half-closed after this").map(|()| 1)
+            }),
+        ),
+        (
+            "32 concurrent clients",
+            Box::new(|| {
+                let clients: Vec<_> = (0..32u64)
+                    .map(|i| {
+                        thread::spawn(move || {
+                            echoes(addr, &pattern(i + 10, 64 * 1024 + i as usize))
+                        })
+                    })
+                    .collect();
+                for (i, client) in clients.into_iter().enumerate() {
+                    client
+                        .join()
+                        .map_err(|_| anyhow!("client {i} panicked"))?
+                        .with_context(|| format!("client {i}"))?;
+                }
+                Ok(32)
+            }),
+        ),
+    ];
+    let mut passed = true;
+    for (name, scenario) in &mut scenarios {
+        match scenario() {
+            Ok(n) => {
+                connections += n;
+                println!("  PASS  {name}");
+            }
+            Err(e) => {
+                passed = false;
+                println!("  FAIL  {name}: {e:#}");
+            }
+        }
+    }
+    // Every connection ran in its own store and instance: the host logs one
+    // `closed` line per instance it created; all must have ended ok.
+    let deadline = Instant::now() + SCENARIO_PATIENCE;
+    let (mut closed, mut failed) = (0u64, Vec::new());
+    while closed < connections && Instant::now() < deadline {
+        match served.log.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) if line.contains(" closed ") => {
+                closed += 1;
+                if !line.contains("outcome=ok") {
+                    failed.push(line);
+                }
+            }
+            _ => {}
+        }
+    }
+    if passed && closed == connections && failed.is_empty() {
+        println!("  PASS  a fresh instance per connection ({connections} connections, {closed} instances, all ok)");
+    } else {
+        passed = false;
+        println!(
+            "  FAIL  a fresh instance per connection: {connections} connections, {closed} instances; {}",
+            failed.first().map_or("none failed".to_string(), |l| format!("e.g. {l}"))
+        );
+    }
+    println!("conformance: {}", if passed { "passed" } else { "FAILED" });
+    Ok(passed)
+}
