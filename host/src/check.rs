@@ -311,7 +311,7 @@ fn echoes(addr: SocketAddr, data: &[u8]) -> Result<()> {
 }
 
 /// One conformance scenario: how many connections it made, or what failed.
-type Scenario = Box<dyn FnMut() -> Result<u64>>;
+type Scenario<'a> = Box<dyn FnMut() -> Result<u64> + 'a>;
 
 /// The standard echo scenarios; prints PASS/FAIL per scenario.
 fn conformance(path: &Path, strategy: StrategyKind) -> Result<bool> {
@@ -322,7 +322,7 @@ fn conformance(path: &Path, strategy: StrategyKind) -> Result<bool> {
     let served = serve(path, strategy)?;
     let addr = served.addr;
     let mut connections = 0u64;
-    let mut scenarios: Vec<(&str, Scenario)> = vec![
+    let mut scenarios: Vec<(&str, Scenario<'_>)> = vec![
         ("0 bytes", Box::new(|| echoes(addr, b"").map(|()| 1))),
         ("1 byte", Box::new(|| echoes(addr, b"x").map(|()| 1))),
         (
