@@ -83,9 +83,14 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t = StrategyKind::Threading)]
     pub strategy: StrategyKind,
 
-    /// Worker threads for the threading strategy [default: 4 per core]
+    /// Worker threads for the threading strategy, or per process for prefork
+    /// [default: threading 4 per core; prefork 4 per core, shared out]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub workers: Option<u32>,
+
+    /// Worker processes for the prefork strategy [default: one per core]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub processes: Option<u32>,
 
     /// Child processes alive at once for the forking strategy; the host stops
     /// accepting while this many are running [default: 40]
@@ -143,6 +148,8 @@ pub struct ServeArgs {
 
 /// socketserver's `ForkingMixIn.max_children`.
 const DEFAULT_MAX_CHILDREN: usize = 40;
+/// The longest duration a flag takes (deadlines are computed from it).
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The most a 32-bit linear memory can hold.
 const MAX_MEMORY_LIMIT: u64 = 4 << 30;
 
@@ -150,24 +157,31 @@ impl ServeArgs {
     /// Checks the flags together and fills in the defaults.
     pub fn into_config(self) -> Result<ServeConfig> {
         let addr = parse_addr(&self.addr)?;
-        match self.strategy {
-            StrategyKind::Threading if self.max_children.is_some() => {
-                bail!("--max-children applies to --strategy forking, not threading")
-            }
-            StrategyKind::Forking if self.workers.is_some() => {
-                bail!("--workers applies to --strategy threading, not forking")
-            }
-            _ => {}
+        let strategy = self.strategy.name();
+        if self.max_children.is_some() && self.strategy != StrategyKind::Forking {
+            bail!("--max-children applies to --strategy forking, not {strategy}");
         }
+        if self.workers.is_some() && self.strategy == StrategyKind::Forking {
+            bail!("--workers applies to --strategy threading or prefork, not forking");
+        }
+        if self.processes.is_some() && self.strategy != StrategyKind::Prefork {
+            bail!("--processes applies to --strategy prefork, not {strategy}");
+        }
+        let processes = self
+            .processes
+            .map_or_else(ServeConfig::default_processes, |n| n as usize);
+        let default_workers = match self.strategy {
+            StrategyKind::Prefork => (ServeConfig::default_workers() / processes).max(2),
+            _ => ServeConfig::default_workers(),
+        };
         Ok(ServeConfig {
             handler: self
                 .handler
                 .map_or(HandlerSource::BuiltinEcho, HandlerSource::File),
             addr,
             strategy: self.strategy,
-            workers: self
-                .workers
-                .map_or_else(ServeConfig::default_workers, |n| n as usize),
+            workers: self.workers.map_or(default_workers, |n| n as usize),
+            processes,
             max_children: self
                 .max_children
                 .map_or(DEFAULT_MAX_CHILDREN, |n| n as usize),
@@ -208,6 +222,9 @@ pub fn parse_duration(flag: &str, text: &str) -> Result<Duration> {
     })?;
     if duration.is_zero() {
         bail!("invalid {flag} {text:?}: must be longer than zero");
+    }
+    if duration > MAX_DURATION {
+        bail!("invalid {flag} {text:?}: must be at most 365 days");
     }
     Ok(duration)
 }
@@ -294,8 +311,23 @@ mod tests {
         let err = args(&["--strategy", "forking", "--workers", "3"]).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "--workers applies to --strategy threading, not forking"
+            "--workers applies to --strategy threading or prefork, not forking"
         );
+        let err = args(&["--processes", "3"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--processes applies to --strategy prefork, not threading"
+        );
+        let prefork = args(&[
+            "--strategy",
+            "prefork",
+            "--processes",
+            "3",
+            "--max-connections",
+            "10",
+        ]);
+        let prefork = prefork.unwrap();
+        assert_eq!((prefork.processes, prefork.per_process_in_flight()), (3, 4));
         let err = args(&["--max-children", "3"]).unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -328,6 +360,13 @@ mod tests {
     fn bad_limits_are_named() {
         let err = args(&["--timeout", "30x"]).unwrap_err().to_string();
         assert!(err.starts_with("invalid --timeout \"30x\": "), "{err}");
+        let err = args(&["--timeout", "300000000000y"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid --timeout \"300000000000y\": must be at most 365 days"
+        );
         let err = args(&["--idle-timeout", "0s"]).unwrap_err().to_string();
         assert_eq!(
             err,

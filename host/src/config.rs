@@ -14,6 +14,10 @@ pub enum StrategyKind {
     Threading,
     /// A child process per connection, as Python's `ForkingMixIn`.
     Forking,
+    /// A fixed set of worker processes, forked at start-up, each accepting
+    /// from the shared listener and serving with its own threads (Apache's
+    /// prefork, for wasm).
+    Prefork,
 }
 
 impl StrategyKind {
@@ -21,6 +25,7 @@ impl StrategyKind {
         match self {
             StrategyKind::Threading => "threading",
             StrategyKind::Forking => "forking",
+            StrategyKind::Prefork => "prefork",
         }
     }
 }
@@ -31,8 +36,10 @@ pub struct ServeConfig {
     pub handler: HandlerSource,
     pub addr: SocketAddr,
     pub strategy: StrategyKind,
-    /// Worker threads (threading).
+    /// Worker threads (threading; per process under prefork).
     pub workers: usize,
+    /// Worker processes (prefork).
+    pub processes: usize,
     /// Child processes alive at once (forking).
     pub max_children: usize,
     /// The most connections in flight at once, if narrower than the
@@ -108,24 +115,38 @@ impl ServeConfig {
         std::thread::available_parallelism().map_or(1, |n| n.get()) * 4
     }
 
-    /// The most connections accepted and not yet finished. Threading: by
-    /// default one queued connection per worker behind the busy ones;
-    /// `--max-connections` sets it. Forking: `--max-children`, narrowed by
-    /// `--max-connections`.
+    /// The default number of prefork processes: one per core.
+    pub fn default_processes() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    /// The most connections accepted and not yet finished, host-wide.
+    /// Threading: by default one queued connection per worker behind the
+    /// busy ones; `--max-connections` sets it. Forking: `--max-children`,
+    /// narrowed by `--max-connections`. Prefork: each process's share.
     pub fn max_in_flight(&self) -> usize {
         match self.strategy {
             StrategyKind::Threading => self.max_connections.unwrap_or(self.workers * 2),
             StrategyKind::Forking => self
                 .max_connections
                 .map_or(self.max_children, |m| m.min(self.max_children)),
+            StrategyKind::Prefork => self.per_process_in_flight() * self.processes,
         }
     }
 
-    /// The most instances alive at once (a queued connection has none yet).
+    /// Prefork: the connections one worker process takes at once.
+    pub fn per_process_in_flight(&self) -> usize {
+        self.max_connections
+            .map_or(self.workers * 2, |m| m.div_ceil(self.processes))
+    }
+
+    /// The most instances alive at once in one process (a queued connection
+    /// has none yet).
     pub fn max_instances(&self) -> usize {
         match self.strategy {
             StrategyKind::Threading => self.workers.min(self.max_in_flight()),
             StrategyKind::Forking => 1,
+            StrategyKind::Prefork => self.workers.min(self.per_process_in_flight()),
         }
     }
 }

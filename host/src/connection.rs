@@ -181,10 +181,15 @@ impl Service {
         } else {
             self.run_guest(&socket, &info)
         };
-        close(&socket);
+        let outcome = classify(result, &socket, limiter.as_ref());
+        // A reply cut short must not look complete: reset instead of FIN.
+        let cut_short = matches!(
+            outcome,
+            Outcome::Timeout | Outcome::Shutdown | Outcome::Trap(_) | Outcome::MemoryLimit(_)
+        ) || socket.traffic.output_lost.load(Ordering::Relaxed);
+        close(&socket, cut_short);
         self.lock_live().remove(&id);
 
-        let outcome = classify(result, &socket, limiter.as_ref());
         let traffic = &socket.traffic;
         let memory = limiter.map_or(0, |l| l.peak());
         tracing::info!(
@@ -260,7 +265,14 @@ impl Service {
                 Err(e) => CallResult::Trapped(e.context("instantiation failed")),
                 Ok(instance) => match instance.call_handle(&mut store, info, input, output) {
                     Ok(returned) => CallResult::Returned(returned),
-                    Err(e) => CallResult::Trapped(e),
+                    // `wasi:cli/exit`: status 0 is a normal return.
+                    Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+                        Some(wasmtime_wasi::I32Exit(0)) => CallResult::Returned(Ok(())),
+                        Some(wasmtime_wasi::I32Exit(code)) => {
+                            CallResult::Returned(Err(format!("exited with status {code}")))
+                        }
+                        None => CallResult::Trapped(e),
+                    },
                 },
             },
         };
@@ -305,6 +317,11 @@ impl Service {
         store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(self.clock.deadline_ticks(self.limits.timeout));
         store.epoch_deadline_trap();
+        if self.aborting.load(Ordering::SeqCst) {
+            // `abort_all` may have advanced the epoch before this store
+            // existed: trap at the first check instead.
+            store.set_epoch_deadline(0);
+        }
         Ok(store)
     }
 }
@@ -355,10 +372,17 @@ fn trap_message(e: &wasmtime::Error) -> String {
 }
 
 /// Ends the connection after the guest: the output was flushed when its
-/// stream was dropped with the store; now send FIN, then drain what the client
-/// still sends (bounded) so the close does not turn into a reset.
-fn close(socket: &Socket) {
+/// stream was dropped with the store. A normal end sends FIN, then drains what
+/// the client still sends (bounded) so the close does not turn into a reset.
+/// An end that cut the reply short (`cut_short`) resets the connection, so
+/// the client cannot take a truncated reply for a whole one.
+fn close(socket: &Socket, cut_short: bool) {
     let stream = socket.stream();
+    if cut_short {
+        // SO_LINGER {on, 0}: the final close sends RST.
+        let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+        return;
+    }
     if stream.shutdown(Shutdown::Write).is_err() {
         return;
     }

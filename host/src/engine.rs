@@ -17,6 +17,8 @@ const TICK: Duration = Duration::from_millis(10);
 ///
 /// - threading: the pooling allocator with copy-on-write memory images, one
 ///   slot per worker, and parallel compilation;
+/// - prefork: the same pool in each worker process, but compilation on the
+///   main thread, as the workers are forked afterwards;
 /// - forking: on-demand allocation (a child instantiates once, and a pool's
 ///   large reservations would make every `fork()` slower) and compilation on
 ///   the main thread, so that no thread exists when the accept loop forks.
@@ -28,8 +30,9 @@ pub fn build(strategy: StrategyKind, instances: usize, max_memory: u64) -> Resul
     wasm.wasm_component_model(true);
     wasm.epoch_interruption(true);
     match strategy {
-        StrategyKind::Threading => {
-            wasm.parallel_compilation(true);
+        StrategyKind::Threading | StrategyKind::Prefork => {
+            // Prefork forks after compiling: no compiler threads before that.
+            wasm.parallel_compilation(strategy == StrategyKind::Threading);
             let slots = instances as u32;
             let mut pool = PoolingAllocationConfig::default();
             pool.total_component_instances(slots)

@@ -2,9 +2,11 @@
 //! deadline: a guest blocked in `subscribe-duration`/`subscribe-instant` wakes
 //! no later than its `--timeout`, the connection is marked timed out (its
 //! streams refuse further I/O), and the guest traps at its next epoch check.
-//! A long sleep cannot outlive the limit.
+//! A long sleep cannot outlive the limit, nor a forced shutdown.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -41,19 +43,32 @@ impl HostMonotonicClock for GuestClock {
     }
 }
 
-/// A sleep that ends at `until`; `cut_short` when that is the deadline
-/// rather than what the guest asked for.
+/// A sleep that ends at `until`, or when the connection is aborted;
+/// `cut_short` when `until` is the deadline rather than what the guest asked
+/// for.
 struct Sleep {
     until: tokio::time::Instant,
-    cut_short: Option<Arc<Socket>>,
+    socket: Arc<Socket>,
+    cut_short: bool,
 }
 
 #[wasmtime_wasi_io::async_trait]
 impl Pollable for Sleep {
     async fn ready(&mut self) {
-        tokio::time::sleep_until(self.until).await;
-        if let Some(socket) = &self.cut_short {
-            socket.mark_timed_out();
+        let mut slept = std::pin::pin!(tokio::time::sleep_until(self.until));
+        let mut aborted = std::pin::pin!(self.socket.aborted());
+        let woke_by_sleep = std::future::poll_fn(|cx| {
+            if slept.as_mut().poll(cx).is_ready() {
+                Poll::Ready(true)
+            } else if aborted.as_mut().poll(cx).is_ready() {
+                Poll::Ready(false)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        if woke_by_sleep && self.cut_short {
+            self.socket.mark_timed_out();
         }
     }
 }
@@ -100,7 +115,8 @@ fn sleep(
     };
     let sleep = state.table.push(Sleep {
         until: tokio::time::Instant::from_std(until.max(now)),
-        cut_short: cut_short.then(|| state.socket.clone()),
+        socket: state.socket.clone(),
+        cut_short,
     })?;
     subscribe(&mut state.table, sleep)
 }

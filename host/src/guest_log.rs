@@ -17,6 +17,9 @@ use wasmtime_wasi_io::streams::{OutputStream, StreamResult};
 pub const LOG_BUDGET: usize = 64 * 1024;
 /// A longer line is logged in pieces of this size.
 const MAX_LINE: usize = 4096;
+/// What each logged line costs the budget beyond its text: the log line's
+/// own prefix, so a flood of empty or tiny lines is bounded too.
+const LINE_COST: usize = 64;
 
 /// One connection's output budget, shared by its stdout and stderr.
 pub struct GuestOutput {
@@ -53,10 +56,12 @@ impl GuestOutput {
 
     fn emit(&self, name: &str, line: &[u8]) {
         let mut budget = self.budget.lock().unwrap_or_else(|e| e.into_inner());
-        if budget.left == 0 {
-            budget.dropped += line.len() as u64;
+        if budget.left <= LINE_COST {
+            budget.left = 0;
+            budget.dropped += line.len() as u64 + 1;
             return;
         }
+        budget.left -= LINE_COST;
         let take = line.len().min(budget.left);
         budget.left -= take;
         budget.dropped += (line.len() - take) as u64;
@@ -75,10 +80,11 @@ impl Drop for GuestOutput {
         let budget = self.budget.get_mut().unwrap_or_else(|e| e.into_inner());
         if budget.dropped > 0 {
             tracing::warn!(
-                "connection {} output: {} more bytes of guest output not logged (limit {} bytes per connection)",
+                "connection {} output: {} more bytes of guest output not logged (limit {} bytes per connection, {} per line)",
                 self.connection_id,
                 budget.dropped,
-                LOG_BUDGET
+                LOG_BUDGET,
+                LINE_COST
             );
         }
     }

@@ -31,7 +31,7 @@ use crate::config::{ServeConfig, StrategyKind};
 use crate::connection::Service;
 use crate::engine::EpochClock;
 use crate::handler::{Handler, HandlerSource, LoadOptions};
-use crate::server::Shutdown;
+use crate::server::{ConnectionIds, Shutdown};
 
 /// Pending connections the kernel holds while every worker is busy.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -57,8 +57,11 @@ pub fn serve(config: &ServeConfig, shutdown: &Shutdown) -> Result<()> {
         .context("cannot read the listener's address")?;
     let clock = match config.strategy {
         StrategyKind::Threading => EpochClock::start_ticker(&engine)?,
+        // Each prefork worker starts its own ticker after the fork.
+        StrategyKind::Prefork => EpochClock::Ticker,
         StrategyKind::Forking => EpochClock::Alarm,
     };
+    let ids = ConnectionIds::new()?;
     let service = Arc::new(Service::new(
         handler,
         config.tenant.clone(),
@@ -66,11 +69,13 @@ pub fn serve(config: &ServeConfig, shutdown: &Shutdown) -> Result<()> {
         config.grants.clone(),
         clock,
     ));
-    let mut strategy = strategy::build(config, service, shutdown, &listener)?;
-
     let workers = match config.strategy {
         StrategyKind::Threading => format!("{} workers", config.workers),
         StrategyKind::Forking => format!("at most {} children", config.max_children),
+        StrategyKind::Prefork => format!(
+            "{} processes of {} workers",
+            config.processes, config.workers
+        ),
     };
     let limits = &config.limits;
     tracing::info!(
@@ -85,7 +90,17 @@ pub fn serve(config: &ServeConfig, shutdown: &Shutdown) -> Result<()> {
     );
     // The one stable line tests and scripts wait for.
     eprintln!("listening on {addr}");
-    server::run(listener, strategy.as_mut(), shutdown, config.drain_timeout)
+    if config.strategy == StrategyKind::Prefork {
+        return strategy::prefork::run(config, service, listener, &ids, shutdown);
+    }
+    let mut strategy = strategy::build(config, service, shutdown, &listener)?;
+    server::run(
+        listener,
+        strategy.as_mut(),
+        shutdown,
+        &ids,
+        config.drain_timeout,
+    )
 }
 
 /// `host compile`: writes the handler's compiled form for `strategy`.

@@ -14,6 +14,8 @@ pub struct InstanceLimiter {
     used: usize,
     peak: usize,
     refused: bool,
+    /// The last growth allowed, undone if wasmtime then fails it.
+    last_grant: usize,
 }
 
 impl InstanceLimiter {
@@ -23,6 +25,7 @@ impl InstanceLimiter {
             used: 0,
             peak: 0,
             refused: false,
+            last_grant: 0,
         }
     }
 
@@ -42,13 +45,30 @@ impl InstanceLimiter {
             self.refused = true;
             return false;
         }
+        self.last_grant = used - self.used.min(used);
         self.used = used;
         self.peak = self.peak.max(used);
         true
     }
+
+    /// wasmtime could not perform a growth this limiter allowed.
+    fn undo_last(&mut self) {
+        self.used -= self.last_grant.min(self.used);
+        self.last_grant = 0;
+    }
 }
 
 impl ResourceLimiter for InstanceLimiter {
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.undo_last();
+        Ok(())
+    }
+
+    fn table_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.undo_last();
+        Ok(())
+    }
+
     fn memory_growing(
         &mut self,
         current: usize,
@@ -84,5 +104,7 @@ mod tests {
         assert!(limiter.refused());
         assert!(limiter.grow(30, 40)); // B grows within the total
         assert_eq!(limiter.peak(), 100);
+        limiter.undo_last(); // ... but wasmtime failed that growth
+        assert!(limiter.grow(30, 40));
     }
 }

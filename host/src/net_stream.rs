@@ -38,6 +38,8 @@ pub struct Socket {
     idle_timeout: Duration,
     /// When the connection's `--timeout` runs out.
     deadline: Instant,
+    /// Wakes guest waits that are not on the socket (sleeps) at an abort.
+    abort_notify: tokio::sync::Notify,
     pub traffic: Traffic,
 }
 
@@ -52,6 +54,8 @@ pub struct Traffic {
     pub timed_out: AtomicBool,
     /// The host ended the connection early (shutdown).
     pub aborted: AtomicBool,
+    /// Output the guest wrote was dropped unsent.
+    pub output_lost: AtomicBool,
     /// The client reset the connection or stopped reading for good.
     pub client_reset: AtomicBool,
 }
@@ -86,6 +90,7 @@ impl Socket {
             stream,
             idle_timeout,
             deadline,
+            abort_notify: tokio::sync::Notify::new(),
             reactor: OnceLock::new(),
             traffic: Traffic::default(),
         })
@@ -113,8 +118,21 @@ impl Socket {
     /// Ends the connection from the host's side: both directions are shut
     /// down, so a guest waiting on the socket wakes up to an error.
     pub fn abort(&self) {
-        self.traffic.aborted.store(true, Ordering::Relaxed);
+        self.traffic.aborted.store(true, Ordering::SeqCst);
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        self.abort_notify.notify_waiters();
+    }
+
+    /// Resolves once the connection is aborted.
+    pub async fn aborted(&self) {
+        let notified = self.abort_notify.notified();
+        let mut notified = std::pin::pin!(notified);
+        // Registered before the flag is read, so no abort is missed.
+        notified.as_mut().enable();
+        if self.traffic.aborted.load(Ordering::SeqCst) {
+            return;
+        }
+        notified.await;
     }
 
     /// The end of a wait starting now: the idle timeout, or the connection's
@@ -474,6 +492,21 @@ impl OutputStream for SocketOutput {
         Ok(())
     }
 
+    /// Waits for room without wasmtime-wasi's attempt limit: a slow reader
+    /// may free the buffer a little at a time. Bounded by the idle timeout
+    /// and the deadline, like every wait.
+    async fn write_ready(&mut self) -> StreamResult<usize> {
+        loop {
+            let room = self.check_write()?;
+            if room > 0 {
+                return Ok(room);
+            }
+            if !self.socket.wait(Direction::Write).await {
+                return Err(self.socket.expiry().unwrap_or(StreamError::Closed));
+            }
+        }
+    }
+
     fn check_write(&mut self) -> StreamResult<usize> {
         self.usable()?;
         self.push_pending()?;
@@ -489,15 +522,28 @@ impl OutputStream for SocketOutput {
 
 impl Drop for SocketOutput {
     fn drop(&mut self) {
-        // What the guest wrote reaches the client even when it did not flush.
-        let deadline = Instant::now() + self.socket.idle_timeout;
-        while !self.closed && !self.pending.is_empty() {
+        // What the guest wrote reaches the client even when it did not
+        // flush, as long as the client keeps reading (the idle timer restarts
+        // with every progress) and never after the connection's deadline.
+        while !self.closed && !self.pending.is_empty() && Instant::now() < self.socket.deadline {
+            let before = self.pending.len();
             if self.push_pending().is_err() || self.pending.is_empty() {
                 break;
             }
-            if !self.socket.wait_blocking(Direction::Write, deadline) {
+            if self.pending.len() == before
+                && !self
+                    .socket
+                    .wait_blocking(Direction::Write, self.socket.wait_deadline())
+            {
                 break;
             }
+        }
+        if !self.pending.is_empty() {
+            // Bytes the guest wrote will never arrive: the close must say so.
+            self.socket
+                .traffic
+                .output_lost
+                .store(true, Ordering::Relaxed);
         }
     }
 }

@@ -113,6 +113,37 @@ impl Shutdown {
         Ok(())
     }
 
+    /// Makes `signal` stop the loop with a handler of our own, replacing any
+    /// earlier one (a forked worker must not run its parent's handlers,
+    /// which write to the parent's descriptors). [`END_NOW_SIGNAL`] counts as
+    /// a second signal at once. One doorbell per process.
+    pub fn stop_on_signal_directly(&self, signal: libc::c_int) -> Result<()> {
+        let doorbell = Arc::into_raw(self.inner.clone()).cast_mut();
+        DIRECT_DOORBELL.store(doorbell, Ordering::SeqCst);
+        // SAFETY: installs a handler that only uses atomics and write(2).
+        let installed = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_direct_signal as *const () as usize;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut())
+        };
+        if installed != 0 {
+            return Err(io::Error::last_os_error())
+                .with_context(|| format!("cannot handle signal {signal}"));
+        }
+        Ok(())
+    }
+
+    /// Waits until the doorbell rings or `until` passes, then empties it.
+    pub(crate) fn wait_until(&self, until: Option<Instant>) -> Result<()> {
+        let [_, rang] = wait(&[None, Some(self.inner.read.as_raw_fd())], until)?;
+        if rang {
+            self.drain();
+        }
+        Ok(())
+    }
+
     /// A second shutdown signal arrived: do not wait for anything.
     pub fn is_forced(&self) -> bool {
         self.inner.signals.load(Ordering::SeqCst) >= 2
@@ -138,6 +169,72 @@ impl Shutdown {
     }
 }
 
+/// Connection ids, unique within one run of the host and increasing from 1,
+/// even across prefork's worker processes: the counter lives in a page of
+/// memory shared with every process forked after it was made.
+pub struct ConnectionIds {
+    counter: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+}
+
+// SAFETY: the counter is only ever used through atomic operations.
+unsafe impl Send for ConnectionIds {}
+unsafe impl Sync for ConnectionIds {}
+
+impl ConnectionIds {
+    pub fn new() -> Result<ConnectionIds> {
+        // SAFETY: a fresh anonymous shared mapping of one u64, zero-filled.
+        let page = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                std::mem::size_of::<u64>(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if page == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error()).context("cannot map the connection counter");
+        }
+        let counter = std::ptr::NonNull::new(page.cast()).context("mmap returned null")?;
+        Ok(ConnectionIds { counter })
+    }
+
+    pub fn next(&self) -> u64 {
+        // SAFETY: the mapping lives as long as `self`; zero is a valid u64.
+        unsafe { self.counter.as_ref() }.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+impl Drop for ConnectionIds {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped, once.
+        unsafe { libc::munmap(self.counter.as_ptr().cast(), std::mem::size_of::<u64>()) };
+    }
+}
+
+/// The doorbell a directly installed signal handler rings (prefork workers).
+static DIRECT_DOORBELL: std::sync::atomic::AtomicPtr<Doorbell> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+
+/// Sent by the prefork parent to a worker: stop accepting and drain.
+pub const DRAIN_SIGNAL: libc::c_int = libc::SIGUSR1;
+/// Sent by the prefork parent to a worker: end its connections now. A
+/// signal of its own, so it cannot merge with a drain signal still pending.
+pub const END_NOW_SIGNAL: libc::c_int = libc::SIGUSR2;
+
+extern "C" fn on_direct_signal(signal: libc::c_int) {
+    let doorbell = DIRECT_DOORBELL.load(Ordering::SeqCst);
+    // SAFETY: the pointer comes from a leaked Arc (see `stop_on_signal_directly`)
+    // and is never freed; only atomics and write(2) are used.
+    if let Some(doorbell) = unsafe { doorbell.as_ref() } {
+        let weight = if signal == END_NOW_SIGNAL { 2 } else { 1 };
+        doorbell.signals.fetch_add(weight, Ordering::SeqCst);
+        doorbell.requested.store(true, Ordering::SeqCst);
+        ring(doorbell.write.as_raw_fd());
+    }
+}
+
 /// Accepts connections from `listener` and hands each to `strategy` until
 /// `shutdown` is triggered. Then it closes the listener (new clients are
 /// refused), lets the connections in flight finish for up to `drain_timeout`
@@ -147,13 +244,13 @@ pub fn run(
     listener: TcpListener,
     strategy: &mut dyn Strategy,
     shutdown: &Shutdown,
+    ids: &ConnectionIds,
     drain_timeout: Duration,
 ) -> Result<()> {
     listener
         .set_nonblocking(true)
         .context("cannot make the listener non-blocking")?;
-    let mut next_id: u64 = 1;
-    while !shutdown.is_triggered() {
+    'accepting: while !shutdown.is_triggered() {
         let accepting = strategy.has_capacity();
         let [listener_ready, doorbell_rang] = wait(
             &[
@@ -174,11 +271,13 @@ pub fn run(
         while strategy.has_capacity() && !shutdown.is_triggered() {
             match listener.accept() {
                 Ok((stream, peer)) => {
-                    let id = next_id;
-                    next_id += 1;
+                    let id = ids.next();
                     strategy.dispatch(Accepted { stream, peer, id });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // The listening socket was shut down (prefork's parent does
+                // that at shutdown, for every worker at once).
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break 'accepting,
                 Err(e) => {
                     accept_failed(&e);
                     break;

@@ -34,7 +34,7 @@ fn conforms(strategy: Strategy, handler: &Path) {
         "PASS  1 MiB",
         "PASS  half-close ends the reply",
         "PASS  32 concurrent clients",
-        "PASS  a fresh instance per connection",
+        "PASS  one instance per connection",
     ] {
         assert!(stdout.contains(scenario), "{scenario:?} missing:\n{stdout}");
     }

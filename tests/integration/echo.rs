@@ -62,6 +62,12 @@ fn logs_one_line_per_connection(strategy: Strategy) {
     assert_eq!(exchange(server.addr(), b"hello"), b"hello");
     let line = server.closed_line(1);
     let peer_and_worker = format!("worker={}", strategy.worker_prefix());
+    let worker = line
+        .split(" worker=")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .unwrap();
+    assert!(strategy.is_worker_name(worker), "{line}");
     for part in [
         "peer=127.0.0.1:",
         &peer_and_worker,

@@ -14,6 +14,8 @@ for_each_strategy!(
     a_panic_traps,
     a_guest_sleeping_past_its_timeout_is_stopped,
     a_gibibyte_to_stdout_is_capped_in_the_log,
+    a_flood_of_empty_lines_is_capped_in_the_log,
+    exit_0_is_ok_and_other_statuses_are_errors,
     reading_etc_passwd_is_denied,
     the_environment_is_empty,
     opening_a_socket_is_denied,
@@ -174,4 +176,32 @@ fn granted_env_and_dirs_are_visible(strategy: Strategy) {
     // Granted directories are read-only; the rest of the host stays hidden.
     let passwd = String::from_utf8(exchange(server.addr(), b"read-file /etc/passwd\n")).unwrap();
     assert!(passwd.starts_with("denied: "), "{passwd}");
+}
+
+fn a_flood_of_empty_lines_is_capped_in_the_log(strategy: Strategy) {
+    let server = hostile_server(strategy, &[]);
+    let (id, reply) = exchange_logged(&server, b"lines 200000\n");
+    assert_eq!(String::from_utf8(reply).unwrap(), "lined 200000");
+    let stdout = format!("connection {id} stdout:");
+    let lines = server.log().iter().filter(|l| l.contains(&stdout)).count();
+    // Each line costs its prefix too: at most 64 KiB / 64 B of them.
+    assert!(lines <= 1024, "{lines} empty guest lines were logged");
+    let note = format!("connection {id} output:");
+    server.wait_for_log(|l| l.contains(&note) && l.contains("not logged"));
+}
+
+fn exit_0_is_ok_and_other_statuses_are_errors(strategy: Strategy) {
+    let server = hostile_server(strategy, &[]);
+    let (id, reply) = exchange_logged(&server, b"exit 0\n");
+    assert_eq!(reply, b"exiting");
+    let line = server.closed_line(id);
+    assert!(line.contains("outcome=ok"), "{line}");
+    // WASI 0.2's exit carries success or failure only: any other status is 1.
+    let (id, reply) = exchange_logged(&server, b"exit 3\n");
+    assert_eq!(reply, b"exiting");
+    let line = server.closed_line(id);
+    assert!(
+        line.contains(r#"outcome=handler-error error="exited with status 1""#),
+        "{line}"
+    );
 }

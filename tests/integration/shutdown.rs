@@ -12,7 +12,9 @@ use crate::support::{children_of, guest, pattern, process_exists, Server, Strate
 for_each_strategy!(
     sigterm_drains_50_streams_then_exits_0,
     a_second_signal_ends_at_once,
+    a_second_signal_ends_a_sleeping_guest_at_once,
     the_drain_timeout_ends_what_is_left,
+    sigterm_to_the_whole_process_group_still_drains,
 );
 
 fn refused(server: &Server) -> bool {
@@ -21,7 +23,7 @@ fn refused(server: &Server) -> bool {
 
 fn sigterm_drains_50_streams_then_exits_0(strategy: Strategy) {
     let room: &[&str] = match strategy {
-        Strategy::Threading => &["--workers", "64"],
+        Strategy::Threading | Strategy::Prefork => &["--workers", "64"],
         Strategy::Forking => &["--max-children", "64"],
     };
     let mut server = Server::start(strategy, None, room);
@@ -112,4 +114,44 @@ fn the_drain_timeout_ends_what_is_left(strategy: Strategy) {
     let _ = (&held).read_to_end(&mut rest);
     assert_eq!(server.wait_exit().code(), Some(0));
     assert!(server.log().iter().any(|l| l.contains("outcome=shutdown")));
+}
+
+fn a_second_signal_ends_a_sleeping_guest_at_once(strategy: Strategy) {
+    // A guest blocked in a 10-minute sleep, limits far away: only the forced
+    // shutdown can end it, and it must not wait for the sleep.
+    let mut server = Server::start(
+        strategy,
+        Some(&guest("test-guest")),
+        &["--timeout", "10m", "--drain-timeout", "10m"],
+    );
+    let sleeper = server.connect();
+    (&sleeper).write_all(b"nap 600000\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&sleeper).read_line(&mut line).unwrap();
+    assert_eq!(line, "napping\n", "the guest is asleep now");
+    server.signal(libc::SIGTERM);
+    server.wait_for_log(|l| l.contains("shutting down"));
+    server.signal(libc::SIGINT);
+    // wait_exit fails after a minute, far sooner than the sleep would end.
+    assert_eq!(server.wait_exit().code(), Some(0));
+    assert!(server.log().iter().any(|l| l.contains("outcome=shutdown")));
+}
+
+fn sigterm_to_the_whole_process_group_still_drains(strategy: Strategy) {
+    // As `systemctl stop` does: SIGTERM to the host and every child at once.
+    let (mut server, held) = one_held_call(strategy, &[]);
+    server.signal_group(libc::SIGTERM);
+    server.wait_for_log(|l| l.contains("shutting down"));
+    // The held call is still alive and finishes normally.
+    held.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    (&held).read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"");
+    assert_eq!(server.wait_exit().code(), Some(0));
+    let log = server.log();
+    assert!(log.iter().any(|l| l.contains("outcome=ok")), "{log:#?}");
+    assert!(
+        !log.iter().any(|l| l.contains("killed by signal")),
+        "{log:#?}"
+    );
 }

@@ -81,7 +81,7 @@ fn a_hundred_thousand_short_connections(strategy: Strategy) {
     assert_eq!(short_connections(&server, WARM_UP), Vec::<String>::new());
     server.closed_line(WARM_UP);
     let idle = Resources {
-        children: 0,
+        children: strategy.idle_children(),
         ..server.resources()
     };
     settles_to(&server, idle);

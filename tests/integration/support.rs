@@ -16,6 +16,7 @@ pub const PATIENCE: Duration = Duration::from_secs(60);
 pub enum Strategy {
     Threading,
     Forking,
+    Prefork,
 }
 
 impl Strategy {
@@ -23,6 +24,7 @@ impl Strategy {
         match self {
             Strategy::Threading => "threading",
             Strategy::Forking => "forking",
+            Strategy::Prefork => "prefork",
         }
     }
 
@@ -30,13 +32,35 @@ impl Strategy {
     pub fn worker_prefix(self) -> &'static str {
         match self {
             Strategy::Threading => "thread-",
-            Strategy::Forking => "pid-",
+            Strategy::Forking | Strategy::Prefork => "pid-",
+        }
+    }
+
+    /// Whether `worker` is a worker name this strategy gives: `thread-3`,
+    /// `pid-4711`, or `pid-4711/thread-3`.
+    pub fn is_worker_name(self, worker: &str) -> bool {
+        let number = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
+        match self {
+            Strategy::Threading => worker.strip_prefix("thread-").is_some_and(number),
+            Strategy::Forking => worker.strip_prefix("pid-").is_some_and(number),
+            Strategy::Prefork => worker
+                .strip_prefix("pid-")
+                .and_then(|rest| rest.split_once("/thread-"))
+                .is_some_and(|(pid, thread)| number(pid) && number(thread)),
+        }
+    }
+
+    /// Child processes of an idle host: prefork keeps its workers.
+    pub fn idle_children(self) -> usize {
+        match self {
+            Strategy::Prefork => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            _ => 0,
         }
     }
 }
 
 /// Declares each scenario `fn name(strategy: Strategy)` as one test per
-/// strategy: `threading::name` and `forking::name`.
+/// strategy: `threading::name`, `forking::name` and `prefork::name`.
 #[macro_export]
 macro_rules! for_each_strategy {
     ($($name:ident),* $(,)?) => {
@@ -45,6 +69,9 @@ macro_rules! for_each_strategy {
         }
         mod forking {
             $( #[test] fn $name() { super::$name($crate::support::Strategy::Forking) } )*
+        }
+        mod prefork {
+            $( #[test] fn $name() { super::$name($crate::support::Strategy::Prefork) } )*
         }
     };
 }
@@ -189,7 +216,11 @@ impl Server {
             command.arg("--cache-dir").arg(test_cache_dir());
         }
         command.args(extra);
+        // Its own process group, so a test can signal it as a service
+        // manager would: the host and all its children at once.
+        use std::os::unix::process::CommandExt;
         let mut child = command
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -275,6 +306,15 @@ impl Server {
         );
     }
 
+    /// Sends `signal` to the host's whole process group (its children too).
+    pub fn signal_group(&self, signal: libc::c_int) {
+        // SAFETY: signalling the process group our child leads.
+        assert_eq!(
+            unsafe { libc::killpg(self.child.id() as libc::pid_t, signal) },
+            0
+        );
+    }
+
     /// Waits for the host to exit by itself and returns its status.
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let deadline = Instant::now() + PATIENCE;
@@ -287,12 +327,12 @@ impl Server {
         }
     }
 
-    /// The pids of forked workers named in connection log lines.
+    /// The pids of worker processes named in connection log lines.
     pub fn worker_pids(&self) -> Vec<u32> {
         self.log()
             .iter()
             .filter_map(|l| l.split(" worker=pid-").nth(1))
-            .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+            .filter_map(|rest| rest.split([' ', '/']).next()?.parse().ok())
             .collect()
     }
 
@@ -421,6 +461,33 @@ pub fn exchange_logged(server: &Server, data: &[u8]) -> (u64, Vec<u8>) {
         .and_then(|n| n.parse().ok())
         .expect("connection N closed");
     (id, reply)
+}
+
+/// Sends `data`, half-closes, and reads until the host resets the
+/// connection; returns what arrived before the reset. Fails if the host
+/// closes normally instead: a reply cut short must not look complete.
+pub fn exchange_reset(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
+    let mut stream = connect(addr);
+    let _ = stream.write_all(data);
+    let _ = stream.shutdown(Shutdown::Write);
+    read_until_reset(&mut stream)
+}
+
+/// Reads until the connection is reset; panics on a normal end.
+pub fn read_until_reset(stream: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => panic!(
+                "the host closed normally after {} bytes; expected a reset",
+                got.len()
+            ),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return got,
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
 }
 
 pub fn read_to_end(mut stream: TcpStream) -> Vec<u8> {

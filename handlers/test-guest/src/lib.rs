@@ -21,6 +21,10 @@
 //! - `read-file PATH`, `env`, `connect ADDR`: try what the sandbox denies and
 //!   reply what happened (also written to stderr, so it shows in the log).
 //! - `sleep MS`: sleeps (a blocking host call), then replies `slept`.
+//! - `nap MS`: replies `napping` at once, then sleeps like `sleep`.
+//! - `lines N`: writes N empty lines to stdout, replies `lined N`.
+//! - `exit N`: calls `wasi:cli/exit` with status N (after replying `exiting`);
+//!   WASI 0.2 carries only success (0) or failure (any other N).
 
 wit_bindgen::generate!({
     path: "../../wit",
@@ -135,6 +139,30 @@ impl Guest for TestGuest {
                 Ok(_) => "connected".to_string(),
                 Err(e) => format!("denied: {e}"),
             }),
+            "lines" => {
+                let total: usize = arg.parse().map_err(|_| format!("bad count {arg:?}"))?;
+                let mut out = std::io::stdout().lock();
+                for _ in 0..total {
+                    if out.write_all(b"\n").is_err() {
+                        break;
+                    }
+                }
+                let _ = out.flush();
+                format!("lined {total}")
+            }
+            "exit" => {
+                let code: i32 = arg.parse().map_err(|_| format!("bad status {arg:?}"))?;
+                write_all(&output, b"exiting")?;
+                output.blocking_flush().map_err(|e| format!("flush failed: {e:?}"))?;
+                std::process::exit(code)
+            }
+            "nap" => {
+                let ms: u64 = arg.parse().map_err(|_| format!("bad duration {arg:?}"))?;
+                write_all(&output, b"napping\n")?;
+                output.blocking_flush().map_err(|e| format!("flush failed: {e:?}"))?;
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                "woke".to_string()
+            }
             "sleep" => {
                 let ms: u64 = arg.parse().map_err(|_| format!("bad duration {arg:?}"))?;
                 std::thread::sleep(std::time::Duration::from_millis(ms));

@@ -86,13 +86,15 @@ impl Forking {
         // SAFETY: only async-signal-safe calls before serving: restore default
         // signal dispositions (the parent's handlers write to descriptors
         // that are closed here and whose numbers may be reused), and close
-        // the parent's descriptors. SIGINT is ignored: a terminal's Ctrl-C
-        // reaches the whole process group, and the parent decides.
+        // the parent's descriptors. SIGINT and SIGTERM are ignored: a
+        // terminal's Ctrl-C and a service manager's stop reach the whole
+        // process group, and the parent decides (it drains, then kills).
         unsafe {
-            for signal in [libc::SIGCHLD, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+            for signal in [libc::SIGCHLD, libc::SIGHUP, libc::SIGQUIT] {
                 libc::signal(signal, libc::SIG_DFL);
             }
             libc::signal(libc::SIGINT, libc::SIG_IGN);
+            libc::signal(libc::SIGTERM, libc::SIG_IGN);
             for &fd in &self.close_in_child {
                 libc::close(fd);
             }

@@ -3,6 +3,7 @@
 //! strategy is one new file here.
 
 mod forking;
+pub mod prefork;
 mod threading;
 
 use std::net::TcpListener;
@@ -65,6 +66,7 @@ pub fn build(
             config.workers,
             config.max_in_flight(),
             shutdown.waker(),
+            "",
         )),
         StrategyKind::Forking => Box::new(Forking::new(
             service,
@@ -72,5 +74,6 @@ pub fn build(
             shutdown,
             listener,
         )?),
+        StrategyKind::Prefork => unreachable!("prefork runs its own supervisor: prefork::run"),
     })
 }

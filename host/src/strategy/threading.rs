@@ -17,6 +17,8 @@ pub struct Threading {
     service: Arc<Service>,
     pool: ThreadPool,
     slots: Arc<Slots>,
+    /// Put before `thread-N` in worker names (prefork: `pid-4711/`).
+    name_prefix: Arc<str>,
 }
 
 /// The in-flight count, shared with the workers.
@@ -29,8 +31,15 @@ struct Slots {
 }
 
 impl Threading {
-    pub fn new(service: Arc<Service>, workers: usize, limit: usize, wake: Wake) -> Threading {
+    pub fn new(
+        service: Arc<Service>,
+        workers: usize,
+        limit: usize,
+        wake: Wake,
+        name_prefix: &str,
+    ) -> Threading {
         Threading {
+            name_prefix: name_prefix.into(),
             service,
             pool: threadpool::Builder::new()
                 .num_threads(workers)
@@ -64,12 +73,12 @@ thread_local! {
     static WORKER_NAME: OnceCell<String> = const { OnceCell::new() };
 }
 
-/// "thread-N", N counting the pool's threads from 1 in the order they first
-/// serve a connection.
-fn worker_name() -> String {
+/// "thread-N" after `prefix`, N counting the pool's threads from 1 in the
+/// order they first serve a connection.
+fn worker_name(prefix: &str) -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(1);
     WORKER_NAME.with(|name| {
-        name.get_or_init(|| format!("thread-{}", NEXT.fetch_add(1, Ordering::Relaxed)))
+        name.get_or_init(|| format!("{prefix}thread-{}", NEXT.fetch_add(1, Ordering::Relaxed)))
             .clone()
     })
 }
@@ -83,10 +92,11 @@ impl Strategy for Threading {
         self.slots.in_flight.fetch_add(1, Ordering::SeqCst);
         let slot = Slot(self.slots.clone());
         let service = self.service.clone();
+        let prefix = self.name_prefix.clone();
         self.pool.execute(move || {
             let _slot = slot;
             let id = conn.id;
-            let worker = worker_name();
+            let worker = worker_name(&prefix);
             let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 service.serve(conn, &worker);
             }));
