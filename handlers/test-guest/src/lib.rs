@@ -153,13 +153,17 @@ impl Guest for TestGuest {
             "exit" => {
                 let code: i32 = arg.parse().map_err(|_| format!("bad status {arg:?}"))?;
                 write_all(&output, b"exiting")?;
-                output.blocking_flush().map_err(|e| format!("flush failed: {e:?}"))?;
+                output
+                    .blocking_flush()
+                    .map_err(|e| format!("flush failed: {e:?}"))?;
                 std::process::exit(code)
             }
             "nap" => {
                 let ms: u64 = arg.parse().map_err(|_| format!("bad duration {arg:?}"))?;
                 write_all(&output, b"napping\n")?;
-                output.blocking_flush().map_err(|e| format!("flush failed: {e:?}"))?;
+                output
+                    .blocking_flush()
+                    .map_err(|e| format!("flush failed: {e:?}"))?;
                 std::thread::sleep(std::time::Duration::from_millis(ms));
                 "woke".to_string()
             }
