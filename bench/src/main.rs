@@ -24,10 +24,11 @@ use crate::load::{Measure, ShortConfig, StreamConfig};
 use crate::report::Row;
 use crate::server::{Server, ServerSpec};
 
-const SERVERS: [&str; 5] = [
+const SERVERS: [&str; 6] = [
     "native",
     "host-threading",
     "host-forking",
+    "host-prefork",
     "py-threading",
     "py-forking",
 ];
@@ -49,7 +50,7 @@ struct Cli {
     quick: bool,
 
     /// Servers to run, comma-separated [default: all]: native,
-    /// host-threading, host-forking, py-threading, py-forking.
+    /// host-threading, host-forking, host-prefork, py-threading, py-forking.
     #[arg(long, value_delimiter = ',')]
     servers: Vec<String>,
 
@@ -232,6 +233,15 @@ fn specs(cli: &Cli, root: &Path) -> Result<Vec<ServerSpec>, String> {
         if strategy == "threading" {
             args.extend(["--workers".into(), WORKERS.to_string()]);
         }
+        if strategy == "prefork" {
+            // The same 8 workers, in 2 processes of 4.
+            args.extend([
+                "--processes".into(),
+                "2".into(),
+                "--workers".into(),
+                (WORKERS / 2).to_string(),
+            ]);
+        }
         // 256 MiB streams must not be cut by the default 30 s handle limit.
         args.extend(["--timeout".into(), "10m".into()]);
         args.extend(cli.host_arg.iter().cloned());
@@ -257,8 +267,14 @@ fn specs(cli: &Cli, root: &Path) -> Result<Vec<ServerSpec>, String> {
         },
         ServerSpec {
             name: "host-forking",
-            program: host,
+            program: host.clone(),
             args: host_args("forking"),
+            forking: true,
+        },
+        ServerSpec {
+            name: "host-prefork",
+            program: host,
+            args: host_args("prefork"),
             forking: true,
         },
         ServerSpec {

@@ -209,6 +209,11 @@ pub fn targets(rows: &[Row]) -> Vec<(String, Option<f64>, f64)> {
             2.0,
         ),
         (
+            "short conn/s: host-prefork vs native".into(),
+            relative(rows, "short", "host-prefork", BASELINE, Row::conn_per_s),
+            0.7,
+        ),
+        (
             "streaming MiB/s: host-threading vs native".into(),
             relative(rows, "stream", "host-threading", BASELINE, Row::mib_per_s),
             0.6,

@@ -242,6 +242,12 @@ fn serve(path: &Path, strategy: StrategyKind) -> Result<Served> {
         .context("cannot start `host serve`")?;
     let stderr = child.stderr.take().expect("piped stderr");
     let (lines, log) = mpsc::channel();
+    // From here on the guard kills the server on every path.
+    let mut served = Served {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        log,
+    };
     thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if lines.send(line).is_err() {
@@ -252,13 +258,13 @@ fn serve(path: &Path, strategy: StrategyKind) -> Result<Served> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match log.recv_timeout(left) {
+        match served.log.recv_timeout(left) {
             Ok(line) => {
                 if let Some(addr) = line.strip_prefix("listening on ") {
-                    let addr = addr
+                    served.addr = addr
                         .parse()
                         .context("a `listening on` line without an address")?;
-                    return Ok(Served { child, addr, log });
+                    return Ok(served);
                 }
             }
             Err(_) => return Err(anyhow!("`host serve` did not start listening")),

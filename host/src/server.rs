@@ -89,10 +89,11 @@ impl Shutdown {
 
     /// Makes `signal` ring the doorbell (from the signal handler, which only
     /// writes one byte). Starts no thread.
-    pub fn ring_on_signal(&self, signal: libc::c_int) -> Result<()> {
+    /// Unregister the returned id (`signal_hook::low_level::unregister`)
+    /// before this doorbell can be dropped.
+    pub fn ring_on_signal(&self, signal: libc::c_int) -> Result<signal_hook::SigId> {
         signal_hook::low_level::pipe::register_raw(signal, self.inner.write.as_raw_fd())
-            .with_context(|| format!("cannot handle signal {signal}"))?;
-        Ok(())
+            .with_context(|| format!("cannot handle signal {signal}"))
     }
 
     /// Makes SIGINT and SIGTERM stop the loop: the first drains, a second

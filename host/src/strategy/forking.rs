@@ -37,6 +37,16 @@ pub struct Forking {
     close_in_child: Vec<RawFd>,
     /// How long after its start the parent kills a child.
     backstop: Duration,
+    /// After a failed fork, no accepting until then.
+    paused_until: Option<Instant>,
+    /// The SIGCHLD registration, undone when this strategy goes.
+    sigchld: signal_hook::SigId,
+}
+
+impl Drop for Forking {
+    fn drop(&mut self) {
+        signal_hook::low_level::unregister(self.sigchld);
+    }
 }
 
 struct Child {
@@ -46,6 +56,9 @@ struct Child {
     /// Why the parent killed it, if it did.
     killed: Option<&'static str>,
 }
+
+/// How long accepting pauses after a failed fork.
+const FORK_RETRY: Duration = Duration::from_millis(100);
 
 /// The engine whose epoch the child's SIGALRM advances.
 static ALARM_ENGINE: OnceLock<Engine> = OnceLock::new();
@@ -64,7 +77,7 @@ impl Forking {
         listener: &TcpListener,
     ) -> Result<Forking> {
         // Every exiting child rings the doorbell, so it is reaped at once.
-        shutdown.ring_on_signal(libc::SIGCHLD)?;
+        let sigchld = shutdown.ring_on_signal(libc::SIGCHLD)?;
         let mut close_in_child = shutdown.descriptors().to_vec();
         close_in_child.push(listener.as_raw_fd());
         let limits = service.limits();
@@ -77,6 +90,8 @@ impl Forking {
             children: HashMap::new(),
             close_in_child,
             backstop,
+            paused_until: None,
+            sigchld,
         })
     }
 
@@ -215,7 +230,7 @@ fn report_exit(pid: libc::pid_t, child: &Child, status: libc::c_int) {
 
 impl Strategy for Forking {
     fn has_capacity(&self) -> bool {
-        self.children.len() < self.limit
+        self.children.len() < self.limit && self.paused_until.is_none()
     }
 
     fn dispatch(&mut self, conn: Accepted) {
@@ -223,12 +238,16 @@ impl Strategy for Forking {
         // so the child starts with consistent memory.
         match unsafe { libc::fork() } {
             -1 => {
+                // Out of processes or memory: this connection is lost, but
+                // the rest wait in the backlog until a child exits or the
+                // pause ends, instead of being accepted and dropped.
                 let err = io::Error::last_os_error();
                 tracing::error!(
                     "connection {} closed peer={} outcome=host-error error=\"fork failed: {err}\"",
                     conn.id,
                     conn.peer
                 );
+                self.paused_until = Some(Instant::now() + FORK_RETRY);
             }
             0 => self.run_child(conn),
             pid => {
@@ -248,7 +267,11 @@ impl Strategy for Forking {
     }
 
     fn maintain(&mut self) {
+        let before = self.children.len();
         self.reap(false);
+        if self.paused_until.is_some_and(|t| Instant::now() >= t) || self.children.len() < before {
+            self.paused_until = None;
+        }
         self.kill_children("timeout", true);
     }
 
@@ -257,11 +280,12 @@ impl Strategy for Forking {
     }
 
     fn next_wakeup(&self) -> Option<Instant> {
-        self.children
+        let backstops = self
+            .children
             .values()
             .filter(|c| c.killed.is_none())
-            .map(|c| c.started + self.backstop)
-            .min()
+            .map(|c| c.started + self.backstop);
+        backstops.chain(self.paused_until).min()
     }
 
     fn stop_accepting(&mut self) {}

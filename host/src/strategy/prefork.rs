@@ -52,7 +52,19 @@ pub fn run(
     ids: &ConnectionIds,
     shutdown: &Shutdown,
 ) -> Result<()> {
-    shutdown.ring_on_signal(libc::SIGCHLD)?;
+    let sigchld = shutdown.ring_on_signal(libc::SIGCHLD)?;
+    let result = supervise(config, service, listener, ids, shutdown);
+    signal_hook::low_level::unregister(sigchld);
+    result
+}
+
+fn supervise(
+    config: &ServeConfig,
+    service: Arc<Service>,
+    listener: TcpListener,
+    ids: &ConnectionIds,
+    shutdown: &Shutdown,
+) -> Result<()> {
     let mut supervisor = Supervisor {
         config,
         service,
