@@ -3,11 +3,13 @@
 //! the accepted `TcpStream`.
 //!
 //! Every operation first tries the socket without blocking (`recv`/`send` with
-//! `MSG_DONTWAIT`), so data that is already there costs one system call. Only
-//! when the guest has to wait does a stream register the socket with the
-//! ambient tokio reactor that wasmtime-wasi runs its blocking calls on, so a
-//! guest that polls a stream together with other pollables (a timer, the
-//! other direction) waits on all of them at once. A wait that sees no progress
+//! `MSG_DONTWAIT`), so data that is already there costs one system call. A
+//! blocking call on one stream (`blocking-read`, `blocking-flush`, ...) then
+//! waits in poll(2) on the calling thread. Only a pollable (`subscribe`)
+//! registers the socket with the ambient tokio reactor that wasmtime-wasi
+//! runs its blocking calls on, so a guest that polls a stream together with
+//! other pollables (a timer, the other direction) waits on all of them at
+//! once. A wait that sees no progress
 //! for the idle timeout fails the stream with an `idle timeout` error, and no
 //! wait outlasts the connection's deadline (`--timeout`): a guest blocked in
 //! I/O is stopped by it as surely as one spinning in wasm code.
@@ -394,7 +396,11 @@ impl InputStream for SocketInput {
             if !bytes.is_empty() || size == 0 {
                 return Ok(bytes);
             }
-            if !self.socket.wait(Direction::Read).await {
+            // A blocking call waits on this stream alone: block this thread
+            // in poll(2) rather than go through the reactor (and its
+            // cross-thread wake-up). An abort shuts the socket down, which
+            // ends the wait too.
+            if !self.socket.wait_blocking(Direction::Read, self.socket.wait_deadline()) {
                 return Err(self.socket.expiry().unwrap_or(StreamError::Closed));
             }
         }
@@ -501,7 +507,8 @@ impl OutputStream for SocketOutput {
             if room > 0 {
                 return Ok(room);
             }
-            if !self.socket.wait(Direction::Write).await {
+            // Waits on this stream alone, as `blocking_read` does.
+            if !self.socket.wait_blocking(Direction::Write, self.socket.wait_deadline()) {
                 return Err(self.socket.expiry().unwrap_or(StreamError::Closed));
             }
         }
