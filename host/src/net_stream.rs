@@ -400,7 +400,10 @@ impl InputStream for SocketInput {
             // in poll(2) rather than go through the reactor (and its
             // cross-thread wake-up). An abort shuts the socket down, which
             // ends the wait too.
-            if !self.socket.wait_blocking(Direction::Read, self.socket.wait_deadline()) {
+            if !self
+                .socket
+                .wait_blocking(Direction::Read, self.socket.wait_deadline())
+            {
                 return Err(self.socket.expiry().unwrap_or(StreamError::Closed));
             }
         }
@@ -508,7 +511,10 @@ impl OutputStream for SocketOutput {
                 return Ok(room);
             }
             // Waits on this stream alone, as `blocking_read` does.
-            if !self.socket.wait_blocking(Direction::Write, self.socket.wait_deadline()) {
+            if !self
+                .socket
+                .wait_blocking(Direction::Write, self.socket.wait_deadline())
+            {
                 return Err(self.socket.expiry().unwrap_or(StreamError::Closed));
             }
         }

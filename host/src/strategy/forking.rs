@@ -98,22 +98,7 @@ impl Forking {
     /// The child's side of `fork()`: serve, then exit without running the
     /// parent's destructors or exit handlers.
     fn run_child(&self, conn: Accepted) -> ! {
-        // SAFETY: only async-signal-safe calls before serving: restore default
-        // signal dispositions (the parent's handlers write to descriptors
-        // that are closed here and whose numbers may be reused), and close
-        // the parent's descriptors. SIGINT and SIGTERM are ignored: a
-        // terminal's Ctrl-C and a service manager's stop reach the whole
-        // process group, and the parent decides (it drains, then kills).
-        unsafe {
-            for signal in [libc::SIGCHLD, libc::SIGHUP, libc::SIGQUIT] {
-                libc::signal(signal, libc::SIG_DFL);
-            }
-            libc::signal(libc::SIGINT, libc::SIG_IGN);
-            libc::signal(libc::SIGTERM, libc::SIG_IGN);
-            for &fd in &self.close_in_child {
-                libc::close(fd);
-            }
-        }
+        super::leave_parent(&self.close_in_child);
         arm_alarm(self.service.engine(), self.service.limits().timeout);
         let worker = format!("pid-{}", std::process::id());
         let id = conn.id;

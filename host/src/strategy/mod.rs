@@ -53,6 +53,26 @@ pub trait Strategy {
     fn finish(&mut self);
 }
 
+/// First thing in a forked child (forking's per-connection child, prefork's
+/// worker): restore default signal dispositions, since the parent's handlers
+/// write to descriptors that are closed here and whose numbers may be reused;
+/// ignore SIGINT and SIGTERM, since a terminal's Ctrl-C and a service
+/// manager's stop reach the whole process group and the parent decides
+/// (it drains, then kills); and close the parent's descriptors.
+fn leave_parent(close: &[std::os::fd::RawFd]) {
+    // SAFETY: async-signal-safe calls only, on a fresh single-threaded child.
+    unsafe {
+        for signal in [libc::SIGCHLD, libc::SIGHUP, libc::SIGQUIT] {
+            libc::signal(signal, libc::SIG_DFL);
+        }
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        for &fd in close {
+            libc::close(fd);
+        }
+    }
+}
+
 /// The strategy `config` asks for, serving `service`.
 pub fn build(
     config: &ServeConfig,

@@ -148,22 +148,8 @@ impl Supervisor<'_> {
     /// The worker's side of `fork()`: its own doorbell, signal handling,
     /// epoch ticker and thread pool around the shared listener.
     fn run_worker(&mut self) -> ! {
-        // SAFETY: async-signal-safe calls on a fresh single-threaded child:
-        // default dispositions (the parent's handlers write to the parent's
-        // descriptors), SIGINT and SIGTERM ignored (a terminal's Ctrl-C and
-        // a service manager's stop reach the whole group; only the parent's
-        // DRAIN_SIGNAL and END_NOW_SIGNAL count), and the parent's doorbell
-        // closed.
-        unsafe {
-            for signal in [libc::SIGCHLD, libc::SIGHUP, libc::SIGQUIT] {
-                libc::signal(signal, libc::SIG_DFL);
-            }
-            libc::signal(libc::SIGINT, libc::SIG_IGN);
-            libc::signal(libc::SIGTERM, libc::SIG_IGN);
-            for &fd in &self.close_in_child {
-                libc::close(fd);
-            }
-        }
+        // Only the parent's DRAIN_SIGNAL and END_NOW_SIGNAL count from here.
+        super::leave_parent(&self.close_in_child);
         let code = match self.serve_as_worker() {
             Ok(()) => 0,
             Err(e) => {
