@@ -51,6 +51,7 @@ pub fn serve(config: &ServeConfig, shutdown: &Shutdown) -> Result<()> {
         allow_precompiled: config.allow_precompiled,
     };
     let handler = Handler::load(&engine, &config.handler, &options)?;
+    raise_descriptor_limit();
     let listener = bind(config)?;
     let addr = listener
         .local_addr()
@@ -110,6 +111,30 @@ pub fn compile(handler: &Path, output: &Path, strategy: StrategyKind) -> Result<
     std::fs::write(output, compiled)
         .with_context(|| format!("cannot write {}", output.display()))?;
     Ok(())
+}
+
+/// Raises the soft limit on open descriptors to the hard one: every
+/// connection in flight or waiting in the queue holds a socket, and the
+/// common soft default (1024) would cap `--max-connections` far below what
+/// the machine allows.
+fn raise_descriptor_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            let wanted = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+                tracing::warn!("cannot raise the open-file limit above {}", limit.rlim_cur);
+            }
+        }
+    }
 }
 
 /// The compile cache, if one is configured and usable; a cache that cannot be

@@ -22,6 +22,7 @@ for_each_strategy!(
     a_handler_error_is_logged_with_its_text,
     guest_stdout_and_stderr_reach_the_log,
     the_sandbox_grants_nothing,
+    http_hello_answers_get_and_refuses_post,
 );
 
 fn test_guest(strategy: Strategy, extra: &[&str]) -> Server {
@@ -177,4 +178,24 @@ fn the_sandbox_grants_nothing(strategy: Strategy) {
     let connect = format!("connect {addr}\n");
     let connect = String::from_utf8(exchange(addr, connect.as_bytes())).unwrap();
     assert!(connect.starts_with("denied: "), "{connect}");
+}
+
+fn http_hello_answers_get_and_refuses_post(strategy: Strategy) {
+    let server = Server::start(strategy, Some(&guest("http-hello")), &[]);
+    // An HTTP client: send the request, keep the connection open, read until
+    // the server closes it (`Connection: close`).
+    let ask = |request: &[u8]| {
+        let stream = server.connect();
+        (&stream).write_all(request).unwrap();
+        String::from_utf8(read_to_end(stream)).unwrap()
+    };
+    let reply = ask(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+    assert!(reply.contains("Content-Length: 14\r\n"), "{reply}");
+    assert!(reply.ends_with("\r\n\r\nHello, world!\n"), "{reply}");
+    let reply = ask(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n");
+    assert!(
+        reply.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+        "{reply}"
+    );
 }
