@@ -80,19 +80,20 @@ impl CompileCache {
         &self.dir
     }
 
-    /// Where the compiled form of `wasm` for `engine` lives.
-    pub fn entry(&self, engine: &Engine, wasm: &[u8]) -> PathBuf {
+    /// Where the compiled form for `engine` of the component whose SHA-256
+    /// is `digest` lives.
+    pub fn entry(&self, engine: &Engine, digest: &str) -> PathBuf {
         let mut key = Sha256Hasher(Sha256::new());
         env!("CARGO_PKG_VERSION").hash(&mut key);
         engine.precompile_compatibility_hash().hash(&mut key);
         let engine_key = hex(&key.0.finalize()[..8]);
-        self.dir
-            .join(format!("{engine_key}-{}.cwasm", digest(wasm)))
+        self.dir.join(format!("{engine_key}-{digest}.cwasm"))
     }
 
-    /// Loads the cached compilation of `wasm`, if there is a usable one.
-    pub fn load(&self, engine: &Engine, wasm: &[u8]) -> Option<Component> {
-        let path = self.entry(engine, wasm);
+    /// Loads the cached compilation of the component with `digest`, if there
+    /// is a usable one.
+    pub fn load(&self, engine: &Engine, digest: &str) -> Option<Component> {
+        let path = self.entry(engine, digest);
         if !path.is_file() {
             return None;
         }
@@ -113,10 +114,11 @@ impl CompileCache {
         }
     }
 
-    /// Stores `component`, compiled from `wasm`; written to a temporary file
-    /// and renamed, so a reader never sees half an entry.
-    pub fn store(&self, engine: &Engine, wasm: &[u8], component: &Component) -> Result<PathBuf> {
-        let path = self.entry(engine, wasm);
+    /// Stores `component`, compiled from the component with `digest`;
+    /// written to a temporary file and renamed, so a reader never sees half
+    /// an entry.
+    pub fn store(&self, engine: &Engine, digest: &str, component: &Component) -> Result<PathBuf> {
+        let path = self.entry(engine, digest);
         let bytes = component
             .serialize()
             .map_err(|e| anyhow::anyhow!("cannot serialize: {}", crate::handler::one_line(&e)))?;

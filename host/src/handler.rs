@@ -131,7 +131,7 @@ pub(crate) fn compile(
     engine: &Engine,
     source: &HandlerSource,
     bytes: &[u8],
-    cache: Option<&CompileCache>,
+    cache: Option<(&CompileCache, &str)>,
 ) -> Result<Component> {
     let started = Instant::now();
     let component = Component::from_binary(engine, bytes).map_err(|e| {
@@ -141,7 +141,7 @@ pub(crate) fn compile(
         )
     })?;
     let took = started.elapsed();
-    match cache.map(|c| (c, c.store(engine, bytes, &component))) {
+    match cache.map(|(c, digest)| (c, c.store(engine, digest, &component))) {
         Some((_, Ok(path))) => tracing::info!(
             "compiled handler {source} in {took:.2?}; cached as {}",
             path.display()
@@ -204,12 +204,13 @@ impl Handler {
             }
             None => {
                 check_header(&bytes).map_err(|what| anyhow!("handler {source} {what}"))?;
-                match options.cache.as_ref().and_then(|c| c.load(engine, &bytes)) {
+                let cache = options.cache.as_ref().map(|c| (c, digest.as_str()));
+                match cache.and_then(|(c, digest)| c.load(engine, digest)) {
                     Some(component) => {
                         tracing::info!("loaded handler {source} from the compile cache");
                         component
                     }
-                    None => compile(engine, source, &bytes, options.cache.as_ref())?,
+                    None => compile(engine, source, &bytes, cache)?,
                 }
             }
         };
