@@ -190,13 +190,15 @@ impl Service {
         close(&socket, cut_short);
         self.lock_live().remove(&id);
 
-        let traffic = &socket.traffic;
+        let bytes_in = socket.traffic.bytes_in.load(Ordering::Relaxed);
+        let bytes_out = socket.traffic.bytes_out.load(Ordering::Relaxed);
+        // The last reference: the descriptor is closed before the line says
+        // "closed".
+        drop(socket);
         let memory = limiter.map_or(0, |l| l.peak());
         tracing::info!(
-            "connection {id} closed peer={peer} worker={worker} tenant={} in={} out={} memory={}KiB duration={:.3}ms outcome={outcome}",
+            "connection {id} closed peer={peer} worker={worker} tenant={} in={bytes_in} out={bytes_out} memory={}KiB duration={:.3}ms outcome={outcome}",
             self.tenant,
-            traffic.bytes_in.load(Ordering::Relaxed),
-            traffic.bytes_out.load(Ordering::Relaxed),
             memory.div_ceil(1024),
             started.elapsed().as_secs_f64() * 1000.0,
         );

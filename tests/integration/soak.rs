@@ -79,7 +79,9 @@ fn a_hundred_thousand_short_connections(strategy: Strategy) {
     // Warm up, so lazily started threads (wasmtime-wasi's runtime) count in
     // the baseline, then let the warm-up connections finish.
     assert_eq!(short_connections(&server, WARM_UP), Vec::<String>::new());
-    server.closed_line(WARM_UP);
+    // Every warm-up connection's socket is closed once its line is logged.
+    let closed = |l: &str| l.contains(" closed ");
+    server.wait_for_log_count(closed, WARM_UP as usize);
     let idle = Resources {
         children: strategy.idle_children(),
         ..server.resources()
@@ -93,7 +95,7 @@ fn a_hundred_thousand_short_connections(strategy: Strategy) {
         errors.len(),
         &errors[..errors.len().min(5)]
     );
-    server.closed_line(WARM_UP + CONNECTIONS);
+    server.wait_for_log_count(closed, (WARM_UP + CONNECTIONS) as usize);
     settles_to(&server, idle);
     let failed = server
         .log()

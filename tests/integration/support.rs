@@ -283,6 +283,25 @@ impl Server {
         }
     }
 
+    /// Waits until at least `count` log lines satisfy `matches`.
+    pub fn wait_for_log_count(&self, matches: impl Fn(&str) -> bool, count: usize) {
+        let (log, changed) = &*self.log;
+        let deadline = Instant::now() + PATIENCE;
+        let mut guard = log.lock().unwrap();
+        loop {
+            let seen = guard.lines.iter().filter(|l| matches(l)).count();
+            if seen >= count {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero() && !guard.ended,
+                "only {seen} of {count} matching log lines"
+            );
+            guard = changed.wait_timeout(guard, left).unwrap().0;
+        }
+    }
+
     /// The `connection N closed ...` line of connection `id`.
     pub fn closed_line(&self, id: u64) -> String {
         let prefix = format!("connection {id} closed ");
