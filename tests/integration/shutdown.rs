@@ -67,7 +67,12 @@ fn sigterm_drains_50_streams_then_exits_0(strategy: Strategy) {
     for stream in finishing {
         stream.join().expect("every stream completes intact");
     }
-    server.wait_for_log(|l| l.ends_with(" stopped"));
+    // The host's own last line (prefork's workers each say `stopped` too).
+    let last = match strategy {
+        Strategy::Prefork => "stopped; every worker process reaped",
+        _ => " stopped",
+    };
+    server.wait_for_log(|l| l.ends_with(last));
     assert_eq!(
         children_of(server.pid()),
         Vec::<u32>::new(),
@@ -154,4 +159,46 @@ fn sigterm_to_the_whole_process_group_still_drains(strategy: Strategy) {
         !log.iter().any(|l| l.contains("killed by signal")),
         "{log:#?}"
     );
+}
+
+#[test]
+fn killing_the_prefork_parent_ends_its_workers() {
+    let server = Server::start(Strategy::Prefork, None, &[]);
+    // `listening on` comes before the workers are forked: wait for them.
+    let deadline = std::time::Instant::now() + crate::support::PATIENCE;
+    let workers = loop {
+        let workers = children_of(server.pid());
+        if workers.len() == Strategy::Prefork.idle_children() {
+            break workers;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "prefork started {workers:?}"
+        );
+        thread::sleep(std::time::Duration::from_millis(20));
+    };
+    server.signal(libc::SIGKILL);
+    // The kernel sends each orphaned worker the drain signal; with nothing
+    // in flight it exits at once (a zombie awaiting its new parent is gone
+    // for good, so it counts as exited).
+    for pid in workers {
+        while process_running(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "worker {pid} outlived its parent"
+            );
+            thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// Whether `pid` exists and is not a zombie.
+fn process_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }

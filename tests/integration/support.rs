@@ -428,6 +428,9 @@ pub fn connect_from(addr: SocketAddr, n: u8) -> std::io::Result<TcpStream> {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // The whole group: prefork's workers and forking's children too.
+        // SAFETY: signalling the process group our child leads.
+        unsafe { libc::killpg(self.child.id() as libc::pid_t, libc::SIGKILL) };
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

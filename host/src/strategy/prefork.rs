@@ -123,12 +123,13 @@ fn supervise(
         }
         shutdown.wait_until(Some(deadline))?;
     }
-    tracing::info!("stopped");
+    tracing::info!("stopped; every worker process reaped");
     Ok(())
 }
 
 impl Supervisor<'_> {
     fn spawn(&mut self) {
+        let parent = std::process::id();
         // SAFETY: the parent is single-threaded (see the module invariant).
         match unsafe { libc::fork() } {
             -1 => {
@@ -138,7 +139,7 @@ impl Supervisor<'_> {
                 );
                 self.pending.push(Instant::now() + RESPAWN_DELAY);
             }
-            0 => self.run_worker(),
+            0 => self.run_worker(parent),
             pid => {
                 self.workers.insert(pid, Instant::now());
             }
@@ -147,9 +148,19 @@ impl Supervisor<'_> {
 
     /// The worker's side of `fork()`: its own doorbell, signal handling,
     /// epoch ticker and thread pool around the shared listener.
-    fn run_worker(&mut self) -> ! {
+    fn run_worker(&mut self, parent: u32) -> ! {
         // Only the parent's DRAIN_SIGNAL and END_NOW_SIGNAL count from here.
         super::leave_parent(&self.close_in_child);
+        // A worker must not outlive its parent (killed with SIGKILL, say):
+        // the kernel sends it the drain signal then. If the parent is already
+        // gone, there is nothing to serve for.
+        // SAFETY: prctl and getppid on this process.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, server::DRAIN_SIGNAL);
+            if libc::getppid() as u32 != parent {
+                libc::_exit(0);
+            }
+        }
         let code = match self.serve_as_worker() {
             Ok(()) => 0,
             Err(e) => {
