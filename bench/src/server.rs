@@ -179,7 +179,8 @@ fn drain_log(stderr: std::process::ChildStderr, tx: mpsc::Sender<Result<SocketAd
             continue;
         }
         if let Some(rest) = line.trim().strip_prefix("listening on ") {
-            if let Ok(addr) = rest.parse() {
+            let addr = rest.split_whitespace().next().unwrap_or_default();
+            if let Ok(addr) = addr.parse() {
                 let _ = tx.send(Ok(addr));
                 sent = true;
                 continue;

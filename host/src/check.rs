@@ -260,8 +260,11 @@ fn serve(path: &Path, strategy: StrategyKind) -> Result<Served> {
         let left = deadline.saturating_duration_since(Instant::now());
         match served.log.recv_timeout(left) {
             Ok(line) => {
-                if let Some(addr) = line.strip_prefix("listening on ") {
-                    served.addr = addr
+                if let Some(rest) = line.strip_prefix("listening on ") {
+                    served.addr = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
                         .parse()
                         .context("a `listening on` line without an address")?;
                     return Ok(served);

@@ -1,9 +1,13 @@
-//! The validated settings of `host serve`: what the command line says, turned
-//! into values once, before anything is compiled or bound.
+//! The validated settings of `host serve`: what the command line or the
+//! config file says, turned into values once, before anything is compiled or
+//! bound. [`HostConfig`] is the whole host; [`ServeConfig`] one tenant.
 
-use std::net::SocketAddr;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
+
+use ipnet::IpNet;
 
 use crate::handler::HandlerSource;
 
@@ -30,11 +34,70 @@ impl StrategyKind {
     }
 }
 
-/// Everything `host serve` needs to run.
+/// Everything `host serve` runs: its tenants and the host-wide settings.
 #[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// Sorted by name; names are unique, and so are their listen addresses.
+    pub tenants: Vec<ServeConfig>,
+    /// Where `GET /metrics` is served, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The config file the tenants came from (re-read on reload); `None`
+    /// when they came from flags.
+    pub file: Option<PathBuf>,
+}
+
+/// One address a tenant listens on: `IP:PORT` or `unix:PATH`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// Which peers a tenant serves (socketserver's `verify_request`): a peer in
+/// `deny` is refused; otherwise, if `allow` is not empty, only peers in it
+/// are served. Unix-socket peers have no address and are always served
+/// (the socket file's mode guards them).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
+}
+
+impl Access {
+    pub fn permits(&self, peer: Option<IpAddr>) -> bool {
+        let Some(ip) = peer else {
+            return true;
+        };
+        // An IPv4 client of a dual-stack listener arrives as ::ffff:a.b.c.d.
+        let ip = ip.to_canonical();
+        if self.deny.iter().any(|net| net.contains(&ip)) {
+            return false;
+        }
+        self.allow.is_empty() || self.allow.iter().any(|net| net.contains(&ip))
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.allow.is_empty() && self.deny.is_empty()
+    }
+}
+
+/// Everything one tenant needs to run.
+#[derive(Clone, Debug, PartialEq)]
 pub struct ServeConfig {
     pub handler: HandlerSource,
-    pub addr: SocketAddr,
+    /// At least one address.
+    pub listen: Vec<ListenAddr>,
+    /// Which peers are served.
+    pub access: Access,
     pub strategy: StrategyKind,
     /// Worker threads (threading; per process under prefork).
     pub workers: usize,

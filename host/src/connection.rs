@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io::Read;
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,12 +16,14 @@ use wasmtime::{Engine, Store, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream};
 
-use crate::config::{Grants, Limits};
+use crate::config::{Access, Grants, Limits};
 use crate::engine::EpochClock;
 use crate::guest_clock::GuestClock;
 use crate::guest_log::GuestOutput;
 use crate::handler::{one_line, ConnState, ConnectionInfo, Handler};
 use crate::limits::InstanceLimiter;
+use crate::listener::{local_of, Peer};
+use crate::metrics::TenantMetrics;
 use crate::net_stream::{poll_fd, Socket, SocketInput, SocketOutput};
 
 /// After `handle` returns, the host reads and drops what the client still
@@ -32,8 +34,8 @@ const LINGER_BYTES: usize = 1 << 20;
 
 /// A connection the accept loop has taken from the listener.
 pub struct Accepted {
-    pub stream: TcpStream,
-    pub peer: SocketAddr,
+    pub stream: socket2::Socket,
+    pub peer: Peer,
     /// Unique within one run of the host, increasing from 1.
     pub id: u64,
 }
@@ -105,6 +107,10 @@ pub struct Service {
     limits: Limits,
     grants: Grants,
     clock: EpochClock,
+    /// Which peers are served at all.
+    access: Access,
+    /// The tenant's counters, shared by every process serving it.
+    metrics: Option<TenantMetrics>,
     /// The sockets of the connections this process is serving, so a forced
     /// shutdown can end them.
     live: Mutex<HashMap<u64, Arc<Socket>>>,
@@ -132,9 +138,50 @@ impl Service {
             limits,
             grants,
             clock,
+            access: Access::default(),
+            metrics: None,
             live: Mutex::new(HashMap::new()),
             aborting: AtomicBool::new(false),
         }
+    }
+
+    /// Serves only the peers `access` permits.
+    pub fn with_access(mut self, access: Access) -> Service {
+        self.access = access;
+        self
+    }
+
+    /// Counts every connection in `metrics`.
+    pub fn with_metrics(mut self, metrics: TenantMetrics) -> Service {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    pub fn metrics(&self) -> Option<&TenantMetrics> {
+        self.metrics.as_ref()
+    }
+
+    /// The accept loop's check, before any instance exists: a peer the
+    /// tenant's allow/deny lists refuse is closed unserved, logged and
+    /// counted with outcome `denied`.
+    pub fn admit(&self, conn: Accepted) -> Option<Accepted> {
+        if self.access.permits(conn.peer.ip()) {
+            return Some(conn);
+        }
+        let Accepted { stream, peer, id } = conn;
+        drop(stream);
+        tracing::info!(
+            "connection {id} closed peer={peer} worker=acceptor tenant={} in=0 out=0 memory=0KiB duration=0.000ms outcome=denied",
+            self.tenant
+        );
+        if let Some(metrics) = &self.metrics {
+            metrics.record("denied", 0, 0, Duration::ZERO, None);
+        }
+        None
     }
 
     pub fn handler(&self) -> &Handler {
@@ -154,11 +201,11 @@ impl Service {
     pub fn serve(&self, conn: Accepted, worker: &str) -> Outcome {
         let started = Instant::now();
         let Accepted { stream, peer, id } = conn;
-        let local = stream
-            .local_addr()
-            .map_or_else(|_| "unknown".to_string(), |a| a.to_string());
+        let local = local_of(&stream);
         // Replies are often one small write: do not hold them back (Nagle).
-        let _ = stream.set_nodelay(true);
+        if peer.inet.is_some() {
+            let _ = stream.set_tcp_nodelay(true);
+        }
         let socket = Socket::new(
             stream,
             self.limits.idle_timeout,
@@ -169,7 +216,7 @@ impl Service {
             socket.abort();
         }
         let info = ConnectionInfo {
-            peer_address: peer.to_string(),
+            peer_address: peer.text.clone(),
             local_address: local,
             connection_id: id,
             worker: worker.to_string(),
@@ -195,12 +242,16 @@ impl Service {
         // The last reference: the descriptor is closed before the line says
         // "closed".
         drop(socket);
-        let memory = limiter.map_or(0, |l| l.peak());
+        let memory = limiter.as_ref().map(|l| l.peak() as u64);
+        let duration = started.elapsed();
+        if let Some(metrics) = &self.metrics {
+            metrics.record(outcome.name(), bytes_in, bytes_out, duration, memory);
+        }
         tracing::info!(
             "connection {id} closed peer={peer} worker={worker} tenant={} in={bytes_in} out={bytes_out} memory={}KiB duration={:.3}ms outcome={outcome}",
             self.tenant,
-            memory.div_ceil(1024),
-            started.elapsed().as_secs_f64() * 1000.0,
+            memory.unwrap_or(0).div_ceil(1024),
+            duration.as_secs_f64() * 1000.0,
         );
         outcome
     }
@@ -223,7 +274,7 @@ impl Service {
         let _client = TcpStream::connect(listener.local_addr()?)?;
         let (stream, _) = listener.accept()?;
         let socket = Socket::new(
-            stream,
+            stream.into(),
             self.limits.idle_timeout,
             Instant::now() + self.limits.timeout,
         );
@@ -382,7 +433,7 @@ fn close(socket: &Socket, cut_short: bool) {
     let stream = socket.stream();
     if cut_short {
         // SO_LINGER {on, 0}: the final close sends RST.
-        let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+        let _ = stream.set_linger(Some(Duration::ZERO));
         return;
     }
     if stream.shutdown(Shutdown::Write).is_err() {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Result};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use crate::config::StrategyKind;
+use crate::config::{ServeConfig, StrategyKind};
 use crate::handler::one_line;
 
 /// The epoch ticker's period: the precision of `--timeout` under threading.
@@ -33,16 +33,7 @@ pub fn build(strategy: StrategyKind, instances: usize, max_memory: u64) -> Resul
         StrategyKind::Threading | StrategyKind::Prefork => {
             // Prefork forks after compiling: no compiler threads before that.
             wasm.parallel_compilation(strategy == StrategyKind::Threading);
-            let slots = instances as u32;
-            let mut pool = PoolingAllocationConfig::default();
-            pool.total_component_instances(slots)
-                .total_core_instances(slots.saturating_mul(16))
-                .total_memories(slots.saturating_mul(4))
-                .total_tables(slots.saturating_mul(4))
-                .total_stacks(slots)
-                .max_memory_size(max_memory as usize);
-            let mut pooled = wasm.clone();
-            pooled.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+            let pooled = with_pool(wasm.clone(), instances, max_memory);
             match Engine::new(&pooled) {
                 Ok(engine) => return Ok(engine),
                 Err(e) => tracing::warn!(
@@ -56,6 +47,71 @@ pub fn build(strategy: StrategyKind, instances: usize, max_memory: u64) -> Resul
         }
     }
     Engine::new(&wasm).map_err(|e| anyhow!("cannot create the wasm engine: {}", one_line(&e)))
+}
+
+/// The one engine of `host serve`, for every tenant, built in the host
+/// process before any worker is forked (so compilation runs on the main
+/// thread: the host process starts no thread).
+///
+/// If every tenant uses the forking strategy, instances are allocated on
+/// demand, as [`build`] does for it. Otherwise the pooling allocator is
+/// sized for the tenant that needs the most instances in one process and for
+/// the largest `max-memory`; with `headroom` (a config file, which a reload
+/// may change) at least [`RELOAD_SLOTS`] slots of up to 4 GiB each, so most
+/// reloads fit. Returns the engine and its slot count (`None`: on demand).
+pub fn for_host(tenants: &[ServeConfig], headroom: bool) -> Result<(Engine, Option<usize>)> {
+    let mut wasm = Config::new();
+    wasm.wasm_component_model(true);
+    wasm.epoch_interruption(true);
+    wasm.parallel_compilation(false);
+    if tenants.iter().all(|t| t.strategy == StrategyKind::Forking) {
+        let engine = Engine::new(&wasm)
+            .map_err(|e| anyhow!("cannot create the wasm engine: {}", one_line(&e)))?;
+        return Ok((engine, None));
+    }
+    let mut slots = tenants
+        .iter()
+        .map(ServeConfig::max_instances)
+        .max()
+        .unwrap_or(1);
+    let mut max_memory = tenants
+        .iter()
+        .map(|t| t.limits.max_memory)
+        .max()
+        .unwrap_or(0);
+    if headroom {
+        slots = slots.max(RELOAD_SLOTS);
+        max_memory = 4 << 30;
+    }
+    let pooled = with_pool(wasm.clone(), slots, max_memory);
+    match Engine::new(&pooled) {
+        Ok(engine) => Ok((engine, Some(slots))),
+        Err(e) => {
+            tracing::warn!(
+                "the pooling allocator is not available ({}); instances are allocated on demand",
+                one_line(&e)
+            );
+            let engine = Engine::new(&wasm)
+                .map_err(|e| anyhow!("cannot create the wasm engine: {}", one_line(&e)))?;
+            Ok((engine, None))
+        }
+    }
+}
+
+/// The fewest pool slots a host run from a config file starts with.
+pub const RELOAD_SLOTS: usize = 128;
+
+fn with_pool(mut wasm: Config, slots: usize, max_memory: u64) -> Config {
+    let slots = slots as u32;
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(slots)
+        .total_core_instances(slots.saturating_mul(16))
+        .total_memories(slots.saturating_mul(4))
+        .total_tables(slots.saturating_mul(4))
+        .total_stacks(slots)
+        .max_memory_size(max_memory as usize);
+    wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    wasm
 }
 
 /// What advances the engine's epoch, and so how a store's deadline is set.

@@ -1,6 +1,6 @@
 //! The connection's socket as `wasi:io` streams: the `input-stream` and
 //! `output-stream` resources a handler receives are implemented directly over
-//! the accepted `TcpStream`.
+//! the accepted socket (TCP or Unix-domain).
 //!
 //! Every operation first tries the socket without blocking (`recv`/`send` with
 //! `MSG_DONTWAIT`), so data that is already there costs one system call. A
@@ -15,7 +15,6 @@
 //! I/O is stopped by it as surely as one spinning in wasm code.
 
 use std::io;
-use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -36,7 +35,7 @@ pub struct Socket {
     /// Declared before `stream`: it must be dropped (deregistered) before the
     /// descriptor closes.
     reactor: OnceLock<AsyncFd<RawFdRef>>,
-    stream: TcpStream,
+    stream: socket2::Socket,
     idle_timeout: Duration,
     /// When the connection's `--timeout` runs out.
     deadline: Instant,
@@ -87,7 +86,7 @@ impl Direction {
 }
 
 impl Socket {
-    pub fn new(stream: TcpStream, idle_timeout: Duration, deadline: Instant) -> Arc<Socket> {
+    pub fn new(stream: socket2::Socket, idle_timeout: Duration, deadline: Instant) -> Arc<Socket> {
         Arc::new(Socket {
             stream,
             idle_timeout,
@@ -103,7 +102,7 @@ impl Socket {
         self.deadline
     }
 
-    pub fn stream(&self) -> &TcpStream {
+    pub fn stream(&self) -> &socket2::Socket {
         &self.stream
     }
 

@@ -7,7 +7,6 @@
 //! than in the host's memory.
 
 use std::io;
-use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -16,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 
 use crate::connection::Accepted;
+use crate::listener::Listener;
 use crate::strategy::Strategy;
 
 /// Stops an accept loop from anywhere: another thread, a signal handler (via
@@ -29,6 +29,8 @@ struct Doorbell {
     requested: AtomicBool,
     /// Shutdown signals received; a second one means "now".
     signals: AtomicUsize,
+    /// A reload was asked for (SIGHUP) and not yet taken.
+    reload: AtomicBool,
     read: OwnedFd,
     write: OwnedFd,
 }
@@ -64,6 +66,7 @@ impl Shutdown {
             inner: Arc::new(Doorbell {
                 requested: AtomicBool::new(false),
                 signals: AtomicUsize::new(0),
+                reload: AtomicBool::new(false),
                 read,
                 write,
             }),
@@ -114,32 +117,66 @@ impl Shutdown {
         Ok(())
     }
 
+    /// Makes `signal` (SIGHUP) ask for a reload: [`Shutdown::take_reload`]
+    /// says so once.
+    pub fn reload_on_signal(&self, signal: libc::c_int) -> Result<signal_hook::SigId> {
+        let doorbell = self.inner.clone();
+        let action = move || {
+            doorbell.reload.store(true, Ordering::SeqCst);
+            ring(doorbell.write.as_raw_fd());
+        };
+        // SAFETY: the action only touches an atomic and write(2).
+        unsafe { signal_hook::low_level::register(signal, action) }
+            .with_context(|| format!("cannot handle signal {signal}"))
+    }
+
+    /// Whether a reload was asked for since the last call.
+    pub fn take_reload(&self) -> bool {
+        self.inner.reload.swap(false, Ordering::SeqCst)
+    }
+
     /// Makes `signal` stop the loop with a handler of our own, replacing any
     /// earlier one (a forked worker must not run its parent's handlers,
     /// which write to the parent's descriptors). [`END_NOW_SIGNAL`] counts as
     /// a second signal at once. One doorbell per process.
     pub fn stop_on_signal_directly(&self, signal: libc::c_int) -> Result<()> {
-        let doorbell = Arc::into_raw(self.inner.clone()).cast_mut();
-        DIRECT_DOORBELL.store(doorbell, Ordering::SeqCst);
-        // SAFETY: installs a handler that only uses atomics and write(2).
-        let installed = unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_direct_signal as *const () as usize;
-            action.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(signal, &action, std::ptr::null_mut())
-        };
-        if installed != 0 {
-            return Err(io::Error::last_os_error())
-                .with_context(|| format!("cannot handle signal {signal}"));
+        if !std::ptr::eq(
+            DIRECT_DOORBELL.load(Ordering::SeqCst),
+            Arc::as_ptr(&self.inner),
+        ) {
+            let doorbell = Arc::into_raw(self.inner.clone()).cast_mut();
+            DIRECT_DOORBELL.store(doorbell, Ordering::SeqCst);
+        }
+        install_direct(signal, on_direct_signal)?;
+        // A forked worker blocks its parent's orders until it can take them
+        // (`strategy::leave_parent`): one sent meanwhile arrives now.
+        // SAFETY: unblocking one signal for the calling thread.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, signal);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
         }
         Ok(())
     }
 
+    /// Makes `signal` ring this process's direct doorbell (the one
+    /// [`Shutdown::stop_on_signal_directly`] installed) without stopping
+    /// anything: a forked worker's SIGCHLD. signal_hook cannot be used
+    /// there: its registrations were inherited from the host process, whose
+    /// handler the worker has reset.
+    pub fn ring_on_signal_directly(&self, signal: libc::c_int) -> Result<()> {
+        let doorbell = DIRECT_DOORBELL.load(Ordering::SeqCst);
+        if !std::ptr::eq(doorbell, Arc::as_ptr(&self.inner)) {
+            anyhow::bail!("ring_on_signal_directly needs stop_on_signal_directly first");
+        }
+        install_direct(signal, on_ring_signal)
+    }
+
     /// Waits until the doorbell rings or `until` passes, then empties it.
     pub(crate) fn wait_until(&self, until: Option<Instant>) -> Result<()> {
-        let [_, rang] = wait(&[None, Some(self.inner.read.as_raw_fd())], until)?;
-        if rang {
+        let rang = wait(&[Some(self.inner.read.as_raw_fd())], until)?;
+        if rang[0] {
             self.drain();
         }
         Ok(())
@@ -224,6 +261,31 @@ pub const DRAIN_SIGNAL: libc::c_int = libc::SIGUSR1;
 /// signal of its own, so it cannot merge with a drain signal still pending.
 pub const END_NOW_SIGNAL: libc::c_int = libc::SIGUSR2;
 
+/// Installs `handler` for `signal` with sigaction(2).
+fn install_direct(signal: libc::c_int, handler: extern "C" fn(libc::c_int)) -> Result<()> {
+    // SAFETY: installs a handler that only uses atomics and write(2).
+    let installed = unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = handler as *const () as usize;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(signal, &action, std::ptr::null_mut())
+    };
+    if installed != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("cannot handle signal {signal}"));
+    }
+    Ok(())
+}
+
+extern "C" fn on_ring_signal(_signal: libc::c_int) {
+    let doorbell = DIRECT_DOORBELL.load(Ordering::SeqCst);
+    // SAFETY: as in `on_direct_signal`.
+    if let Some(doorbell) = unsafe { doorbell.as_ref() } {
+        ring(doorbell.write.as_raw_fd());
+    }
+}
+
 extern "C" fn on_direct_signal(signal: libc::c_int) {
     let doorbell = DIRECT_DOORBELL.load(Ordering::SeqCst);
     // SAFETY: the pointer comes from a leaked Arc (see `stop_on_signal_directly`)
@@ -236,58 +298,77 @@ extern "C" fn on_direct_signal(signal: libc::c_int) {
     }
 }
 
-/// Accepts connections from `listener` and hands each to `strategy` until
-/// `shutdown` is triggered. Then it closes the listener (new clients are
-/// refused), lets the connections in flight finish for up to `drain_timeout`
+/// Accepts connections from `listeners` and hands each to `strategy` until
+/// `shutdown` is triggered. Then it closes the listeners (this process's
+/// copies), lets the connections in flight finish for up to `drain_timeout`
 /// (or until a second signal), ends the rest, and returns once every worker
 /// is done.
 pub fn run(
-    listener: TcpListener,
+    listeners: Vec<Listener>,
     strategy: &mut dyn Strategy,
     shutdown: &Shutdown,
     ids: &ConnectionIds,
     drain_timeout: Duration,
 ) -> Result<()> {
-    listener
-        .set_nonblocking(true)
-        .context("cannot make the listener non-blocking")?;
+    for listener in &listeners {
+        listener
+            .set_nonblocking(true)
+            .context("cannot make the listener non-blocking")?;
+    }
+    let doorbell = shutdown.inner.read.as_raw_fd();
+    let mut fds: Vec<Option<RawFd>> = Vec::with_capacity(listeners.len() + 1);
+    // Listeners whose socket was shut down (at host shutdown) are done.
+    let mut open = vec![true; listeners.len()];
     'accepting: while !shutdown.is_triggered() {
         let accepting = strategy.has_capacity();
-        let [listener_ready, doorbell_rang] = wait(
-            &[
-                (accepting.then(|| listener.as_raw_fd())),
-                Some(shutdown.inner.read.as_raw_fd()),
-            ],
-            strategy.next_wakeup(),
-        )?;
-        if doorbell_rang {
+        fds.clear();
+        fds.push(Some(doorbell));
+        fds.extend(
+            listeners
+                .iter()
+                .zip(&open)
+                .map(|(l, open)| (accepting && *open).then(|| l.as_raw_fd())),
+        );
+        let ready = wait(&fds, strategy.next_wakeup())?;
+        if ready[0] {
             shutdown.drain();
         }
         // Reap, count freed slots and enforce deadlines on every wake-up.
         strategy.maintain();
-        if !listener_ready || shutdown.is_triggered() {
-            continue;
-        }
-        // Take what the backlog holds, as long as there is room for it.
-        while strategy.has_capacity() && !shutdown.is_triggered() {
-            match listener.accept() {
-                Ok((stream, peer)) => {
-                    let id = ids.next();
-                    strategy.dispatch(Accepted { stream, peer, id });
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                // The listening socket was shut down (prefork's parent does
-                // that at shutdown, for every worker at once).
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break 'accepting,
-                Err(e) => {
-                    accept_failed(&e);
-                    break;
+        for (i, listener) in listeners.iter().enumerate() {
+            if !ready[i + 1] {
+                continue;
+            }
+            // Take what the backlog holds, as long as there is room for it.
+            while strategy.has_capacity() && !shutdown.is_triggered() {
+                match listener.accept() {
+                    Ok((stream, peer)) => {
+                        let id = ids.next();
+                        if let Some(conn) = strategy.service().admit(Accepted { stream, peer, id })
+                        {
+                            strategy.dispatch(conn);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    // The listening socket was shut down (the host does that
+                    // at shutdown, for every process at once).
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        open[i] = false;
+                        if !open.contains(&true) {
+                            break 'accepting;
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        accept_failed(&e);
+                        break;
+                    }
                 }
             }
         }
     }
 
-    drop(listener);
+    drop(listeners);
     strategy.stop_accepting();
     strategy.maintain();
     let in_flight = strategy.in_flight();
@@ -312,41 +393,39 @@ pub fn run(
             break;
         }
         let wake_at = strategy.next_wakeup().map_or(deadline, |t| t.min(deadline));
-        let [_, doorbell_rang] = wait(
-            &[None, Some(shutdown.inner.read.as_raw_fd())],
-            Some(wake_at),
-        )?;
-        if doorbell_rang {
-            shutdown.drain();
-        }
+        shutdown.wait_until(Some(wake_at))?;
     }
     strategy.finish();
     tracing::info!("stopped");
     Ok(())
 }
 
-/// poll(2) on up to two descriptors until one is readable or `until` passes;
-/// says which were readable. EINTR counts as a wake-up with nothing ready.
-fn wait(fds: &[Option<RawFd>; 2], until: Option<Instant>) -> Result<[bool; 2]> {
-    let mut pollfds = fds.map(|fd| libc::pollfd {
-        fd: fd.unwrap_or(-1),
-        events: libc::POLLIN,
-        revents: 0,
-    });
+/// poll(2) on descriptors (`None`: skipped) until one is readable or `until`
+/// passes; says which were readable. EINTR counts as a wake-up with nothing
+/// ready.
+pub(crate) fn wait(fds: &[Option<RawFd>], until: Option<Instant>) -> Result<Vec<bool>> {
+    let mut pollfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.unwrap_or(-1),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     let timeout = until.map_or(-1, |t| {
         let left = t.saturating_duration_since(Instant::now());
         left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
     });
-    // SAFETY: two valid pollfds.
-    let n = unsafe { libc::poll(pollfds.as_mut_ptr(), 2, timeout) };
+    // SAFETY: a valid array of pollfds of the given length.
+    let n = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, timeout) };
     if n < 0 {
         let err = io::Error::last_os_error();
         if err.kind() == io::ErrorKind::Interrupted {
-            return Ok([false, false]);
+            return Ok(vec![false; fds.len()]);
         }
-        return Err(err).context("poll on the listener failed");
+        return Err(err).context("poll on the listeners failed");
     }
-    Ok(pollfds.map(|p| p.revents != 0))
+    Ok(pollfds.iter().map(|p| p.revents != 0).collect())
 }
 
 /// An accept error ends one connection attempt, never the server. Running out

@@ -1,6 +1,7 @@
 //! Test support: the guests (built once per run), a real `host serve` process
 //! on port 0 whose log the tests can read, and small TCP clients.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -50,11 +51,12 @@ impl Strategy {
         }
     }
 
-    /// Child processes of an idle host: prefork keeps its workers.
+    /// Descendant processes of an idle host: its worker processes (prefork
+    /// one per core, else one).
     pub fn idle_children(self) -> usize {
         match self {
             Strategy::Prefork => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            _ => 0,
+            _ => 1,
         }
     }
 }
@@ -197,17 +199,31 @@ impl Server {
     /// Starts the host with `handler` (None: the built-in echo) and waits for
     /// its `listening on` line.
     pub fn start(strategy: Strategy, handler: Option<&Path>, extra: &[&str]) -> Server {
-        let mut command = Command::new(host_binary());
-        command.args([
-            "serve",
-            "--addr",
-            "127.0.0.1:0",
-            "--strategy",
-            strategy.name(),
-        ]);
+        let mut args: Vec<OsString> = ["serve", "--addr", "127.0.0.1:0", "--strategy"]
+            .into_iter()
+            .map(OsString::from)
+            .collect();
+        args.push(strategy.name().into());
         if let Some(handler) = handler {
-            command.arg("--handler").arg(handler);
+            args.push("--handler".into());
+            args.push(handler.into());
         }
+        let mut server = Server::spawn(&args, extra);
+        let line = server.wait_for_log(|l| l.starts_with("listening on "));
+        server.addr = line["listening on ".len()..]
+            .split_whitespace()
+            .next()
+            .and_then(|addr| addr.parse().ok())
+            .expect("listening on IP:PORT tenant=NAME");
+        server
+    }
+
+    /// Starts `host ARGS EXTRA` (with the tests' compile cache unless `extra`
+    /// names one) in its own process group, collecting its stderr as the
+    /// log. Waits for nothing; `addr()` is unset until the caller sets it.
+    pub fn spawn(args: &[OsString], extra: &[&str]) -> Server {
+        let mut command = Command::new(host_binary());
+        command.args(args);
         if !extra
             .iter()
             .any(|a| *a == "--no-cache" || *a == "--cache-dir")
@@ -239,16 +255,11 @@ impl Server {
             log.lock().unwrap().ended = true;
             changed.notify_all();
         });
-        let mut server = Server {
+        Server {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
             log,
-        };
-        let line = server.wait_for_log(|l| l.starts_with("listening on "));
-        server.addr = line["listening on ".len()..]
-            .parse()
-            .expect("listening on IP:PORT");
-        server
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -355,23 +366,35 @@ impl Server {
             .collect()
     }
 
-    /// Open descriptors, threads and live child processes of the host.
+    /// Open descriptors and threads of the host and all its descendant
+    /// processes (the host process, its workers, forked connections), and
+    /// how many descendants there are.
     pub fn resources(&self) -> Resources {
-        let pid = self.child.id();
-        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .unwrap()
-            .count();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let threads = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Threads:"))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap();
-        Resources {
-            fds,
-            threads,
-            children: children_of(pid).len(),
+        let mut tree = vec![self.child.id()];
+        let mut i = 0;
+        while i < tree.len() {
+            let children = children_of(tree[i]);
+            tree.extend(children);
+            i += 1;
         }
+        let mut resources = Resources {
+            fds: 0,
+            threads: 0,
+            children: tree.len() - 1,
+        };
+        for pid in tree {
+            // A process may exit while it is counted: count what is there.
+            if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+                resources.fds += fds.count();
+            }
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            resources.threads += status
+                .lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+        }
+        resources
     }
 }
 
@@ -562,4 +585,239 @@ pub fn fields(text: &str) -> std::collections::HashMap<String, String> {
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+impl Server {
+    /// How many log lines the host has written so far: a mark for
+    /// [`Server::wait_for_log_since`].
+    pub fn log_len(&self) -> usize {
+        self.log.0.lock().unwrap().lines.len()
+    }
+
+    /// The host's exit status, if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    /// Waits until a log line written after the first `since` lines
+    /// satisfies `matches` and returns it.
+    pub fn wait_for_log_since(&self, since: usize, matches: impl Fn(&str) -> bool) -> String {
+        let (log, changed) = &*self.log;
+        let deadline = Instant::now() + PATIENCE;
+        let mut guard = log.lock().unwrap();
+        loop {
+            if let Some(line) = guard.lines.iter().skip(since).find(|l| matches(l)) {
+                return line.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let why = if guard.ended {
+                "the host exited"
+            } else {
+                "timed out"
+            };
+            assert!(
+                !left.is_zero() && !guard.ended,
+                "no such log line after line {since} ({why}); the log so far:\n{}",
+                guard.lines.join("\n")
+            );
+            guard = changed.wait_timeout(guard, left).unwrap().0;
+        }
+    }
+}
+
+/// A string as a TOML basic string (quoted, escaped), for paths in configs.
+pub fn toml_string(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A path as a TOML basic string.
+pub fn toml_path(path: &Path) -> String {
+    toml_string(path.to_str().expect("a UTF-8 path"))
+}
+
+/// How many listeners a config declares: every tenant's `listen` (or the
+/// `[defaults]` one), one address where neither gives any.
+pub fn listener_count(toml_text: &str) -> usize {
+    let table: toml::Table = toml_text.parse().expect("the test's config is valid TOML");
+    let default_listen = table
+        .get("defaults")
+        .and_then(|d| d.get("listen"))
+        .and_then(|l| l.as_array())
+        .map(|l| l.len());
+    let Some(tenants) = table.get("tenants").and_then(|t| t.as_table()) else {
+        return 0;
+    };
+    tenants
+        .values()
+        .map(|tenant| {
+            tenant
+                .get("listen")
+                .and_then(|l| l.as_array())
+                .map(|l| l.len())
+                .or(default_listen)
+                .unwrap_or(1)
+        })
+        .sum()
+}
+
+/// A running `host serve --config FILE` (the file in its own scratch
+/// directory), killed with its whole process group when dropped. Derefs to
+/// [`Server`] for the log, signals and exit; `addr()` there is the first TCP
+/// listener.
+pub struct ConfigServer {
+    server: Server,
+    file: PathBuf,
+    // Dropped after the server: the host may still use the directory.
+    dir: TempDir,
+}
+
+impl Server {
+    /// Starts `host serve --config FILE EXTRA` with `toml` written to FILE in
+    /// a fresh scratch directory, and waits for every `listening on` line
+    /// (and the `metrics on` line when the file has `[metrics]` or `extra`
+    /// has `--metrics-addr`).
+    pub fn start_config(toml: &str, extra: &[&str]) -> ConfigServer {
+        ConfigServer::start_in(TempDir::new("config"), toml, extra)
+    }
+}
+
+impl ConfigServer {
+    /// As [`Server::start_config`], with the file written into `dir` as
+    /// `host.toml` (so the config may name paths inside `dir`).
+    pub fn start_in(dir: TempDir, toml: &str, extra: &[&str]) -> ConfigServer {
+        let file = dir.path().join("host.toml");
+        std::fs::write(&file, toml).unwrap();
+        let args: Vec<OsString> = vec!["serve".into(), "--config".into(), file.clone().into()];
+        let server = Server::spawn(&args, extra);
+        let listeners = listener_count(toml);
+        server.wait_for_log_count(|l| l.starts_with("listening on "), listeners);
+        let with_metrics = extra.contains(&"--metrics-addr")
+            || toml
+                .parse::<toml::Table>()
+                .is_ok_and(|t| t.get("metrics").is_some());
+        if with_metrics {
+            server.wait_for_log(|l| l.starts_with("metrics on "));
+        }
+        let mut config = ConfigServer { server, file, dir };
+        if let Some(addr) = config.listening().iter().find_map(|(_, a)| a.parse().ok()) {
+            config.server.addr = addr;
+        }
+        config
+    }
+
+    /// The scratch directory the config file is in.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Replaces the config file's text (atomically: a watcher never sees a
+    /// half-written file).
+    pub fn rewrite(&self, toml: &str) {
+        let staged = self.dir.path().join(".host.toml.new");
+        std::fs::write(&staged, toml).unwrap();
+        std::fs::rename(&staged, &self.file).unwrap();
+    }
+
+    /// Every `listening on ADDR tenant=NAME` line so far, as (NAME, ADDR).
+    pub fn listening(&self) -> Vec<(String, String)> {
+        self.server
+            .log()
+            .iter()
+            .filter_map(|l| l.strip_prefix("listening on "))
+            .filter_map(|rest| {
+                let (addr, tenant) = rest.split_once(" tenant=")?;
+                Some((tenant.trim().to_string(), addr.to_string()))
+            })
+            .collect()
+    }
+
+    /// The (latest) TCP address `tenant` listens on.
+    pub fn addr(&self, tenant: &str) -> SocketAddr {
+        self.listening()
+            .iter()
+            .rev()
+            .filter(|(name, _)| name == tenant)
+            .find_map(|(_, addr)| addr.parse().ok())
+            .unwrap_or_else(|| panic!("tenant {tenant} listens on no TCP address"))
+    }
+
+    /// The (latest) Unix socket path `tenant` listens on.
+    pub fn unix_path(&self, tenant: &str) -> PathBuf {
+        self.listening()
+            .iter()
+            .rev()
+            .filter(|(name, _)| name == tenant)
+            .find_map(|(_, addr)| addr.strip_prefix("unix:").map(PathBuf::from))
+            .unwrap_or_else(|| panic!("tenant {tenant} listens on no Unix socket"))
+    }
+
+    /// Where `/metrics` is served.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        let line = self.server.wait_for_log(|l| l.starts_with("metrics on "));
+        line.trim_start_matches("metrics on http://")
+            .trim_end_matches("/metrics")
+            .parse()
+            .unwrap_or_else(|_| panic!("metrics on http://IP:PORT/metrics: {line}"))
+    }
+
+    /// `GET /metrics`: the body of a 200 response.
+    pub fn metrics(&self) -> String {
+        let (status, body) = http_get(self.metrics_addr(), "/metrics");
+        assert!(
+            status.contains(" 200 "),
+            "GET /metrics answered {status}:\n{body}"
+        );
+        body
+    }
+
+    /// Sends SIGHUP and returns the next `reloaded: ...` or `reload failed`
+    /// line.
+    pub fn reload(&self) -> String {
+        let mark = self.server.log_len();
+        self.server.signal(libc::SIGHUP);
+        self.wait_for_reload(mark)
+    }
+
+    /// The first `reloaded: ...` or `reload failed` line after line `mark`.
+    pub fn wait_for_reload(&self, mark: usize) -> String {
+        self.server.wait_for_log_since(mark, |l| {
+            l.contains("reloaded: ") || l.contains("reload failed")
+        })
+    }
+}
+
+impl std::ops::Deref for ConfigServer {
+    type Target = Server;
+
+    fn deref(&self) -> &Server {
+        &self.server
+    }
+}
+
+impl std::ops::DerefMut for ConfigServer {
+    fn deref_mut(&mut self) -> &mut Server {
+        &mut self.server
+    }
+}
+
+/// A plain HTTP/1.0 `GET`: the status line and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut stream = connect(addr);
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let response = String::from_utf8(read_to_end(stream)).expect("a UTF-8 response");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of the headers in:\n{response}"));
+    let status = head.lines().next().unwrap_or_default().to_string();
+    (status, body.to_string())
 }

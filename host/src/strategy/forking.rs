@@ -17,8 +17,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -27,6 +26,7 @@ use wasmtime::Engine;
 
 use super::Strategy;
 use crate::connection::{Accepted, Service, LINGER};
+use crate::listener::Peer;
 use crate::server::Shutdown;
 
 pub struct Forking {
@@ -39,19 +39,11 @@ pub struct Forking {
     backstop: Duration,
     /// After a failed fork, no accepting until then.
     paused_until: Option<Instant>,
-    /// The SIGCHLD registration, undone when this strategy goes.
-    sigchld: signal_hook::SigId,
-}
-
-impl Drop for Forking {
-    fn drop(&mut self) {
-        signal_hook::low_level::unregister(self.sigchld);
-    }
 }
 
 struct Child {
     id: u64,
-    peer: SocketAddr,
+    peer: Peer,
     started: Instant,
     /// Why the parent killed it, if it did.
     killed: Option<&'static str>,
@@ -74,12 +66,13 @@ impl Forking {
         service: Arc<Service>,
         limit: usize,
         shutdown: &Shutdown,
-        listener: &TcpListener,
+        listeners: &[RawFd],
     ) -> Result<Forking> {
         // Every exiting child rings the doorbell, so it is reaped at once.
-        let sigchld = shutdown.ring_on_signal(libc::SIGCHLD)?;
+        // The worker process's own handler (see `ring_on_signal_directly`).
+        shutdown.ring_on_signal_directly(libc::SIGCHLD)?;
         let mut close_in_child = shutdown.descriptors().to_vec();
-        close_in_child.push(listener.as_raw_fd());
+        close_in_child.extend_from_slice(listeners);
         let limits = service.limits();
         // A child's guest stops at `timeout`; its output may then take an
         // idle timeout to flush and its close a linger.
@@ -91,7 +84,6 @@ impl Forking {
             close_in_child,
             backstop,
             paused_until: None,
-            sigchld,
         })
     }
 
@@ -129,11 +121,12 @@ impl Forking {
                     continue;
                 }
                 // ECHILD: no children are left, whatever the table says.
-                for (pid, child) in self.children.drain() {
+                for (pid, child) in std::mem::take(&mut self.children) {
                     tracing::warn!(
                         "connection {} worker=pid-{pid}: the worker process vanished",
                         child.id
                     );
+                    self.ended(None);
                 }
                 return;
             }
@@ -142,7 +135,19 @@ impl Forking {
             }
             flags = libc::WNOHANG;
             if let Some(child) = self.children.remove(&pid) {
-                report_exit(pid, &child, status);
+                let outcome = report_exit(pid, &child, status, self.service.tenant());
+                self.ended(outcome);
+            }
+        }
+    }
+
+    /// A child is gone: the in-flight gauge drops, and an outcome the child
+    /// could not count itself is counted here.
+    fn ended(&self, outcome: Option<&'static str>) {
+        if let Some(metrics) = self.service.metrics() {
+            metrics.connection_ended();
+            if let Some(outcome) = outcome {
+                metrics.record(outcome, 0, 0, Duration::ZERO, None);
             }
         }
     }
@@ -186,8 +191,13 @@ fn arm_alarm(engine: &Engine, timeout: Duration) {
 }
 
 /// A child that did not exit normally never wrote its connection's line:
-/// the parent writes it.
-fn report_exit(pid: libc::pid_t, child: &Child, status: libc::c_int) {
+/// the parent writes it, and returns the outcome it logged.
+fn report_exit(
+    pid: libc::pid_t,
+    child: &Child,
+    status: libc::c_int,
+    tenant: &str,
+) -> Option<&'static str> {
     let (outcome, cause) = if let Some(why) = child.killed {
         (why, format!("the worker process was killed ({why})"))
     } else if libc::WIFSIGNALED(status) {
@@ -203,14 +213,15 @@ fn report_exit(pid: libc::pid_t, child: &Child, status: libc::c_int) {
             format!("the worker process exited with status {code}"),
         )
     } else {
-        return;
+        return None;
     };
     tracing::warn!(
-        "connection {} closed peer={} worker=pid-{pid} duration={:.3}ms outcome={outcome} error={cause:?}",
+        "connection {} closed peer={} worker=pid-{pid} tenant={tenant} duration={:.3}ms outcome={outcome} error={cause:?}",
         child.id,
         child.peer,
         child.started.elapsed().as_secs_f64() * 1000.0,
     );
+    Some(outcome)
 }
 
 impl Strategy for Forking {
@@ -228,19 +239,26 @@ impl Strategy for Forking {
                 // pause ends, instead of being accepted and dropped.
                 let err = io::Error::last_os_error();
                 tracing::error!(
-                    "connection {} closed peer={} outcome=host-error error=\"fork failed: {err}\"",
+                    "connection {} closed peer={} tenant={} outcome=host-error error=\"fork failed: {err}\"",
                     conn.id,
-                    conn.peer
+                    conn.peer,
+                    self.service.tenant(),
                 );
+                if let Some(metrics) = self.service.metrics() {
+                    metrics.record("host-error", 0, 0, Duration::ZERO, None);
+                }
                 self.paused_until = Some(Instant::now() + FORK_RETRY);
             }
             0 => self.run_child(conn),
             pid => {
+                if let Some(metrics) = self.service.metrics() {
+                    metrics.connection_started();
+                }
                 self.children.insert(
                     pid,
                     Child {
                         id: conn.id,
-                        peer: conn.peer,
+                        peer: conn.peer.clone(),
                         started: Instant::now(),
                         killed: None,
                     },
@@ -249,6 +267,10 @@ impl Strategy for Forking {
                 drop(conn);
             }
         }
+    }
+
+    fn service(&self) -> &Service {
+        &self.service
     }
 
     fn maintain(&mut self) {

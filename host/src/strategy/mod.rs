@@ -3,18 +3,11 @@
 //! strategy is one new file here.
 
 mod forking;
-pub mod prefork;
 mod threading;
 
-use std::net::TcpListener;
-use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Result;
-
-use crate::config::{ServeConfig, StrategyKind};
 use crate::connection::{Accepted, Service};
-use crate::server::Shutdown;
 
 pub use forking::Forking;
 pub use threading::Threading;
@@ -28,6 +21,9 @@ pub trait Strategy {
 
     /// Starts serving `conn` and returns without waiting for it.
     fn dispatch(&mut self, conn: Accepted);
+
+    /// What every connection runs (the accept loop asks it to admit peers).
+    fn service(&self) -> &Service;
 
     /// Called on every wake-up of the accept loop: catch up on finished work
     /// (reap children, count freed slots) and enforce deadlines.
@@ -58,42 +54,28 @@ pub trait Strategy {
 /// write to descriptors that are closed here and whose numbers may be reused;
 /// ignore SIGINT and SIGTERM, since a terminal's Ctrl-C and a service
 /// manager's stop reach the whole process group and the parent decides
-/// (it drains, then kills); and close the parent's descriptors.
-fn leave_parent(close: &[std::os::fd::RawFd]) {
+/// (it drains, then kills); ignore SIGHUP, which asks the host process to
+/// reload, and a closing terminal sends to the whole group; and close the
+/// parent's descriptors.
+pub(crate) fn leave_parent(close: &[std::os::fd::RawFd]) {
     // SAFETY: async-signal-safe calls only, on a fresh single-threaded child.
     unsafe {
-        for signal in [libc::SIGCHLD, libc::SIGHUP, libc::SIGQUIT] {
+        for signal in [libc::SIGCHLD, libc::SIGQUIT] {
             libc::signal(signal, libc::SIG_DFL);
         }
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
-        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::signal(signal, libc::SIG_IGN);
+        }
+        // The parent's orders to its workers stay pending until a worker
+        // installs its own handlers (`stop_on_signal_directly` unblocks
+        // them); a forked connection never takes them.
+        let mut orders: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut orders);
+        libc::sigaddset(&mut orders, crate::server::DRAIN_SIGNAL);
+        libc::sigaddset(&mut orders, crate::server::END_NOW_SIGNAL);
+        libc::sigprocmask(libc::SIG_BLOCK, &orders, std::ptr::null_mut());
         for &fd in close {
             libc::close(fd);
         }
     }
-}
-
-/// The strategy `config` asks for, serving `service`.
-pub fn build(
-    config: &ServeConfig,
-    service: Arc<Service>,
-    shutdown: &Shutdown,
-    listener: &TcpListener,
-) -> Result<Box<dyn Strategy>> {
-    Ok(match config.strategy {
-        StrategyKind::Threading => Box::new(Threading::new(
-            service,
-            config.workers,
-            config.max_in_flight(),
-            shutdown.waker(),
-            "",
-        )),
-        StrategyKind::Forking => Box::new(Forking::new(
-            service,
-            config.max_in_flight(),
-            shutdown,
-            listener,
-        )?),
-        StrategyKind::Prefork => unreachable!("prefork runs its own supervisor: prefork::run"),
-    })
 }

@@ -56,10 +56,13 @@ impl Threading {
 }
 
 /// Frees the connection's slot even if serving it panicked.
-struct Slot(Arc<Slots>);
+struct Slot(Arc<Slots>, Arc<Service>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        if let Some(metrics) = self.1.metrics() {
+            metrics.connection_ended();
+        }
         let slots = &self.0;
         let was = slots.in_flight.fetch_sub(1, Ordering::SeqCst);
         // The accept loop may be waiting for this slot, or draining.
@@ -90,7 +93,10 @@ impl Strategy for Threading {
 
     fn dispatch(&mut self, conn: Accepted) {
         self.slots.in_flight.fetch_add(1, Ordering::SeqCst);
-        let slot = Slot(self.slots.clone());
+        if let Some(metrics) = self.service.metrics() {
+            metrics.connection_started();
+        }
+        let slot = Slot(self.slots.clone(), self.service.clone());
         let service = self.service.clone();
         let prefix = self.name_prefix.clone();
         self.pool.execute(move || {
@@ -104,6 +110,10 @@ impl Strategy for Threading {
                 tracing::error!("connection {id} worker={worker}: the host panicked serving it");
             }
         });
+    }
+
+    fn service(&self) -> &Service {
+        &self.service
     }
 
     fn maintain(&mut self) {}

@@ -1,0 +1,223 @@
+//! The sockets a tenant listens on, TCP or Unix-domain, and what `accept`
+//! gives back: a socket and a printable peer.
+//!
+//! Unix listeners (socketserver's `UnixStreamServer`): the socket file is
+//! created with mode 0660; a file left by a dead host is replaced, one a live
+//! server answers on is an error; the file is removed when the process that
+//! bound it drops the listener (never by a forked worker dropping its copy).
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _, Result};
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::config::ListenAddr;
+
+/// Pending connections the kernel holds while every worker is busy.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// The mode of a Unix listener's socket file: owner and group may connect.
+const UNIX_SOCKET_MODE: u32 = 0o660;
+
+/// A bound, listening socket.
+pub struct Listener {
+    socket: Socket,
+    /// What it was asked to listen on (port 0 stays 0 here).
+    configured: ListenAddr,
+    /// What it listens on (port 0 resolved).
+    local: ListenAddr,
+    /// For a Unix listener: the pid that created the file and the file's
+    /// identity, so only that process removes it, and only if it is still
+    /// this socket's file.
+    unix_file: Option<(u32, u64, u64)>,
+}
+
+/// The other end of an accepted connection.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// The peer's IP address and port (TCP); `None` over a Unix socket.
+    pub inet: Option<SocketAddr>,
+    /// `IP:PORT`, or `unix:` plus the peer's path (usually `unix:`).
+    pub text: String,
+}
+
+impl Peer {
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.inet.map(|a| a.ip())
+    }
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl Listener {
+    /// Binds and listens on `addr`; the error names the address.
+    pub fn bind(addr: &ListenAddr) -> Result<Listener> {
+        let (socket, unix_file) = match addr {
+            ListenAddr::Tcp(inet) => {
+                let attempt = || -> io::Result<Socket> {
+                    let socket = Socket::new(Domain::for_address(*inet), Type::STREAM, None)?;
+                    socket.set_reuse_address(true)?;
+                    socket.set_cloexec(true)?;
+                    socket.bind(&(*inet).into())?;
+                    socket.listen(LISTEN_BACKLOG)?;
+                    Ok(socket)
+                };
+                let socket = attempt().with_context(|| format!("cannot listen on {addr}"))?;
+                (socket, None)
+            }
+            ListenAddr::Unix(path) => {
+                let (socket, file) =
+                    bind_unix(path).with_context(|| format!("cannot listen on {addr}"))?;
+                (socket, Some(file))
+            }
+        };
+        let local = match addr {
+            ListenAddr::Tcp(_) => ListenAddr::Tcp(
+                socket
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .context("cannot read the listener's address")?,
+            ),
+            ListenAddr::Unix(_) => addr.clone(),
+        };
+        Ok(Listener {
+            socket,
+            configured: addr.clone(),
+            local,
+            unix_file,
+        })
+    }
+
+    /// The address as configured (the key a reload compares).
+    pub fn configured(&self) -> &ListenAddr {
+        &self.configured
+    }
+
+    /// The address it listens on, with port 0 resolved.
+    pub fn local(&self) -> &ListenAddr {
+        &self.local
+    }
+
+    pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        self.socket.set_nonblocking(nonblocking)
+    }
+
+    /// Takes one connection from the backlog.
+    pub fn accept(&self) -> io::Result<(Socket, Peer)> {
+        let (socket, addr) = self.socket.accept()?;
+        Ok((socket, peer_of(&addr)))
+    }
+
+    /// Stops listening for every process sharing this socket at once: their
+    /// `accept` fails with EINVAL, and new clients are refused.
+    pub fn shut_down(&self) {
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let (Some((owner, dev, ino)), ListenAddr::Unix(path)) = (self.unix_file, &self.configured)
+        else {
+            return;
+        };
+        if owner != std::process::id() {
+            return;
+        }
+        // Another host may have replaced the file since: leave theirs alone.
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if meta.dev() == dev && meta.ino() == ino {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// The printable form of an accepted peer's address.
+pub fn peer_of(addr: &SockAddr) -> Peer {
+    if let Some(inet) = addr.as_socket() {
+        return Peer {
+            inet: Some(inet),
+            text: inet.to_string(),
+        };
+    }
+    let path = addr
+        .as_pathname()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    Peer {
+        inet: None,
+        text: format!("unix:{path}"),
+    }
+}
+
+/// The local address of an accepted socket, printable.
+pub fn local_of(socket: &Socket) -> String {
+    match socket.local_addr() {
+        Ok(addr) => match addr.as_socket() {
+            Some(inet) => inet.to_string(),
+            None => peer_of(&addr).text,
+        },
+        Err(_) => "unknown".to_string(),
+    }
+}
+
+/// Binds a Unix listener at `path`, replacing a stale socket file.
+fn bind_unix(path: &Path) -> Result<(Socket, (u32, u64, u64))> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            // A live server answers; a dead one's file refuses.
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => bail!("{} is in use by a running server", path.display()),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    tracing::info!("replacing the stale socket file {}", path.display());
+                    std::fs::remove_file(path).with_context(|| {
+                        format!("cannot remove the stale socket file {}", path.display())
+                    })?;
+                }
+                Err(e) => bail!("cannot tell whether {} is in use: {e}", path.display()),
+            }
+        }
+        Ok(_) => bail!("{} exists and is not a socket", path.display()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => bail!("{}: {e}", path.display()),
+    }
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.set_cloexec(true)?;
+    socket.bind(&SockAddr::unix(path)?)?;
+    // Before `listen`, no client can connect: the mode is right by then.
+    let file = PathBuf::from(path);
+    let set_mode = || -> io::Result<(u64, u64)> {
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(UNIX_SOCKET_MODE))?;
+        let meta = std::fs::symlink_metadata(&file)?;
+        Ok((meta.dev(), meta.ino()))
+    };
+    let (dev, ino) = match set_mode() {
+        Ok(id) => id,
+        Err(e) => {
+            let _ = std::fs::remove_file(&file);
+            return Err(e.into());
+        }
+    };
+    if let Err(e) = socket.listen(LISTEN_BACKLOG) {
+        let _ = std::fs::remove_file(&file);
+        return Err(e.into());
+    }
+    Ok((socket, (std::process::id(), dev, ino)))
+}

@@ -1,0 +1,904 @@
+//! The host process of `host serve`: it compiles every tenant's handler,
+//! binds every listener, forks each tenant's worker process(es) and then only
+//! supervises them. It replaces a worker that dies, reloads the config on
+//! SIGHUP (or `--watch`), and at SIGINT/SIGTERM stops every listener at once,
+//! lets each worker drain, and reaps them all.
+//!
+//! Each worker process serves one tenant with that tenant's strategy
+//! (`server::run` over its own listeners): threading is one process with a
+//! pool of threads, forking one process that forks a child per connection,
+//! prefork `processes` processes of threads. A tenant's flood, crash or
+//! reload so never touches another tenant's process.
+//!
+//! Invariant: the host process starts no thread (it compiles on the main
+//! thread; epoch tickers and pools start in the workers after the fork), so
+//! everything it forks starts consistent.
+//!
+//! Invariant: a reload changes nothing until everything it needs is
+//! compiled and bound; then, per changed tenant, new workers start on the
+//! same listeners before the old ones are told to drain, so no client is
+//! refused. Listeners are keyed by their configured address and kept open
+//! for as long as some tenant lists that address.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io;
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use wasmtime::Engine;
+
+use crate::compile_cache::CompileCache;
+use crate::config::{HostConfig, ListenAddr, ServeConfig, StrategyKind};
+use crate::connection::{Service, LINGER};
+use crate::engine::{self, EpochClock};
+use crate::handler::{Handler, HandlerSource, LoadOptions};
+use crate::listener::Listener;
+use crate::metrics::{Metrics, TenantInfo};
+use crate::server::{self, ConnectionIds, Shutdown};
+use crate::strategy::{self, Forking, Strategy, Threading};
+
+/// A worker that dies sooner than this after its start is replaced only
+/// after [`RESPAWN_DELAY`], so a crashing worker cannot become a fork loop.
+const QUICK_DEATH: Duration = Duration::from_secs(1);
+const RESPAWN_DELAY: Duration = Duration::from_secs(1);
+/// How often `--watch` looks at the config and handler files.
+const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+/// Distinct tenant names one run of the host can have counters for.
+const MAX_TENANTS: usize = 1024;
+
+/// How the host process runs, beyond its config.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Reload when the config file or a handler file changes.
+    pub watch: bool,
+}
+
+/// One tenant as currently served.
+struct Tenant {
+    config: ServeConfig,
+    service: Arc<Service>,
+    /// Bumped at every reload that changes the tenant; its workers carry it.
+    generation: u64,
+    /// Its slot in the shared metrics.
+    slot: usize,
+}
+
+/// A worker process.
+struct Worker {
+    tenant: String,
+    generation: u64,
+    started: Instant,
+}
+
+struct Host {
+    engine: Engine,
+    /// The pool's slot count, or `None` for on-demand allocation.
+    pool_slots: Option<usize>,
+    config: HostConfig,
+    tenants: BTreeMap<String, Tenant>,
+    listeners: BTreeMap<ListenAddr, Listener>,
+    workers: HashMap<libc::pid_t, Worker>,
+    /// Replacements waiting for their delay: (when, tenant, generation).
+    pending: Vec<(Instant, String, u64)>,
+    metrics: Metrics,
+    slots: HashMap<String, usize>,
+    metrics_listener: Option<TcpListener>,
+    metrics_pid: Option<libc::pid_t>,
+    ids: ConnectionIds,
+    /// The doorbell's descriptors, which no worker keeps.
+    doorbell: Vec<RawFd>,
+    /// What `--watch` last saw of each watched file.
+    watched: Vec<(PathBuf, Option<SystemTime>)>,
+    shutting_down: bool,
+}
+
+/// `host serve`: everything in `config`, until `shutdown`.
+pub fn run(config: HostConfig, shutdown: &Shutdown, options: &Options) -> Result<()> {
+    // Invariant: everything that can be refused is checked before binding,
+    // so a bad handler leaves nothing listening.
+    let (engine, pool_slots) = engine::for_host(&config.tenants, config.file.is_some())?;
+    let metrics = Metrics::new(MAX_TENANTS)?;
+    let mut host = Host {
+        engine,
+        pool_slots,
+        config: config.clone(),
+        tenants: BTreeMap::new(),
+        listeners: BTreeMap::new(),
+        workers: HashMap::new(),
+        pending: Vec::new(),
+        metrics,
+        slots: HashMap::new(),
+        metrics_listener: None,
+        metrics_pid: None,
+        ids: ConnectionIds::new()?,
+        doorbell: shutdown.descriptors().to_vec(),
+        watched: Vec::new(),
+        shutting_down: false,
+    };
+    let mut services = Vec::new();
+    for tenant in &config.tenants {
+        services.push(host.load_service(tenant)?);
+    }
+    raise_descriptor_limit();
+    if let Some(addr) = config.metrics_addr {
+        let listener =
+            TcpListener::bind(addr).with_context(|| format!("cannot serve metrics on {addr}"))?;
+        host.metrics_listener = Some(listener);
+    }
+    for tenant in &config.tenants {
+        for addr in &tenant.listen {
+            if host.listeners.contains_key(addr) {
+                bail!("tenant {}: {addr} is listed twice", tenant.tenant);
+            }
+            host.listeners.insert(addr.clone(), Listener::bind(addr)?);
+        }
+    }
+    for (tenant, service) in config.tenants.iter().zip(services) {
+        log_serving(tenant, &service);
+        let slot = host.slot_for(&tenant.tenant)?;
+        let service = Arc::new(service.with_metrics(host.metrics.tenant(slot)));
+        host.tenants.insert(
+            tenant.tenant.clone(),
+            Tenant {
+                config: tenant.clone(),
+                service,
+                generation: 1,
+                slot,
+            },
+        );
+    }
+    // The stable lines tests and scripts wait for: one per listener.
+    for tenant in &config.tenants {
+        for addr in &tenant.listen {
+            eprintln!(
+                "listening on {} tenant={}",
+                host.listeners[addr].local(),
+                tenant.tenant
+            );
+        }
+    }
+    if let Some(listener) = &host.metrics_listener {
+        if let Ok(addr) = listener.local_addr() {
+            eprintln!("metrics on http://{addr}/metrics");
+        }
+    }
+
+    let sigchld = shutdown.ring_on_signal(libc::SIGCHLD)?;
+    let sighup = shutdown.reload_on_signal(libc::SIGHUP)?;
+    let result = host.supervise(shutdown, options);
+    signal_hook::low_level::unregister(sighup);
+    signal_hook::low_level::unregister(sigchld);
+    result
+}
+
+impl Host {
+    fn supervise(&mut self, shutdown: &Shutdown, options: &Options) -> Result<()> {
+        let names: Vec<String> = self.tenants.keys().cloned().collect();
+        for name in &names {
+            self.spawn_tenant(name);
+        }
+        self.spawn_metrics();
+        if options.watch {
+            self.watched = self.watch_list();
+        }
+        while !shutdown.is_triggered() {
+            let mut wake = self.pending.iter().map(|p| p.0).min();
+            if options.watch {
+                let next = Instant::now() + WATCH_INTERVAL;
+                wake = Some(wake.map_or(next, |w| w.min(next)));
+            }
+            shutdown.wait_until(wake)?;
+            self.reap(false);
+            self.respawn_due();
+            let mut reload = shutdown.take_reload();
+            if options.watch && !reload {
+                let now = self.watch_list();
+                if now != self.watched {
+                    tracing::info!("a watched file changed; reloading");
+                    reload = true;
+                }
+            }
+            if reload && !shutdown.is_triggered() {
+                self.reload();
+                if options.watch {
+                    self.watched = self.watch_list();
+                }
+            }
+        }
+        self.stop(shutdown)
+    }
+
+    /// Stops everything: listeners first, for every process at once, then
+    /// each worker drains on its own.
+    fn stop(&mut self, shutdown: &Shutdown) -> Result<()> {
+        self.shutting_down = true;
+        for listener in self.listeners.values() {
+            listener.shut_down();
+        }
+        // Closes the host's copies and removes Unix socket files.
+        self.listeners.clear();
+        if let Some(pid) = self.metrics_pid.take() {
+            // SAFETY: signalling our own, not yet reaped, child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        self.metrics_listener = None;
+        let count = self.workers.len();
+        tracing::info!("shutting down: stopping {count} worker process(es)");
+        self.signal_workers(server::DRAIN_SIGNAL, |_| true);
+        let drain = self
+            .tenants
+            .values()
+            .map(|t| t.config.drain_timeout)
+            .max()
+            .unwrap_or_default();
+        // Each worker drains for up to its --drain-timeout; give it time to
+        // close.
+        let deadline = Instant::now() + drain + LINGER + Duration::from_secs(2);
+        let mut forwarded_second = false;
+        loop {
+            self.reap(false);
+            if self.workers.is_empty() {
+                break;
+            }
+            if shutdown.is_forced() && !forwarded_second {
+                // The second signal: every worker ends what it has at once.
+                self.signal_workers(server::END_NOW_SIGNAL, |_| true);
+                forwarded_second = true;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    "{} worker process(es) outlived the drain; killing them",
+                    self.workers.len()
+                );
+                self.signal_workers(libc::SIGKILL, |_| true);
+                while !self.workers.is_empty() {
+                    self.reap(true);
+                }
+                break;
+            }
+            shutdown.wait_until(Some(deadline))?;
+        }
+        tracing::info!("stopped; every worker process reaped");
+        Ok(())
+    }
+
+    /// Compiles (or loads from the cache) a tenant's handler.
+    fn load_service(&self, tenant: &ServeConfig) -> Result<Service> {
+        let options = LoadOptions {
+            cache: open_cache(tenant.cache_dir.as_deref()),
+            allow_precompiled: tenant.allow_precompiled,
+        };
+        let handler = Handler::load(&self.engine, &tenant.handler, &options);
+        // From a config file, say which tenant; the flags have only one.
+        let handler = match &self.config.file {
+            Some(_) => handler.with_context(|| format!("tenant {}", tenant.tenant))?,
+            None => handler?,
+        };
+        let clock = match tenant.strategy {
+            StrategyKind::Forking => EpochClock::Alarm,
+            StrategyKind::Threading | StrategyKind::Prefork => EpochClock::Ticker,
+        };
+        Ok(Service::new(
+            handler,
+            tenant.tenant.clone(),
+            tenant.limits.clone(),
+            tenant.grants.clone(),
+            clock,
+        )
+        .with_access(tenant.access.clone()))
+    }
+
+    /// The metrics slot of a tenant name, kept for the whole run so a
+    /// tenant's counters survive its reloads.
+    fn slot_for(&mut self, name: &str) -> Result<usize> {
+        if let Some(&slot) = self.slots.get(name) {
+            return Ok(slot);
+        }
+        let slot = self.slots.len();
+        if slot >= self.metrics.max_tenants() {
+            bail!(
+                "more than {} distinct tenant names in one run; restart the host",
+                self.metrics.max_tenants()
+            );
+        }
+        self.slots.insert(name.to_string(), slot);
+        Ok(slot)
+    }
+
+    fn spawn_tenant(&mut self, name: &str) {
+        let Some(tenant) = self.tenants.get(name) else {
+            return;
+        };
+        let count = match tenant.config.strategy {
+            StrategyKind::Prefork => tenant.config.processes,
+            _ => 1,
+        };
+        let generation = tenant.generation;
+        for _ in 0..count {
+            self.spawn_worker(name, generation);
+        }
+    }
+
+    fn spawn_worker(&mut self, name: &str, generation: u64) {
+        let parent = std::process::id();
+        // SAFETY: the host process is single-threaded (module invariant), so
+        // the child starts with consistent memory.
+        match unsafe { libc::fork() } {
+            -1 => {
+                let err = io::Error::last_os_error();
+                tracing::error!(
+                    "tenant {name}: cannot start a worker process: {err}; retrying in {RESPAWN_DELAY:?}"
+                );
+                self.pending
+                    .push((Instant::now() + RESPAWN_DELAY, name.to_string(), generation));
+            }
+            0 => self.run_worker(name, parent),
+            pid => {
+                self.workers.insert(
+                    pid,
+                    Worker {
+                        tenant: name.to_string(),
+                        generation,
+                        started: Instant::now(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// The worker's side of `fork()`: it keeps only its tenant's listeners,
+    /// takes orders only from the host process's signals, and serves.
+    fn run_worker(&mut self, name: &str, parent: u32) -> ! {
+        // Only the host's DRAIN_SIGNAL and END_NOW_SIGNAL count from here.
+        let mut close = self.doorbell.clone();
+        close.extend(self.metrics_listener.as_ref().map(|l| l.as_raw_fd()));
+        strategy::leave_parent(&close);
+        // A worker must not outlive the host process (killed with SIGKILL,
+        // say): the kernel sends it the drain signal then. If the host is
+        // already gone, there is nothing to serve for.
+        // SAFETY: prctl and getppid on this process.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, server::DRAIN_SIGNAL);
+            if libc::getppid() as u32 != parent {
+                libc::_exit(0);
+            }
+        }
+        let code = match self.serve_as_worker(name) {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!(
+                    "tenant {name}: worker process pid-{}: {e:#}",
+                    std::process::id()
+                );
+                1
+            }
+        };
+        // SAFETY: ends this worker process without the host's destructors.
+        unsafe { libc::_exit(code) }
+    }
+
+    fn serve_as_worker(&mut self, name: &str) -> Result<()> {
+        let tenant = self
+            .tenants
+            .get(name)
+            .ok_or_else(|| anyhow!("the tenant is gone"))?;
+        let config = tenant.config.clone();
+        let service = tenant.service.clone();
+        // Keep this tenant's listeners; close every other tenant's copy, so
+        // a removed tenant's address stops accepting when the host closes
+        // it (a forked process never removes a Unix socket file).
+        let mut all = std::mem::take(&mut self.listeners);
+        let listeners: Vec<Listener> = config
+            .listen
+            .iter()
+            .filter_map(|addr| all.remove(addr))
+            .collect();
+        drop(all);
+        if listeners.len() != config.listen.len() {
+            bail!("a listener of the tenant is closed");
+        }
+        let shutdown = Shutdown::new()?;
+        shutdown.stop_on_signal_directly(server::DRAIN_SIGNAL)?;
+        shutdown.stop_on_signal_directly(server::END_NOW_SIGNAL)?;
+        let mut strategy: Box<dyn Strategy> = match config.strategy {
+            StrategyKind::Forking => {
+                let fds: Vec<RawFd> = listeners.iter().map(|l| l.as_raw_fd()).collect();
+                Box::new(Forking::new(
+                    service,
+                    config.max_in_flight(),
+                    &shutdown,
+                    &fds,
+                )?)
+            }
+            StrategyKind::Threading | StrategyKind::Prefork => {
+                EpochClock::start_ticker(service.engine())?;
+                let (limit, prefix) = if config.strategy == StrategyKind::Prefork {
+                    (
+                        config.per_process_in_flight(),
+                        format!("pid-{}/", std::process::id()),
+                    )
+                } else {
+                    (config.max_in_flight(), String::new())
+                };
+                Box::new(Threading::new(
+                    service,
+                    config.workers,
+                    limit,
+                    shutdown.waker(),
+                    &prefix,
+                ))
+            }
+        };
+        server::run(
+            listeners,
+            strategy.as_mut(),
+            &shutdown,
+            &self.ids,
+            config.drain_timeout,
+        )
+    }
+
+    /// The metrics process: serves `/metrics` from the shared counters with
+    /// the tenants as they are now. Restarted at every reload.
+    fn spawn_metrics(&mut self) {
+        if let Some(pid) = self.metrics_pid.take() {
+            // SAFETY: signalling our own, not yet reaped, child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let Some(listener) = &self.metrics_listener else {
+            return;
+        };
+        let tenants: Vec<TenantInfo> = self
+            .tenants
+            .values()
+            .map(|t| TenantInfo {
+                name: t.config.tenant.clone(),
+                slot: t.slot,
+                digest: t.service.handler().digest().to_string(),
+                strategy: t.config.strategy.name().to_string(),
+            })
+            .collect();
+        let parent = std::process::id();
+        // SAFETY: the host process is single-threaded (module invariant).
+        match unsafe { libc::fork() } {
+            -1 => tracing::error!(
+                "cannot start the metrics process: {}",
+                io::Error::last_os_error()
+            ),
+            0 => {
+                let mut close = self.doorbell.clone();
+                close.extend(self.listeners.values().map(|l| l.as_raw_fd()));
+                strategy::leave_parent(&close);
+                // SAFETY: prctl and getppid on this process.
+                unsafe {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    if libc::getppid() as u32 != parent {
+                        libc::_exit(0);
+                    }
+                }
+                let metrics = self.metrics.clone();
+                let listener = listener.try_clone();
+                let served = listener.map_err(anyhow::Error::from).and_then(|listener| {
+                    crate::metrics::serve_http(listener, move || metrics.render(&tenants))
+                });
+                if let Err(e) = served {
+                    tracing::error!("the metrics server stopped: {e:#}");
+                }
+                // SAFETY: ends this process without the host's destructors.
+                unsafe { libc::_exit(1) }
+            }
+            pid => self.metrics_pid = Some(pid),
+        }
+    }
+
+    /// Reaps exited workers, and replaces those still current.
+    fn reap(&mut self, block: bool) {
+        let mut flags = if block { 0 } else { libc::WNOHANG };
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid with a valid status pointer.
+            let pid = unsafe { libc::waitpid(-1, &mut status, flags) };
+            if pid < 0 {
+                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                self.workers.clear();
+                return;
+            }
+            if pid == 0 {
+                return;
+            }
+            flags = libc::WNOHANG;
+            if Some(pid) == self.metrics_pid {
+                self.metrics_pid = None;
+                if !self.shutting_down {
+                    tracing::warn!("the metrics process exited; starting a new one");
+                    self.spawn_metrics();
+                }
+                continue;
+            }
+            let Some(worker) = self.workers.remove(&pid) else {
+                continue;
+            };
+            let current = self
+                .tenants
+                .get(&worker.tenant)
+                .is_some_and(|t| t.generation == worker.generation);
+            if !current {
+                tracing::info!(
+                    "tenant {}: worker process pid-{pid} of the previous configuration has drained",
+                    worker.tenant
+                );
+                continue;
+            }
+            if self.shutting_down {
+                continue;
+            }
+            let how = if libc::WIFSIGNALED(status) {
+                format!("was killed by signal {}", libc::WTERMSIG(status))
+            } else {
+                format!("exited with status {}", libc::WEXITSTATUS(status))
+            };
+            let quick = worker.started.elapsed() < QUICK_DEATH;
+            tracing::warn!(
+                "tenant {}: worker process pid-{pid} {how}; starting a replacement{}",
+                worker.tenant,
+                if quick {
+                    format!(" in {RESPAWN_DELAY:?}")
+                } else {
+                    String::new()
+                }
+            );
+            if quick {
+                self.pending.push((
+                    Instant::now() + RESPAWN_DELAY,
+                    worker.tenant,
+                    worker.generation,
+                ));
+            } else {
+                self.spawn_worker(&worker.tenant, worker.generation);
+            }
+        }
+    }
+
+    fn respawn_due(&mut self) {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|p| p.0 <= now);
+        self.pending = later;
+        for (_, name, generation) in due {
+            let current = self
+                .tenants
+                .get(&name)
+                .is_some_and(|t| t.generation == generation);
+            if current {
+                self.spawn_worker(&name, generation);
+            }
+        }
+    }
+
+    fn signal_workers(&self, signal: libc::c_int, which: impl Fn(&Worker) -> bool) {
+        for (&pid, worker) in &self.workers {
+            if which(worker) {
+                // SAFETY: signalling our own, not yet reaped, child.
+                unsafe { libc::kill(pid, signal) };
+            }
+        }
+    }
+
+    /// The files `--watch` looks at, with their modification times.
+    fn watch_list(&self) -> Vec<(PathBuf, Option<SystemTime>)> {
+        let mut paths: BTreeSet<PathBuf> = BTreeSet::new();
+        paths.extend(self.config.file.clone());
+        for tenant in &self.config.tenants {
+            if let HandlerSource::File(path) = &tenant.handler {
+                paths.insert(path.clone());
+            }
+        }
+        paths
+            .into_iter()
+            .map(|p| {
+                let modified = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
+                (p, modified)
+            })
+            .collect()
+    }
+
+    /// Re-reads the config (or, without a file, the handlers) and switches
+    /// each changed tenant, or changes nothing and says why.
+    fn reload(&mut self) {
+        match self.prepare_reload() {
+            Ok(plan) => {
+                let summary = self.apply(plan);
+                self.metrics.reloaded(true);
+                tracing::info!("reloaded: {summary}");
+            }
+            Err(e) => {
+                self.metrics.reloaded(false);
+                tracing::error!("reload failed, still serving the previous configuration: {e:#}");
+            }
+        }
+    }
+
+    /// Everything a reload needs, compiled and bound; nothing switched yet.
+    fn prepare_reload(&mut self) -> Result<Plan> {
+        let config = match &self.config.file {
+            Some(file) => {
+                let cache_dir = self
+                    .config
+                    .tenants
+                    .first()
+                    .and_then(|t| t.cache_dir.clone());
+                let mut config = crate::config_file::load(file, cache_dir)?;
+                // `--metrics-addr` wins over the file, as at start.
+                if config.metrics_addr != self.config.metrics_addr {
+                    tracing::warn!(
+                        "the metrics address changes only at a restart; still serving it on {}",
+                        self.config
+                            .metrics_addr
+                            .map_or("nothing".to_string(), |a| a.to_string())
+                    );
+                    config.metrics_addr = self.config.metrics_addr;
+                }
+                config
+            }
+            None => self.config.clone(),
+        };
+        if let Some(slots) = self.pool_slots {
+            for tenant in &config.tenants {
+                let needs = tenant.max_instances();
+                if needs > slots {
+                    bail!(
+                        "tenant {} needs {needs} instance slots at once, but the host started with {slots}; restart the host to grow the pool",
+                        tenant.tenant
+                    );
+                }
+            }
+        }
+        let mut changed = Vec::new();
+        for tenant in &config.tenants {
+            let old = self.tenants.get(&tenant.tenant);
+            let same_settings = old.is_some_and(|old| old.config == *tenant);
+            let digest = match &tenant.handler {
+                HandlerSource::File(path) => {
+                    crate::compile_cache::digest(&std::fs::read(path).with_context(|| {
+                        format!(
+                            "tenant {}: handler {} cannot be read",
+                            tenant.tenant,
+                            path.display()
+                        )
+                    })?)
+                }
+                HandlerSource::BuiltinEcho => String::new(),
+            };
+            let same_handler = old.is_some_and(|old| match &tenant.handler {
+                HandlerSource::File(_) => old.service.handler().digest() == digest,
+                HandlerSource::BuiltinEcho => old.config.handler == tenant.handler,
+            });
+            if same_settings && same_handler {
+                continue;
+            }
+            let what = match old {
+                None => "added".to_string(),
+                Some(old) => describe_change(&old.config, tenant, !same_handler),
+            };
+            let service = self.load_service(tenant)?;
+            changed.push((tenant.clone(), service, what));
+        }
+        // Bind what is new before anything switches.
+        let mut bound = BTreeMap::new();
+        for tenant in &config.tenants {
+            for addr in &tenant.listen {
+                if !self.listeners.contains_key(addr) && !bound.contains_key(addr) {
+                    bound.insert(addr.clone(), Listener::bind(addr)?);
+                }
+            }
+        }
+        let removed: Vec<String> = self
+            .tenants
+            .keys()
+            .filter(|name| !config.tenants.iter().any(|t| &t.tenant == *name))
+            .cloned()
+            .collect();
+        Ok(Plan {
+            config,
+            changed,
+            removed,
+            bound,
+        })
+    }
+
+    /// Switches to `plan`: changed and added tenants get new workers, then
+    /// their old workers and removed tenants' workers drain.
+    fn apply(&mut self, plan: Plan) -> String {
+        let Plan {
+            config,
+            changed,
+            removed,
+            bound,
+        } = plan;
+        let fresh: BTreeSet<ListenAddr> = bound.keys().cloned().collect();
+        self.listeners.extend(bound);
+        let mut summary = Vec::new();
+        for (tenant, service, what) in changed {
+            let name = tenant.tenant.clone();
+            let slot = match self.slot_for(&name) {
+                Ok(slot) => slot,
+                Err(e) => {
+                    summary.push(format!("{name}: not started ({e})"));
+                    continue;
+                }
+            };
+            log_serving(&tenant, &service);
+            let service = Arc::new(service.with_metrics(self.metrics.tenant(slot)));
+            let generation = self.tenants.get(&name).map_or(1, |t| t.generation + 1);
+            self.tenants.insert(
+                name.clone(),
+                Tenant {
+                    config: tenant,
+                    service,
+                    generation,
+                    slot,
+                },
+            );
+            self.spawn_tenant(&name);
+            // The new workers accept from the same sockets; the old ones
+            // stop accepting and finish what they have.
+            self.signal_workers(server::DRAIN_SIGNAL, |w| {
+                w.tenant == name && w.generation < generation
+            });
+            summary.push(format!("{name}: {what}"));
+        }
+        for name in removed {
+            self.tenants.remove(&name);
+            self.signal_workers(server::DRAIN_SIGNAL, |w| w.tenant == name);
+            summary.push(format!("{name}: removed, draining"));
+        }
+        // Close the listeners no tenant lists any more.
+        let wanted: BTreeSet<&ListenAddr> = config
+            .tenants
+            .iter()
+            .flat_map(|t| t.listen.iter())
+            .collect();
+        let stale: Vec<ListenAddr> = self
+            .listeners
+            .keys()
+            .filter(|a| !wanted.contains(a))
+            .cloned()
+            .collect();
+        for addr in stale {
+            self.listeners.remove(&addr);
+        }
+        for tenant in &config.tenants {
+            for addr in tenant.listen.iter().filter(|a| fresh.contains(*a)) {
+                if let Some(listener) = self.listeners.get(addr) {
+                    eprintln!("listening on {} tenant={}", listener.local(), tenant.tenant);
+                }
+            }
+        }
+        self.config = config;
+        self.spawn_metrics();
+        if summary.is_empty() {
+            "nothing changed".to_string()
+        } else {
+            summary.join("; ")
+        }
+    }
+}
+
+/// A reload, ready to switch.
+struct Plan {
+    config: HostConfig,
+    /// Tenants with new settings or a new handler, or new tenants, with
+    /// their compiled service and a description of the change.
+    changed: Vec<(ServeConfig, Service, String)>,
+    removed: Vec<String>,
+    /// Listeners for addresses no tenant had.
+    bound: BTreeMap<ListenAddr, Listener>,
+}
+
+/// What changed in one tenant, for the reload's log line.
+fn describe_change(old: &ServeConfig, new: &ServeConfig, handler: bool) -> String {
+    let mut what = Vec::new();
+    if handler || old.handler != new.handler {
+        what.push("handler");
+    }
+    if old.listen != new.listen {
+        what.push("listen");
+    }
+    if old.access != new.access {
+        what.push("allow/deny");
+    }
+    if old.strategy != new.strategy
+        || old.workers != new.workers
+        || old.processes != new.processes
+        || old.max_children != new.max_children
+        || old.max_connections != new.max_connections
+    {
+        what.push("strategy/workers");
+    }
+    if old.limits != new.limits || old.drain_timeout != new.drain_timeout {
+        what.push("limits");
+    }
+    if old.grants != new.grants {
+        what.push("grants");
+    }
+    if what.is_empty() {
+        what.push("settings");
+    }
+    format!("{} changed", what.join(", "))
+}
+
+fn log_serving(config: &ServeConfig, service: &Service) {
+    let workers = match config.strategy {
+        StrategyKind::Threading => format!("{} workers", config.workers),
+        StrategyKind::Forking => format!("at most {} children", config.max_children),
+        StrategyKind::Prefork => format!(
+            "{} processes of {} workers",
+            config.processes, config.workers
+        ),
+    };
+    let limits = &config.limits;
+    tracing::info!(
+        "tenant {}: serving {} (sha256 {}) with the {} strategy ({workers}, at most {} connections in flight); limits: memory {}, timeout {:?}, idle timeout {:?}; grants: {}{}",
+        config.tenant,
+        config.handler,
+        &service.handler().digest()[..12.min(service.handler().digest().len())],
+        config.strategy.name(),
+        config.max_in_flight(),
+        bytesize::ByteSize(limits.max_memory).display().iec(),
+        limits.timeout,
+        limits.idle_timeout,
+        config.grants.describe(),
+        if config.access.is_open() {
+            String::new()
+        } else {
+            format!(
+                "; allow {:?}, deny {:?}",
+                config.access.allow.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+                config.access.deny.iter().map(|n| n.to_string()).collect::<Vec<_>>()
+            )
+        }
+    );
+}
+
+/// Raises the soft limit on open descriptors to the hard one: every
+/// connection in flight or waiting in the queue holds a socket, and the
+/// common soft default (1024) would cap `--max-connections` far below what
+/// the machine allows.
+fn raise_descriptor_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            let wanted = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+                tracing::warn!("cannot raise the open-file limit above {}", limit.rlim_cur);
+            }
+        }
+    }
+}
+
+/// The compile cache, if one is configured and usable; a cache that cannot be
+/// opened costs only speed.
+pub(crate) fn open_cache(dir: Option<&std::path::Path>) -> Option<CompileCache> {
+    match CompileCache::open(dir?) {
+        Ok(cache) => Some(cache),
+        Err(e) => {
+            tracing::warn!("compiling without a cache: {e:#}");
+            None
+        }
+    }
+}
