@@ -61,6 +61,8 @@ pub enum Outcome {
     Shutdown,
     /// The host could not set the connection up.
     HostError(String),
+    /// The tenant's allow/deny lists refused the peer; nothing ran.
+    Denied,
 }
 
 impl Outcome {
@@ -76,6 +78,7 @@ impl Outcome {
             Outcome::ClientReset => "client-reset",
             Outcome::Shutdown => "shutdown",
             Outcome::HostError(_) => "host-error",
+            Outcome::Denied => "denied",
         }
     }
 
@@ -174,13 +177,21 @@ impl Service {
         }
         let Accepted { stream, peer, id } = conn;
         drop(stream);
-        tracing::info!(
-            "connection {id} closed peer={peer} worker=acceptor tenant={} in=0 out=0 memory=0KiB duration=0.000ms outcome=denied",
-            self.tenant
-        );
+        let outcome = Outcome::Denied;
         if let Some(metrics) = &self.metrics {
-            metrics.record("denied", 0, 0, Duration::ZERO, None);
+            metrics.record(outcome.name(), 0, 0, Duration::ZERO, None);
         }
+        log_closed(&Closed {
+            id,
+            peer: &peer,
+            worker: "acceptor",
+            tenant: &self.tenant,
+            bytes_in: 0,
+            bytes_out: 0,
+            memory: 0,
+            duration: Duration::ZERO,
+            outcome: &outcome,
+        });
         None
     }
 
@@ -247,12 +258,17 @@ impl Service {
         if let Some(metrics) = &self.metrics {
             metrics.record(outcome.name(), bytes_in, bytes_out, duration, memory);
         }
-        tracing::info!(
-            "connection {id} closed peer={peer} worker={worker} tenant={} in={bytes_in} out={bytes_out} memory={}KiB duration={:.3}ms outcome={outcome}",
-            self.tenant,
-            memory.unwrap_or(0).div_ceil(1024),
-            duration.as_secs_f64() * 1000.0,
-        );
+        log_closed(&Closed {
+            id,
+            peer: &peer,
+            worker,
+            tenant: &self.tenant,
+            bytes_in,
+            bytes_out,
+            memory: memory.unwrap_or(0),
+            duration,
+            outcome: &outcome,
+        });
         outcome
     }
 
@@ -376,6 +392,47 @@ impl Service {
             store.set_epoch_deadline(0);
         }
         Ok(store)
+    }
+}
+
+/// What the one line a connection ends with says.
+struct Closed<'a> {
+    id: u64,
+    peer: &'a Peer,
+    worker: &'a str,
+    tenant: &'a str,
+    bytes_in: u64,
+    bytes_out: u64,
+    /// The instance's peak memory in bytes.
+    memory: u64,
+    duration: Duration,
+    outcome: &'a Outcome,
+}
+
+/// Logs a connection's line. In the JSON log its values are fields too.
+fn log_closed(c: &Closed<'_>) {
+    let (id, peer, worker, tenant, outcome) = (c.id, c.peer, c.worker, c.tenant, c.outcome);
+    let memory_kib = c.memory.div_ceil(1024);
+    let duration_ms = c.duration.as_secs_f64() * 1000.0;
+    let (bytes_in, bytes_out) = (c.bytes_in, c.bytes_out);
+    if crate::logging::json() {
+        tracing::info!(
+            connection = id,
+            peer = %peer,
+            worker,
+            tenant,
+            bytes_in,
+            bytes_out,
+            memory_kib,
+            duration_ms,
+            outcome = outcome.name(),
+            error = outcome.detail(),
+            "connection {id} closed peer={peer} worker={worker} tenant={tenant} in={bytes_in} out={bytes_out} memory={memory_kib}KiB duration={duration_ms:.3}ms outcome={outcome}"
+        );
+    } else {
+        tracing::info!(
+            "connection {id} closed peer={peer} worker={worker} tenant={tenant} in={bytes_in} out={bytes_out} memory={memory_kib}KiB duration={duration_ms:.3}ms outcome={outcome}"
+        );
     }
 }
 

@@ -16,7 +16,10 @@ fn main() -> ExitCode {
     host::logging::init(format);
     let result = match cli.command {
         Command::Serve(args) => {
-            let options = host::supervisor::Options { watch: args.watch };
+            let options = host::supervisor::Options {
+                watch: args.watch,
+                metrics_addr_flag: args.metrics_addr.is_some(),
+            };
             args.into_host_config().and_then(|config| {
                 let shutdown = Shutdown::new()?;
                 // SIGINT/SIGTERM drain; a second one ends at once.

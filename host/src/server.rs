@@ -372,8 +372,9 @@ pub fn run(
     strategy.stop_accepting();
     strategy.maintain();
     let in_flight = strategy.in_flight();
+    let tenant = strategy.service().tenant().to_string();
     tracing::info!(
-        "shutting down: no longer accepting; {in_flight} connection(s) in flight, waiting up to {drain_timeout:?}"
+        "tenant {tenant}: shutting down: no longer accepting; {in_flight} connection(s) in flight, waiting up to {drain_timeout:?}"
     );
     let deadline = Instant::now() + drain_timeout;
     loop {
@@ -383,12 +384,14 @@ pub fn run(
             break;
         }
         if shutdown.is_forced() {
-            tracing::warn!("second signal: ending {in_flight} connection(s) now");
+            tracing::warn!("tenant {tenant}: second signal: ending {in_flight} connection(s) now");
             strategy.abort();
             break;
         }
         if Instant::now() >= deadline {
-            tracing::warn!("drain timeout: ending {in_flight} connection(s) still in flight");
+            tracing::warn!(
+                "tenant {tenant}: drain timeout: ending {in_flight} connection(s) still in flight"
+            );
             strategy.abort();
             break;
         }
@@ -396,7 +399,7 @@ pub fn run(
         shutdown.wait_until(Some(wake_at))?;
     }
     strategy.finish();
-    tracing::info!("stopped");
+    tracing::info!("tenant {tenant}: stopped");
     Ok(())
 }
 

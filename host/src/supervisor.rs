@@ -55,6 +55,9 @@ const MAX_TENANTS: usize = 1024;
 pub struct Options {
     /// Reload when the config file or a handler file changes.
     pub watch: bool,
+    /// `--metrics-addr` was given: it wins over the file's `[metrics]`, at
+    /// start and at every reload.
+    pub metrics_addr_flag: bool,
 }
 
 /// One tenant as currently served.
@@ -154,16 +157,16 @@ pub fn run(config: HostConfig, shutdown: &Shutdown, options: &Options) -> Result
     // The stable lines tests and scripts wait for: one per listener.
     for tenant in &config.tenants {
         for addr in &tenant.listen {
-            eprintln!(
+            crate::logging::announce(&format!(
                 "listening on {} tenant={}",
                 host.listeners[addr].local(),
                 tenant.tenant
-            );
+            ));
         }
     }
     if let Some(listener) = &host.metrics_listener {
         if let Ok(addr) = listener.local_addr() {
-            eprintln!("metrics on http://{addr}/metrics");
+            crate::logging::announce(&format!("metrics on http://{addr}/metrics"));
         }
     }
 
@@ -203,7 +206,7 @@ impl Host {
                 }
             }
             if reload && !shutdown.is_triggered() {
-                self.reload();
+                self.reload(options);
                 if options.watch {
                     self.watched = self.watch_list();
                 }
@@ -273,9 +276,11 @@ impl Host {
             allow_precompiled: tenant.allow_precompiled,
         };
         let handler = Handler::load(&self.engine, &tenant.handler, &options);
-        // From a config file, say which tenant; the flags have only one.
+        // From a config file, say which file and tenant; the flags have
+        // only one.
         let handler = match &self.config.file {
-            Some(_) => handler.with_context(|| format!("tenant {}", tenant.tenant))?,
+            Some(file) => handler
+                .with_context(|| format!("{}: tenant {}", file.display(), tenant.tenant))?,
             None => handler?,
         };
         let clock = match tenant.strategy {
@@ -611,8 +616,8 @@ impl Host {
 
     /// Re-reads the config (or, without a file, the handlers) and switches
     /// each changed tenant, or changes nothing and says why.
-    fn reload(&mut self) {
-        match self.prepare_reload() {
+    fn reload(&mut self, options: &Options) {
+        match self.prepare_reload(options) {
             Ok(plan) => {
                 let summary = self.apply(plan);
                 self.metrics.reloaded(true);
@@ -626,7 +631,7 @@ impl Host {
     }
 
     /// Everything a reload needs, compiled and bound; nothing switched yet.
-    fn prepare_reload(&mut self) -> Result<Plan> {
+    fn prepare_reload(&mut self, options: &Options) -> Result<Plan> {
         let config = match &self.config.file {
             Some(file) => {
                 let cache_dir = self
@@ -637,12 +642,14 @@ impl Host {
                 let mut config = crate::config_file::load(file, cache_dir)?;
                 // `--metrics-addr` wins over the file, as at start.
                 if config.metrics_addr != self.config.metrics_addr {
-                    tracing::warn!(
-                        "the metrics address changes only at a restart; still serving it on {}",
-                        self.config
-                            .metrics_addr
-                            .map_or("nothing".to_string(), |a| a.to_string())
-                    );
+                    if !options.metrics_addr_flag {
+                        tracing::warn!(
+                            "the metrics address changes only at a restart; still serving it on {}",
+                            self.config
+                                .metrics_addr
+                                .map_or("nothing".to_string(), |a| a.to_string())
+                        );
+                    }
                     config.metrics_addr = self.config.metrics_addr;
                 }
                 config
@@ -777,17 +784,21 @@ impl Host {
         for tenant in &config.tenants {
             for addr in tenant.listen.iter().filter(|a| fresh.contains(*a)) {
                 if let Some(listener) = self.listeners.get(addr) {
-                    eprintln!("listening on {} tenant={}", listener.local(), tenant.tenant);
+                    crate::logging::announce(&format!(
+                        "listening on {} tenant={}",
+                        listener.local(),
+                        tenant.tenant
+                    ));
                 }
             }
         }
         self.config = config;
-        self.spawn_metrics();
         if summary.is_empty() {
-            "nothing changed".to_string()
-        } else {
-            summary.join("; ")
+            return "nothing changed".to_string();
         }
+        // The metrics process shows the tenants as they are now.
+        self.spawn_metrics();
+        summary.join("; ")
     }
 }
 
