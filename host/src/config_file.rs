@@ -52,7 +52,8 @@ pub fn load(file: &Path, cache_dir: Option<PathBuf>) -> Result<HostConfig> {
         cache_dir,
     };
     let mut host = doc.host()?;
-    host.file = Some(path);
+    // As given: errors name it so, and a reload reads it again from here.
+    host.file = Some(file.to_path_buf());
     Ok(host)
 }
 

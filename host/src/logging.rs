@@ -20,7 +20,9 @@ pub fn announce(line: &str) {
     if json() {
         tracing::info!("{line}");
     } else {
-        eprintln!("{line}");
+        // One write(2), so other processes' lines cannot land inside it.
+        use std::io::Write as _;
+        let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
     }
 }
 

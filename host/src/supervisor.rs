@@ -23,7 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::net::TcpListener;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -70,6 +70,21 @@ struct Tenant {
     slot: usize,
 }
 
+/// What identifies a listener across reloads: its configured address, and
+/// for a TCP port 0 (any free port) also its tenant, since two tenants may
+/// both ask for "any port".
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct ListenKey(ListenAddr, Option<String>);
+
+fn listen_key(tenant: &str, addr: &ListenAddr) -> ListenKey {
+    match addr {
+        ListenAddr::Tcp(inet) if inet.port() == 0 => {
+            ListenKey(addr.clone(), Some(tenant.to_string()))
+        }
+        _ => ListenKey(addr.clone(), None),
+    }
+}
+
 /// A worker process.
 struct Worker {
     tenant: String,
@@ -83,7 +98,7 @@ struct Host {
     pool_slots: Option<usize>,
     config: HostConfig,
     tenants: BTreeMap<String, Tenant>,
-    listeners: BTreeMap<ListenAddr, Listener>,
+    listeners: BTreeMap<ListenKey, Listener>,
     workers: HashMap<libc::pid_t, Worker>,
     /// Replacements waiting for their delay: (when, tenant, generation).
     pending: Vec<(Instant, String, u64)>,
@@ -91,6 +106,8 @@ struct Host {
     slots: HashMap<String, usize>,
     metrics_listener: Option<TcpListener>,
     metrics_pid: Option<libc::pid_t>,
+    /// The pipe that tells the metrics process the current tenants.
+    metrics_tx: Option<std::fs::File>,
     ids: ConnectionIds,
     /// The doorbell's descriptors, which no worker keeps.
     doorbell: Vec<RawFd>,
@@ -101,6 +118,18 @@ struct Host {
 
 /// `host serve`: everything in `config`, until `shutdown`.
 pub fn run(config: HostConfig, shutdown: &Shutdown, options: &Options) -> Result<()> {
+    // Before anything is printed: a SIGHUP sent as soon as `listening on`
+    // appears must reload, not kill. One that comes during start-up waits
+    // for the first turn of the loop.
+    let sigchld = shutdown.ring_on_signal(libc::SIGCHLD)?;
+    let sighup = shutdown.reload_on_signal(libc::SIGHUP)?;
+    let result = start(config, shutdown, options);
+    signal_hook::low_level::unregister(sighup);
+    signal_hook::low_level::unregister(sigchld);
+    result
+}
+
+fn start(config: HostConfig, shutdown: &Shutdown, options: &Options) -> Result<()> {
     // Invariant: everything that can be refused is checked before binding,
     // so a bad handler leaves nothing listening.
     let (engine, pool_slots) = engine::for_host(&config.tenants, config.file.is_some())?;
@@ -117,6 +146,7 @@ pub fn run(config: HostConfig, shutdown: &Shutdown, options: &Options) -> Result
         slots: HashMap::new(),
         metrics_listener: None,
         metrics_pid: None,
+        metrics_tx: None,
         ids: ConnectionIds::new()?,
         doorbell: shutdown.descriptors().to_vec(),
         watched: Vec::new(),
@@ -134,10 +164,11 @@ pub fn run(config: HostConfig, shutdown: &Shutdown, options: &Options) -> Result
     }
     for tenant in &config.tenants {
         for addr in &tenant.listen {
-            if host.listeners.contains_key(addr) {
+            let key = listen_key(&tenant.tenant, addr);
+            if host.listeners.contains_key(&key) {
                 bail!("tenant {}: {addr} is listed twice", tenant.tenant);
             }
-            host.listeners.insert(addr.clone(), Listener::bind(addr)?);
+            host.listeners.insert(key, Listener::bind(addr)?);
         }
     }
     for (tenant, service) in config.tenants.iter().zip(services) {
@@ -159,7 +190,7 @@ pub fn run(config: HostConfig, shutdown: &Shutdown, options: &Options) -> Result
         for addr in &tenant.listen {
             crate::logging::announce(&format!(
                 "listening on {} tenant={}",
-                host.listeners[addr].local(),
+                host.listeners[&listen_key(&tenant.tenant, addr)].local(),
                 tenant.tenant
             ));
         }
@@ -170,12 +201,7 @@ pub fn run(config: HostConfig, shutdown: &Shutdown, options: &Options) -> Result
         }
     }
 
-    let sigchld = shutdown.ring_on_signal(libc::SIGCHLD)?;
-    let sighup = shutdown.reload_on_signal(libc::SIGHUP)?;
-    let result = host.supervise(shutdown, options);
-    signal_hook::low_level::unregister(sighup);
-    signal_hook::low_level::unregister(sigchld);
-    result
+    host.supervise(shutdown, options)
 }
 
 impl Host {
@@ -229,6 +255,7 @@ impl Host {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         self.metrics_listener = None;
+        self.metrics_tx = None;
         let count = self.workers.len();
         tracing::info!("shutting down: stopping {count} worker process(es)");
         self.signal_workers(server::DRAIN_SIGNAL, |_| true);
@@ -279,8 +306,9 @@ impl Host {
         // From a config file, say which file and tenant; the flags have
         // only one.
         let handler = match &self.config.file {
-            Some(file) => handler
-                .with_context(|| format!("{}: tenant {}", file.display(), tenant.tenant))?,
+            Some(file) => {
+                handler.with_context(|| format!("{}: tenant {}", file.display(), tenant.tenant))?
+            }
             None => handler?,
         };
         let clock = match tenant.strategy {
@@ -361,6 +389,7 @@ impl Host {
         // Only the host's DRAIN_SIGNAL and END_NOW_SIGNAL count from here.
         let mut close = self.doorbell.clone();
         close.extend(self.metrics_listener.as_ref().map(|l| l.as_raw_fd()));
+        close.extend(self.metrics_tx.as_ref().map(|f| f.as_raw_fd()));
         strategy::leave_parent(&close);
         // A worker must not outlive the host process (killed with SIGKILL,
         // say): the kernel sends it the drain signal then. If the host is
@@ -400,7 +429,7 @@ impl Host {
         let listeners: Vec<Listener> = config
             .listen
             .iter()
-            .filter_map(|addr| all.remove(addr))
+            .filter_map(|addr| all.remove(&listen_key(name, addr)))
             .collect();
         drop(all);
         if listeners.len() != config.listen.len() {
@@ -447,18 +476,9 @@ impl Host {
         )
     }
 
-    /// The metrics process: serves `/metrics` from the shared counters with
-    /// the tenants as they are now. Restarted at every reload.
-    fn spawn_metrics(&mut self) {
-        if let Some(pid) = self.metrics_pid.take() {
-            // SAFETY: signalling our own, not yet reaped, child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        let Some(listener) = &self.metrics_listener else {
-            return;
-        };
-        let tenants: Vec<TenantInfo> = self
-            .tenants
+    /// The tenants as the metrics page shows them.
+    fn tenant_infos(&self) -> Vec<TenantInfo> {
+        self.tenants
             .values()
             .map(|t| TenantInfo {
                 name: t.config.tenant.clone(),
@@ -466,7 +486,34 @@ impl Host {
                 digest: t.service.handler().digest().to_string(),
                 strategy: t.config.strategy.name().to_string(),
             })
-            .collect();
+            .collect()
+    }
+
+    /// The metrics process: serves `/metrics` from the shared counters. It
+    /// lives for the whole run (restarted only if it dies); a reload sends
+    /// it the new tenant list through a pipe ([`Host::update_metrics`]), so
+    /// no scrape is cut off by a reload.
+    fn spawn_metrics(&mut self) {
+        let Some(listener) = &self.metrics_listener else {
+            return;
+        };
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 returns.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            tracing::error!(
+                "cannot start the metrics process: {}",
+                io::Error::last_os_error()
+            );
+            return;
+        }
+        // SAFETY: both descriptors were just created and are owned here only.
+        let (read, write) = unsafe {
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                std::fs::File::from_raw_fd(fds[1]),
+            )
+        };
+        let tenants = self.tenant_infos();
         let parent = std::process::id();
         // SAFETY: the host process is single-threaded (module invariant).
         match unsafe { libc::fork() } {
@@ -477,6 +524,8 @@ impl Host {
             0 => {
                 let mut close = self.doorbell.clone();
                 close.extend(self.listeners.values().map(|l| l.as_raw_fd()));
+                close.push(write.as_raw_fd());
+                close.extend(self.metrics_tx.as_ref().map(|f| f.as_raw_fd()));
                 strategy::leave_parent(&close);
                 // SAFETY: prctl and getppid on this process.
                 unsafe {
@@ -485,18 +534,44 @@ impl Host {
                         libc::_exit(0);
                     }
                 }
-                let metrics = self.metrics.clone();
-                let listener = listener.try_clone();
-                let served = listener.map_err(anyhow::Error::from).and_then(|listener| {
-                    crate::metrics::serve_http(listener, move || metrics.render(&tenants))
-                });
+                let served =
+                    listener
+                        .try_clone()
+                        .map_err(anyhow::Error::from)
+                        .and_then(|listener| {
+                            serve_metrics(listener, self.metrics.clone(), tenants, read)
+                        });
                 if let Err(e) = served {
                     tracing::error!("the metrics server stopped: {e:#}");
                 }
                 // SAFETY: ends this process without the host's destructors.
                 unsafe { libc::_exit(1) }
             }
-            pid => self.metrics_pid = Some(pid),
+            pid => {
+                self.metrics_pid = Some(pid);
+                self.metrics_tx = Some(write);
+            }
+        }
+    }
+
+    /// Tells the metrics process the tenants as they are now: one line per
+    /// tenant (`slot name digest strategy`, tab-separated: tenant names
+    /// hold no tabs), then an empty line.
+    fn update_metrics(&mut self) {
+        let infos = self.tenant_infos();
+        let Some(tx) = &mut self.metrics_tx else {
+            return;
+        };
+        let mut text = String::new();
+        for t in infos {
+            text.push_str(&format!(
+                "{}\t{}\t{}\t{}\n",
+                t.slot, t.name, t.digest, t.strategy
+            ));
+        }
+        text.push('\n');
+        if let Err(e) = std::io::Write::write_all(tx, text.as_bytes()) {
+            tracing::warn!("cannot update the metrics process: {e}");
         }
     }
 
@@ -520,6 +595,7 @@ impl Host {
             flags = libc::WNOHANG;
             if Some(pid) == self.metrics_pid {
                 self.metrics_pid = None;
+                self.metrics_tx = None;
                 if !self.shutting_down {
                     tracing::warn!("the metrics process exited; starting a new one");
                     self.spawn_metrics();
@@ -701,8 +777,9 @@ impl Host {
         let mut bound = BTreeMap::new();
         for tenant in &config.tenants {
             for addr in &tenant.listen {
-                if !self.listeners.contains_key(addr) && !bound.contains_key(addr) {
-                    bound.insert(addr.clone(), Listener::bind(addr)?);
+                let key = listen_key(&tenant.tenant, addr);
+                if !self.listeners.contains_key(&key) && !bound.contains_key(&key) {
+                    bound.insert(key, Listener::bind(addr)?);
                 }
             }
         }
@@ -729,7 +806,7 @@ impl Host {
             removed,
             bound,
         } = plan;
-        let fresh: BTreeSet<ListenAddr> = bound.keys().cloned().collect();
+        let fresh: BTreeSet<ListenKey> = bound.keys().cloned().collect();
         self.listeners.extend(bound);
         let mut summary = Vec::new();
         for (tenant, service, what) in changed {
@@ -767,23 +844,19 @@ impl Host {
             summary.push(format!("{name}: removed, draining"));
         }
         // Close the listeners no tenant lists any more.
-        let wanted: BTreeSet<&ListenAddr> = config
+        let wanted: BTreeSet<ListenKey> = config
             .tenants
             .iter()
-            .flat_map(|t| t.listen.iter())
+            .flat_map(|t| t.listen.iter().map(|a| listen_key(&t.tenant, a)))
             .collect();
-        let stale: Vec<ListenAddr> = self
-            .listeners
-            .keys()
-            .filter(|a| !wanted.contains(a))
-            .cloned()
-            .collect();
-        for addr in stale {
-            self.listeners.remove(&addr);
-        }
+        self.listeners.retain(|key, _| wanted.contains(key));
         for tenant in &config.tenants {
-            for addr in tenant.listen.iter().filter(|a| fresh.contains(*a)) {
-                if let Some(listener) = self.listeners.get(addr) {
+            for addr in &tenant.listen {
+                let key = listen_key(&tenant.tenant, addr);
+                if !fresh.contains(&key) {
+                    continue;
+                }
+                if let Some(listener) = self.listeners.get(&key) {
                     crate::logging::announce(&format!(
                         "listening on {} tenant={}",
                         listener.local(),
@@ -796,10 +869,51 @@ impl Host {
         if summary.is_empty() {
             return "nothing changed".to_string();
         }
-        // The metrics process shows the tenants as they are now.
-        self.spawn_metrics();
+        // The metrics page shows the tenants as they are now.
+        self.update_metrics();
         summary.join("; ")
     }
+}
+
+/// The metrics process's work: serve the page, and take new tenant lists
+/// from `updates` (see [`Host::update_metrics`]) on a thread of its own.
+fn serve_metrics(
+    listener: TcpListener,
+    metrics: Metrics,
+    tenants: Vec<TenantInfo>,
+    updates: std::fs::File,
+) -> Result<()> {
+    let tenants = Arc::new(std::sync::RwLock::new(tenants));
+    let shown = tenants.clone();
+    std::thread::Builder::new()
+        .name("metrics-updates".into())
+        .spawn(move || {
+            use std::io::BufRead as _;
+            let mut next = Vec::new();
+            for line in std::io::BufReader::new(updates).lines() {
+                let Ok(line) = line else { return };
+                if line.is_empty() {
+                    *shown.write().unwrap_or_else(|e| e.into_inner()) = std::mem::take(&mut next);
+                    continue;
+                }
+                let fields: Vec<&str> = line.split('\t').collect();
+                if let [slot, name, digest, strategy] = fields[..] {
+                    if let Ok(slot) = slot.parse() {
+                        next.push(TenantInfo {
+                            name: name.to_string(),
+                            slot,
+                            digest: digest.to_string(),
+                            strategy: strategy.to_string(),
+                        });
+                    }
+                }
+            }
+            // The host process is gone: PR_SET_PDEATHSIG ends this one.
+        })
+        .context("cannot start the metrics update thread")?;
+    crate::metrics::serve_http(listener, move || {
+        metrics.render(&tenants.read().unwrap_or_else(|e| e.into_inner()))
+    })
 }
 
 /// A reload, ready to switch.
@@ -810,7 +924,7 @@ struct Plan {
     changed: Vec<(ServeConfig, Service, String)>,
     removed: Vec<String>,
     /// Listeners for addresses no tenant had.
-    bound: BTreeMap<ListenAddr, Listener>,
+    bound: BTreeMap<ListenKey, Listener>,
 }
 
 /// What changed in one tenant, for the reload's log line.

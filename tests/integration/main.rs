@@ -13,3 +13,4 @@ mod guests;
 mod sandbox;
 mod shutdown;
 mod soak;
+mod tenants;

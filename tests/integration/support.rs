@@ -579,6 +579,28 @@ pub fn run_host(args: &[&str]) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// Like [`run_host`], in the working directory `dir`.
+pub fn run_host_in(dir: &Path, args: &[&str]) -> Output {
+    let mut child = Command::new(host_binary())
+        .args(args)
+        .current_dir(dir)
+        .env("XDG_CACHE_HOME", test_cache_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start the host");
+    let deadline = Instant::now() + PATIENCE;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("host {args:?} did not exit");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// Lines that look like `key=value`, as the test guest's `info` replies.
 pub fn fields(text: &str) -> std::collections::HashMap<String, String> {
     text.lines()
@@ -610,16 +632,17 @@ impl Server {
                 return line.clone();
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            let why = if guard.ended {
-                "the host exited"
-            } else {
-                "timed out"
-            };
-            assert!(
-                !left.is_zero() && !guard.ended,
-                "no such log line after line {since} ({why}); the log so far:\n{}",
-                guard.lines.join("\n")
-            );
+            if left.is_zero() || guard.ended {
+                let why = if guard.ended {
+                    "the host exited"
+                } else {
+                    "timed out"
+                };
+                let lines = guard.lines.join("\n");
+                // Not while holding the lock: the log reader goes on.
+                drop(guard);
+                panic!("no such log line after line {since} ({why}); the log so far:\n{lines}");
+            }
             guard = changed.wait_timeout(guard, left).unwrap().0;
         }
     }
@@ -643,6 +666,34 @@ pub fn toml_string(text: &str) -> String {
 /// A path as a TOML basic string.
 pub fn toml_path(path: &Path) -> String {
     toml_string(path.to_str().expect("a UTF-8 path"))
+}
+
+/// The text of one of the host's stable lines (`listening on ...`,
+/// `metrics on ...`) if `line` is one: a bare line, or under `--log-format
+/// json` a JSON event whose message is that line.
+pub fn stable_line(line: &str) -> Option<String> {
+    let stable = |text: &str| text.starts_with("listening on ") || text.starts_with("metrics on ");
+    if stable(line) {
+        return Some(line.to_string());
+    }
+    if !line.starts_with('{') {
+        return None;
+    }
+    let event: serde_json::Value = serde_json::from_str(line).ok()?;
+    let message = event
+        .get("fields")
+        .and_then(|f| f.get("message"))
+        .or_else(|| event.get("message"))?
+        .as_str()?;
+    stable(message).then(|| message.to_string())
+}
+
+fn is_listening_line(line: &str) -> bool {
+    stable_line(line).is_some_and(|t| t.starts_with("listening on "))
+}
+
+fn is_metrics_line(line: &str) -> bool {
+    stable_line(line).is_some_and(|t| t.starts_with("metrics on "))
 }
 
 /// How many listeners a config declares: every tenant's `listen` (or the
@@ -700,13 +751,13 @@ impl ConfigServer {
         let args: Vec<OsString> = vec!["serve".into(), "--config".into(), file.clone().into()];
         let server = Server::spawn(&args, extra);
         let listeners = listener_count(toml);
-        server.wait_for_log_count(|l| l.starts_with("listening on "), listeners);
+        server.wait_for_log_count(is_listening_line, listeners);
         let with_metrics = extra.contains(&"--metrics-addr")
             || toml
                 .parse::<toml::Table>()
                 .is_ok_and(|t| t.get("metrics").is_some());
         if with_metrics {
-            server.wait_for_log(|l| l.starts_with("metrics on "));
+            server.wait_for_log(is_metrics_line);
         }
         let mut config = ConfigServer { server, file, dir };
         if let Some(addr) = config.listening().iter().find_map(|(_, a)| a.parse().ok()) {
@@ -733,7 +784,8 @@ impl ConfigServer {
         self.server
             .log()
             .iter()
-            .filter_map(|l| l.strip_prefix("listening on "))
+            .filter_map(|l| stable_line(l))
+            .filter_map(|l| l.strip_prefix("listening on ").map(str::to_string))
             .filter_map(|rest| {
                 let (addr, tenant) = rest.split_once(" tenant=")?;
                 Some((tenant.trim().to_string(), addr.to_string()))
@@ -763,7 +815,7 @@ impl ConfigServer {
 
     /// Where `/metrics` is served.
     pub fn metrics_addr(&self) -> SocketAddr {
-        let line = self.server.wait_for_log(|l| l.starts_with("metrics on "));
+        let line = stable_line(&self.server.wait_for_log(is_metrics_line)).unwrap();
         line.trim_start_matches("metrics on http://")
             .trim_end_matches("/metrics")
             .parse()
@@ -814,7 +866,14 @@ impl std::ops::DerefMut for ConfigServer {
 pub fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
     let mut stream = connect(addr);
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let response = String::from_utf8(read_to_end(stream)).expect("a UTF-8 response");
+    let mut response = Vec::new();
+    if let Err(e) = stream.read_to_end(&mut response) {
+        panic!(
+            "GET {path} from {addr} failed after {} bytes of the response: {e}",
+            response.len()
+        );
+    }
+    let response = String::from_utf8(response).expect("a UTF-8 response");
     let (head, body) = response
         .split_once("\r\n\r\n")
         .unwrap_or_else(|| panic!("no end of the headers in:\n{response}"));
