@@ -263,7 +263,8 @@ fn specs(cli: &Cli, root: &Path) -> Result<Vec<ServerSpec>, String> {
             name: "host-threading",
             program: host.clone(),
             args: host_args("threading"),
-            forking: false,
+            // The host process forks the tenant's worker process.
+            forking: true,
         },
         ServerSpec {
             name: "host-forking",

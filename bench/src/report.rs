@@ -140,7 +140,7 @@ pub fn table(rows: &[Row], scenario: &'static str, title: &str) -> String {
             })
             .collect();
         let rss = if row.memory.peak_children > 0 {
-            format!("{} [{} children]", cells[4], row.memory.peak_children)
+            format!("{} [+{} processes]", cells[4], row.memory.peak_children)
         } else {
             cells[4].clone()
         };

@@ -25,7 +25,7 @@ pub struct ServerSpec {
     pub name: &'static str,
     pub program: PathBuf,
     pub args: Vec<String>,
-    /// Whether the server forks a process per connection (sample children).
+    /// Whether the server forks processes (sample its whole process tree).
     pub forking: bool,
 }
 
@@ -121,9 +121,10 @@ impl Server {
         Ok(server)
     }
 
-    /// CPU seconds used so far by the server and its reaped children.
+    /// CPU seconds used so far by the server's process tree (`host serve`
+    /// is a supervisor with worker processes) and its reaped children.
     pub fn cpu_secs(&self) -> f64 {
-        cpu_secs(self.pgid).unwrap_or(0.0)
+        tree(self.pgid).into_iter().filter_map(cpu_secs).sum()
     }
 
     /// Stops sampling and returns the memory figures. Peak RSS is the larger
@@ -231,7 +232,19 @@ fn cpu_secs(pid: i32) -> Option<f64> {
     Some(ticks as f64 / hz)
 }
 
-/// The direct children of a single-threaded forking server.
+/// A process and all its descendants (each forks from its main thread).
+fn tree(pid: i32) -> Vec<i32> {
+    let mut pids = vec![pid];
+    let mut i = 0;
+    while i < pids.len() {
+        let more = children(pids[i]);
+        pids.extend(more);
+        i += 1;
+    }
+    pids
+}
+
+/// The direct children of a process, forked by its main thread.
 fn children(pid: i32) -> Vec<i32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .map(|s| {
@@ -257,10 +270,7 @@ impl Sampler {
                 let mut peak = Memory::default();
                 // Bounded by the stop flag, which every path sets.
                 while !stop.load(Ordering::Relaxed) {
-                    let mut pids = vec![pid];
-                    if forking {
-                        pids.extend(children(pid));
-                    }
+                    let pids = if forking { tree(pid) } else { vec![pid] };
                     let rss: u64 = pids.iter().filter_map(|&p| status_kib(p, "VmRSS:")).sum();
                     let pss: u64 = pids
                         .iter()

@@ -2,8 +2,9 @@
 //! be served and why not; with `--run`, serves it on loopback and runs the
 //! standard echo scenarios against it (the conformance kit).
 
+use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -14,13 +15,21 @@ use anyhow::{anyhow, Context as _, Result};
 use wasmtime::component::types::ComponentItem;
 use wasmtime::{Engine, Precompiled};
 
-use crate::config::{Grants, Limits, StrategyKind};
-use crate::connection::Service;
+use crate::cli::{Given, TenantOptions};
+use crate::config::{ServeConfig, StrategyKind};
+use crate::connection::{Outcome, Service};
 use crate::engine::{self, EpochClock};
 use crate::handler::{self, Handler, HandlerSource};
 
-/// How many instances the instantiation time is measured over.
-const INSTANCES: usize = 20;
+/// The most runs each timing (instantiate; instantiate + call) is taken
+/// over, after one unmeasured warm-up run.
+const RUNS: usize = 1000;
+/// A timing stops early once its runs have taken this long, so that `host
+/// check` of a slow handler still ends within a few seconds.
+const INSTANTIATE_BUDGET: Duration = Duration::from_secs(1);
+const CALL_BUDGET: Duration = Duration::from_secs(2);
+/// What each timed connection's client sends before it half-closes.
+const REQUEST_BYTES: usize = 64;
 /// How long one conformance scenario may take.
 const SCENARIO_PATIENCE: Duration = Duration::from_secs(30);
 
@@ -61,7 +70,10 @@ pub fn check(path: &Path, run: bool, strategy: StrategyKind) -> Result<bool> {
     }
     println!("format:      a WebAssembly component");
 
-    let engine = engine::build(strategy, INSTANCES, 64 << 20)?;
+    // The engine `host serve --handler PATH --strategy STRATEGY` builds
+    // (its pooling allocator included), so the timings are the served ones.
+    let config = as_served(Some(path), strategy)?;
+    let (engine, _) = engine::for_host(std::slice::from_ref(&config), false)?;
     let started = Instant::now();
     let component = match handler::compile(&engine, &source, &bytes, None) {
         Ok(component) => component,
@@ -136,31 +148,21 @@ pub fn check(path: &Path, run: bool, strategy: StrategyKind) -> Result<bool> {
     println!("handle:      exported with the type of host:handler/handler@0.1.0");
 
     let digest = crate::compile_cache::digest(&bytes);
-    let service = Service::new(
-        Handler::from_parts(source, digest, pre),
-        "default".into(),
-        Limits {
-            timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(10),
-            max_memory: 64 << 20,
-        },
-        Grants::default(),
-        // A start function that never returns is stopped at the timeout.
-        EpochClock::start_ticker(&engine)?,
-    );
-    let mut times = Vec::with_capacity(INSTANCES);
-    for _ in 0..INSTANCES {
-        match service.time_instantiation() {
-            Ok(took) => times.push(took),
-            Err(e) => return Ok(verdict(false, &format!("{e:#}"))),
-        }
-    }
-    times.sort();
+    let service = service(&config, Handler::from_parts(source, digest, pre))?;
+    let instantiate = match time_instantiation(&service, INSTANTIATE_BUDGET, RUNS) {
+        Ok(spread) => spread,
+        Err(e) => return Ok(verdict(false, &format!("{e:#}"))),
+    };
     println!(
-        "instantiate: p50 {:.1?}, max {:.1?} ({INSTANCES} fresh instances)",
-        times[INSTANCES / 2],
-        times[INSTANCES - 1]
+        "instantiate: {instantiate} ({} fresh instances)",
+        instantiate.runs
     );
+    let calls = time_calls(&service, CALL_BUDGET, RUNS)?;
+    println!(
+        "instantiate + call: {} ({} connections, {REQUEST_BYTES} B each)",
+        calls.spread, calls.spread.runs
+    );
+    println!("  reply:     {}", calls.describe());
     if !verdict(true, "") {
         return Ok(false);
     }
@@ -168,6 +170,171 @@ pub fn check(path: &Path, run: bool, strategy: StrategyKind) -> Result<bool> {
         return Ok(true);
     }
     conformance(path, strategy)
+}
+
+/// The tenant `host serve --handler PATH --strategy STRATEGY` runs (`None`:
+/// the built-in echo), every other setting at its default.
+fn as_served(path: Option<&Path>, strategy: StrategyKind) -> Result<ServeConfig> {
+    TenantOptions {
+        tenant: "default".to_string(),
+        handler: path.map(|p| Given::flag(p.to_path_buf())),
+        listen: vec![Given::flag("127.0.0.1:0".to_string())],
+        strategy: Some(Given::flag(strategy)),
+        ..TenantOptions::default()
+    }
+    .into_config()
+}
+
+/// The tenant's service, as a threading worker makes it, with its engine's
+/// epoch ticker started (a start function that never returns is stopped at
+/// the timeout).
+fn service(config: &ServeConfig, handler: Handler) -> Result<Service> {
+    let clock = EpochClock::start_ticker(handler.engine())?;
+    Ok(Service::new(
+        handler,
+        config.tenant.clone(),
+        config.limits.clone(),
+        config.grants.clone(),
+        clock,
+    ))
+}
+
+/// The p50, p99 and maximum of one timing's runs.
+#[derive(Debug)]
+struct Spread {
+    runs: usize,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+}
+
+impl Spread {
+    /// Nearest-rank percentiles of `times` (not empty).
+    fn of(mut times: Vec<Duration>) -> Spread {
+        times.sort();
+        let rank = |p: usize| times[(times.len() * p).div_ceil(100).max(1) - 1];
+        Spread {
+            runs: times.len(),
+            p50: rank(50),
+            p99: rank(99),
+            max: rank(100),
+        }
+    }
+}
+
+impl fmt::Display for Spread {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "p50 {:.1?}, p99 {:.1?}, max {:.1?}",
+            self.p50, self.p99, self.max
+        )
+    }
+}
+
+/// Runs `one` once unmeasured (first-use costs a worker pays once, not per
+/// connection), then up to `runs` times, stopping early once `budget` has
+/// passed since the start (after at least one measured run).
+fn repeat<T>(
+    budget: Duration,
+    runs: usize,
+    mut one: impl FnMut(usize) -> Result<(Duration, T)>,
+) -> Result<(Spread, Vec<T>)> {
+    let started = Instant::now();
+    one(0)?;
+    let mut times = Vec::with_capacity(runs);
+    let mut results = Vec::with_capacity(runs);
+    for run in 1..=runs.max(1) {
+        if run > 1 && started.elapsed() >= budget {
+            break;
+        }
+        let (took, result) = one(run)?;
+        times.push(took);
+        results.push(result);
+    }
+    Ok((Spread::of(times), results))
+}
+
+/// Instantiation alone: a fresh store and instance per run, as a connection
+/// gets, over one connected loopback socket (instantiation does not touch
+/// it); only `instantiate` is timed.
+fn time_instantiation(service: &Service, budget: Duration, runs: usize) -> Result<Spread> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let _client = TcpStream::connect(listener.local_addr()?)?;
+    let stream = socket2::Socket::from(listener.accept()?.0);
+    let (spread, _) = repeat(budget, runs, |_| {
+        service.time_instantiate(&stream).map(|took| (took, ()))
+    })?;
+    Ok(spread)
+}
+
+/// Instantiate + call over a loopback connection per run.
+struct Calls {
+    spread: Spread,
+    /// Runs whose client read back exactly what it sent.
+    echoed: usize,
+    /// Runs that ended with outcome `ok`.
+    ok: usize,
+    /// The first outcome other than `ok`.
+    failure: Option<Outcome>,
+}
+
+impl Calls {
+    fn describe(&self) -> String {
+        let runs = self.spread.runs;
+        let mut text = if self.echoed == runs {
+            format!("the {REQUEST_BYTES} B came back on every connection")
+        } else {
+            format!(
+                "the {REQUEST_BYTES} B came back on {} of {runs} connections",
+                self.echoed
+            )
+        };
+        if self.echoed == 0 {
+            text.push_str(" (not an echo handler, or its call is broken: reported, not checked)");
+        }
+        if self.ok == runs {
+            text.push_str("; outcome ok");
+        } else {
+            text.push_str(&format!("; outcome ok on {} of {runs}", self.ok));
+        }
+        if let Some(failure) = &self.failure {
+            text.push_str(&format!(", e.g. {failure}"));
+        }
+        text
+    }
+}
+
+/// Instantiate + call, the host-side cost of one connection: per run a fresh
+/// loopback connection whose client has already sent [`REQUEST_BYTES`] bytes
+/// and half-closed, served as `host serve` serves it (fresh store and
+/// instance, the whole `handle` call, the store dropped: see
+/// [`Service::time_call`]); then the client reads the reply to its end.
+fn time_calls(service: &Service, budget: Duration, runs: usize) -> Result<Calls> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let request = pattern(REQUEST_BYTES as u64, REQUEST_BYTES);
+    let (spread, replies) = repeat(budget, runs, |run| {
+        let mut client = TcpStream::connect(addr).context("connecting on loopback")?;
+        client.write_all(&request)?;
+        client.shutdown(Shutdown::Write)?;
+        let (stream, _) = listener.accept()?;
+        let (took, outcome) = service.time_call(stream.into(), run as u64 + 1);
+        client.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut reply = Vec::new();
+        // A reset or a silent handler: what came back is the reply.
+        let _ = client.read_to_end(&mut reply);
+        Ok((took, (reply == request, outcome)))
+    })?;
+    Ok(Calls {
+        spread,
+        echoed: replies.iter().filter(|(echoed, _)| *echoed).count(),
+        ok: replies.iter().filter(|(_, o)| *o == Outcome::Ok).count(),
+        failure: replies
+            .into_iter()
+            .map(|(_, outcome)| outcome)
+            .find(|o| *o != Outcome::Ok),
+    })
 }
 
 #[derive(PartialEq, Eq)]
@@ -406,4 +573,46 @@ fn conformance(path: &Path, strategy: StrategyKind) -> Result<bool> {
     }
     println!("conformance: {}", if passed { "passed" } else { "FAILED" });
     Ok(passed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let spread = Spread::of((1..=1000).rev().map(Duration::from_micros).collect());
+        assert_eq!(spread.runs, 1000);
+        assert_eq!(spread.p50, Duration::from_micros(500));
+        assert_eq!(spread.p99, Duration::from_micros(990));
+        assert_eq!(spread.max, Duration::from_micros(1000));
+        let one = Spread::of(vec![Duration::from_micros(7)]);
+        assert_eq!((one.p50, one.p99, one.max), (one.max, one.max, one.max));
+    }
+
+    /// The timed call is a real one: the built-in echo, served as `host
+    /// serve` serves it, sends every connection's 64 B back.
+    #[test]
+    fn timed_calls_of_the_builtin_echo_echo() {
+        for strategy in [StrategyKind::Threading, StrategyKind::Forking] {
+            let config = as_served(None, strategy).unwrap();
+            assert_eq!(config.handler, HandlerSource::BuiltinEcho);
+            let (engine, _) = engine::for_host(std::slice::from_ref(&config), false).unwrap();
+            let handler =
+                Handler::load(&engine, &config.handler, &handler::LoadOptions::default()).unwrap();
+            let service = service(&config, handler).unwrap();
+            let budget = Duration::from_secs(30);
+            let instantiate = time_instantiation(&service, budget, 20).unwrap();
+            assert_eq!(instantiate.runs, 20);
+            let calls = time_calls(&service, budget, 20).unwrap();
+            assert_eq!(calls.spread.runs, 20);
+            assert_eq!((calls.echoed, calls.ok), (20, 20), "{}", calls.describe());
+            assert!(calls.failure.is_none());
+            assert!(calls.spread.p50 <= calls.spread.p99 && calls.spread.p99 <= calls.spread.max);
+            assert_eq!(
+                calls.describe(),
+                "the 64 B came back on every connection; outcome ok"
+            );
+        }
+    }
 }

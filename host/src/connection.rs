@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io::Read;
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -283,14 +283,13 @@ impl Service {
         self.clock.expire_all(self.engine(), self.limits.timeout);
     }
 
-    /// Creates one fresh store and instance, as a connection would, and
-    /// says how long the instantiation took (`host check`).
-    pub(crate) fn time_instantiation(&self) -> anyhow::Result<Duration> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let _client = TcpStream::connect(listener.local_addr()?)?;
-        let (stream, _) = listener.accept()?;
+    /// `host check`'s instantiation figure: a fresh store, made as every
+    /// connection's is ([`Service::new_store`]), over `stream`, and the time
+    /// `instantiate` alone takes in it. The socket is not read or written,
+    /// so one connection serves any number of these.
+    pub(crate) fn time_instantiate(&self, stream: &socket2::Socket) -> anyhow::Result<Duration> {
         let socket = Socket::new(
-            stream.into(),
+            stream.try_clone()?,
             self.limits.idle_timeout,
             Instant::now() + self.limits.timeout,
         );
@@ -301,6 +300,41 @@ impl Service {
             .instantiate(&mut store)
             .map_err(|e| anyhow::anyhow!("instantiation failed: {}", one_line(&e)))?;
         Ok(started.elapsed())
+    }
+
+    /// `host check`'s instantiate + call figure: serves the accepted `stream`
+    /// as [`Service::serve`] does, without its log line and counters, and
+    /// returns how long [`Service::run_guest`] took (the fresh store, the
+    /// streams, the instance, the whole `handle` call, and the store's drop,
+    /// which sends what the output still buffers and frees the instance) and
+    /// how the connection ended. The connection is closed, as `serve` closes
+    /// it, before this returns.
+    pub(crate) fn time_call(&self, stream: socket2::Socket, id: u64) -> (Duration, Outcome) {
+        let _ = stream.set_tcp_nodelay(true);
+        let peer = stream.peer_addr().ok().and_then(|a| a.as_socket());
+        let info = ConnectionInfo {
+            peer_address: peer.map_or_else(|| "unknown".into(), |a| a.to_string()),
+            local_address: local_of(&stream),
+            connection_id: id,
+            worker: "check".to_string(),
+            tenant: self.tenant.clone(),
+        };
+        let socket = Socket::new(
+            stream,
+            self.limits.idle_timeout,
+            Instant::now() + self.limits.timeout,
+        );
+        let started = Instant::now();
+        let (result, limiter) = self.run_guest(&socket, &info);
+        let took = started.elapsed();
+        let outcome = classify(result, &socket, limiter.as_ref());
+        // As `serve` ends it: a reply cut short resets.
+        let cut_short = matches!(
+            outcome,
+            Outcome::Timeout | Outcome::Shutdown | Outcome::Trap(_) | Outcome::MemoryLimit(_)
+        ) || socket.traffic.output_lost.load(Ordering::Relaxed);
+        close(&socket, cut_short);
+        (took, outcome)
     }
 
     fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Socket>>> {
@@ -482,8 +516,9 @@ fn trap_message(e: &wasmtime::Error) -> String {
 }
 
 /// Ends the connection after the guest: the output was flushed when its
-/// stream was dropped with the store. A normal end sends FIN, then drains what
-/// the client still sends (bounded) so the close does not turn into a reset.
+/// stream was dropped with the store. A normal end sends FIN; unless the
+/// guest read the client's end of input, it then drains what the client
+/// still sends (bounded) so the close does not turn into a reset.
 /// An end that cut the reply short (`cut_short`) resets the connection, so
 /// the client cannot take a truncated reply for a whole one.
 fn close(socket: &Socket, cut_short: bool) {
@@ -491,6 +526,12 @@ fn close(socket: &Socket, cut_short: bool) {
     if cut_short {
         // SO_LINGER {on, 0}: the final close sends RST.
         let _ = stream.set_linger(Some(Duration::ZERO));
+        return;
+    }
+    if socket.traffic.input_ended.load(Ordering::Relaxed) {
+        // Everything the client sent was read: the final close sends FIN
+        // without waiting for the client (nothing unread can turn it into
+        // a reset).
         return;
     }
     if stream.shutdown(Shutdown::Write).is_err() {

@@ -22,7 +22,33 @@ pub fn announce(line: &str) {
     } else {
         // One write(2), so other processes' lines cannot land inside it.
         use std::io::Write as _;
-        let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+        let _ = Stderr.write_all(format!("{line}\n").as_bytes());
+    }
+}
+
+/// Standard error without std's lock: the logger hands over each event
+/// formatted in full, and one write(2) of it needs no lock (the kernel keeps
+/// a write to a pipe of up to 4 KiB whole). Worker threads logging their
+/// connections' lines at once otherwise queue on std's stderr mutex.
+struct Stderr;
+
+impl std::io::Write for Stderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        loop {
+            // SAFETY: writing from a valid buffer to descriptor 2.
+            let n = unsafe { libc::write(2, buf.as_ptr().cast(), buf.len()) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -30,7 +56,7 @@ pub fn announce(line: &str) {
 pub fn init(format: LogFormat) {
     JSON.store(format == LogFormat::Json, Ordering::Relaxed);
     let builder = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(|| Stderr)
         .with_target(false)
         .with_max_level(tracing::Level::INFO);
     let _ = match format {

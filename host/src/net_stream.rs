@@ -59,6 +59,9 @@ pub struct Traffic {
     pub output_lost: AtomicBool,
     /// The client reset the connection or stopped reading for good.
     pub client_reset: AtomicBool,
+    /// The guest read the client's end of input (FIN): nothing the client
+    /// sent is left unread.
+    pub input_ended: AtomicBool,
 }
 
 /// Lets `AsyncFd` watch the socket's descriptor without owning it.
@@ -379,6 +382,10 @@ impl InputStream for SocketInput {
             Ok(None) => Ok(Bytes::new()),
             Ok(Some(bytes)) if bytes.is_empty() => {
                 self.at_end = true;
+                self.socket
+                    .traffic
+                    .input_ended
+                    .store(true, Ordering::Relaxed);
                 Err(StreamError::Closed)
             }
             Ok(Some(bytes)) => Ok(bytes),

@@ -101,7 +101,8 @@ fn a_second_signal_ends_at_once(strategy: Strategy) {
     let mut rest = Vec::new();
     let _ = (&held).read_to_end(&mut rest);
     assert_eq!(server.wait_exit().code(), Some(0));
-    assert!(server.log().iter().any(|l| l.contains("outcome=shutdown")));
+    // The log is read from a pipe on a thread of its own: wait for it.
+    server.wait_for_log(|l| l.contains("outcome=shutdown"));
     for pid in server.worker_pids() {
         assert!(!process_exists(pid), "worker pid-{pid} was left behind");
     }
@@ -114,7 +115,8 @@ fn the_drain_timeout_ends_what_is_left(strategy: Strategy) {
     let mut rest = Vec::new();
     let _ = (&held).read_to_end(&mut rest);
     assert_eq!(server.wait_exit().code(), Some(0));
-    assert!(server.log().iter().any(|l| l.contains("outcome=shutdown")));
+    // The log is read from a pipe on a thread of its own: wait for it.
+    server.wait_for_log(|l| l.contains("outcome=shutdown"));
 }
 
 fn a_second_signal_ends_a_sleeping_guest_at_once(strategy: Strategy) {
@@ -135,7 +137,8 @@ fn a_second_signal_ends_a_sleeping_guest_at_once(strategy: Strategy) {
     server.signal(libc::SIGINT);
     // wait_exit fails after a minute, far sooner than the sleep would end.
     assert_eq!(server.wait_exit().code(), Some(0));
-    assert!(server.log().iter().any(|l| l.contains("outcome=shutdown")));
+    // The log is read from a pipe on a thread of its own: wait for it.
+    server.wait_for_log(|l| l.contains("outcome=shutdown"));
 }
 
 fn sigterm_to_the_whole_process_group_still_drains(strategy: Strategy) {
