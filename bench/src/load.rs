@@ -1,6 +1,7 @@
 //! The load generator's blocking scenarios: short connections (many client
-//! threads, one 64 B echo per connection) and streaming (a writer and a reader
-//! thread per connection pushing a large volume through echo).
+//! threads, one 64 B echo or one HTTP/1.1 `GET` per connection) and streaming
+//! (a writer and a reader thread per connection pushing a large volume through
+//! echo).
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -68,12 +69,32 @@ pub fn kind(step: &str, e: &io::Error) -> String {
     }
 }
 
+/// What one short connection exchanges with the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exchange {
+    /// Send `payload` bytes, half-close, expect exactly them back before EOF.
+    Echo,
+    /// Send [`HTTP_REQUEST`] (no half-close: an HTTP server may take EOF as
+    /// an aborted request), read to EOF, expect a `200` ending in
+    /// [`HTTP_BODY`].
+    Http,
+}
+
+/// The request of [`Exchange::Http`].
+pub const HTTP_REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+/// The body both HTTP hello servers send (handlers/http-hello's `BODY`).
+pub const HTTP_BODY: &[u8] = b"Hello, world!\n";
+/// The most response an [`Exchange::Http`] connection reads.
+const HTTP_MAX_RESPONSE: usize = 4096;
+
 pub struct ShortConfig {
+    pub exchange: Exchange,
     pub clients: usize,
     pub warmup: Duration,
     pub duration: Duration,
     /// Stop after this many measured connections instead of `duration`.
     pub count: Option<u64>,
+    /// Bytes per echo ([`Exchange::Echo`]).
     pub payload: usize,
     pub timeout: Duration,
 }
@@ -81,11 +102,18 @@ pub struct ShortConfig {
 /// Hard cap on a count-bounded short run.
 const COUNT_PATIENCE: Duration = Duration::from_secs(600);
 
-/// `clients` threads, each in a loop: connect, send the payload, half-close,
-/// read the echo to EOF, close. Connections started during the warm-up are
-/// not measured.
+/// `clients` threads, each in a loop: connect, send the payload and
+/// half-close (echo) or send the request (HTTP), read the reply to EOF and
+/// check it, close. Connections started during the warm-up are not measured.
 pub fn short(addr: SocketAddr, cfg: &ShortConfig) -> Measure {
-    let payload: Vec<u8> = (0..cfg.payload).map(|i| b'a' + (i % 26) as u8).collect();
+    let payload: Vec<u8> = match cfg.exchange {
+        Exchange::Echo => (0..cfg.payload).map(|i| b'a' + (i % 26) as u8).collect(),
+        Exchange::Http => HTTP_REQUEST.to_vec(),
+    };
+    let buf_len = match cfg.exchange {
+        Exchange::Echo => payload.len() * 2 + 1,
+        Exchange::Http => HTTP_MAX_RESPONSE,
+    };
     let start = Instant::now();
     let measure_from = start + cfg.warmup;
     let deadline = measure_from
@@ -102,7 +130,7 @@ pub fn short(addr: SocketAddr, cfg: &ShortConfig) -> Measure {
                 let (payload, issued) = (&payload, &issued);
                 scope.spawn(move || {
                     let mut m = Measure::default();
-                    let mut buf = vec![0u8; payload.len() * 2 + 1];
+                    let mut buf = vec![0u8; buf_len];
                     loop {
                         let began = Instant::now();
                         if began >= deadline {
@@ -116,16 +144,16 @@ pub fn short(addr: SocketAddr, cfg: &ShortConfig) -> Measure {
                                 }
                             }
                         }
-                        let result = one_short(addr, payload, &mut buf, cfg.timeout);
+                        let result = one_short(addr, cfg.exchange, payload, &mut buf, cfg.timeout);
                         m.served += 1;
                         if !measured {
                             continue;
                         }
                         m.attempted += 1;
                         match result {
-                            Ok(()) => {
+                            Ok(received) => {
                                 m.ok += 1;
-                                m.bytes += payload.len() as u64;
+                                m.bytes += received as u64;
                                 m.latencies_us.push(began.elapsed().as_micros() as u64);
                             }
                             Err(kind) => m.add_error(kind),
@@ -145,21 +173,28 @@ pub fn short(addr: SocketAddr, cfg: &ShortConfig) -> Measure {
     total
 }
 
+/// One short connection; the bytes received, if the reply was right.
 fn one_short(
     addr: SocketAddr,
+    exchange: Exchange,
     payload: &[u8],
     buf: &mut [u8],
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<usize, String> {
     let mut stream = net::connect(addr, timeout).map_err(|e| kind("connect", &e))?;
     stream.write_all(payload).map_err(|e| kind("write", &e))?;
-    stream
-        .shutdown(Shutdown::Write)
-        .map_err(|e| kind("shutdown", &e))?;
+    if exchange == Exchange::Echo {
+        stream
+            .shutdown(Shutdown::Write)
+            .map_err(|e| kind("shutdown", &e))?;
+    }
     let mut got = 0;
     loop {
         if got == buf.len() {
-            return Err("echo longer than sent".into());
+            return Err(match exchange {
+                Exchange::Echo => "echo longer than sent".into(),
+                Exchange::Http => format!("response longer than {} bytes", buf.len()),
+            });
         }
         match stream.read(&mut buf[got..]) {
             Ok(0) => break,
@@ -168,10 +203,25 @@ fn one_short(
             Err(e) => return Err(kind("read", &e)),
         }
     }
-    if &buf[..got] != payload {
-        return Err(format!("echo mismatch ({got} of {} bytes)", payload.len()));
+    let reply = &buf[..got];
+    match exchange {
+        Exchange::Echo if reply != payload => {
+            Err(format!("echo mismatch ({got} of {} bytes)", payload.len()))
+        }
+        Exchange::Http if got == 0 => Err("no response".into()),
+        Exchange::Http if !reply.starts_with(b"HTTP/1.1 200") => {
+            let status = reply.split(|&b| b == b'\r').next().unwrap_or_default();
+            Err(format!(
+                "status: {:?}",
+                String::from_utf8_lossy(&status[..status.len().min(40)])
+            ))
+        }
+        Exchange::Http if !reply.ends_with(HTTP_BODY) => Err(format!(
+            "body: not ending in {:?}",
+            String::from_utf8_lossy(HTTP_BODY)
+        )),
+        _ => Ok(got),
     }
-    Ok(())
 }
 
 pub struct StreamConfig {

@@ -2,7 +2,10 @@
 //! (a native Rust pool, `host serve` threading and forking, Python
 //! socketserver threading and forking), drives it with the same load (short
 //! connections, streaming, held connections) and reports every figure as a
-//! ratio to the native baseline, as a table and as JSON.
+//! ratio to the native baseline, as a table and as JSON. The `http` scenario
+//! runs `host serve` with handlers/http-hello against `wasmtime serve` with
+//! bench/wasi-http-hello (when a `wasmtime` binary is found), one HTTP/1.1
+//! `GET` per connection, and reports ratios to `wasmtime serve`.
 
 mod held;
 mod load;
@@ -20,8 +23,8 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 
 use crate::held::HeldConfig;
-use crate::load::{Measure, ShortConfig, StreamConfig};
-use crate::report::Row;
+use crate::load::{Exchange, Measure, ShortConfig, StreamConfig};
+use crate::report::{Row, WASMTIME};
 use crate::server::{Server, ServerSpec};
 
 const SERVERS: [&str; 6] = [
@@ -32,14 +35,43 @@ const SERVERS: [&str; 6] = [
     "py-threading",
     "py-forking",
 ];
-const SCENARIOS: [&str; 3] = ["short", "stream", "held"];
+const SCENARIOS: [&str; 4] = ["short", "stream", "held", "http"];
 /// Worker threads of the native pool and of `host serve --strategy threading`.
 const WORKERS: usize = 8;
+/// handlers/http-hello as the handlers' workspace builds it (from the workspace).
+const HTTP_HELLO_WASM: &str = "target/handlers/wasm32-wasip2/release/http_hello.wasm";
+/// Builds [`HTTP_HELLO_WASM`] (arguments to cargo, run in the workspace).
+const HTTP_HELLO_BUILD: [&str; 10] = [
+    "build",
+    "--release",
+    "--target",
+    "wasm32-wasip2",
+    "--manifest-path",
+    "handlers/Cargo.toml",
+    "--target-dir",
+    "target/handlers",
+    "-p",
+    "http-hello",
+];
+/// bench/wasi-http-hello, the `wasi:http/proxy` hello for `wasmtime serve`.
+const WASI_HTTP_HELLO_WASM: &str =
+    "target/bench-wasi-http/wasm32-wasip2/release/wasi_http_hello.wasm";
+/// Builds [`WASI_HTTP_HELLO_WASM`]: its own workspace, not ours.
+const WASI_HTTP_HELLO_BUILD: [&str; 8] = [
+    "build",
+    "--release",
+    "--target",
+    "wasm32-wasip2",
+    "--manifest-path",
+    "bench/wasi-http-hello/Cargo.toml",
+    "--target-dir",
+    "target/bench-wasi-http",
+];
 
 #[derive(Parser, Debug)]
 #[command(
     name = "bench",
-    about = "Benchmark `host serve` against a native Rust echo pool and Python socketserver on loopback."
+    about = "Benchmark `host serve` against a native Rust echo pool and Python socketserver on loopback, and (as an HTTP hello) against `wasmtime serve`."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -51,10 +83,13 @@ struct Cli {
 
     /// Servers to run, comma-separated [default: all]: native,
     /// host-threading, host-forking, host-prefork, py-threading, py-forking.
+    /// The http scenario runs the host-* ones among them, and `wasmtime
+    /// serve` whenever a `wasmtime` binary is found.
     #[arg(long, value_delimiter = ',')]
     servers: Vec<String>,
 
-    /// Scenarios to run, comma-separated [default: all]: short, stream, held.
+    /// Scenarios to run, comma-separated [default: all]: short, stream, held,
+    /// http.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
 
@@ -112,9 +147,16 @@ struct Cli {
     #[arg(long)]
     host_bin: Option<PathBuf>,
 
-    /// Do not run `cargo build --release -p host` first; use the binary as is.
+    /// Do not run `cargo build --release -p host` first (nor, for the http
+    /// scenario, the builds of the two hello components); use them as they are.
     #[arg(long)]
     no_build: bool,
+
+    /// The `wasmtime` CLI whose `wasmtime serve` the http scenario compares
+    /// with [default: `wasmtime` on PATH; without one that comparison is
+    /// skipped].
+    #[arg(long)]
+    wasmtime: Option<PathBuf>,
 
     /// The Python interpreter for the socketserver servers.
     #[arg(long, default_value = "python3")]
@@ -138,6 +180,8 @@ struct Plan {
     /// Rounds of the short scenario; each server gets `short` once per round.
     rounds: usize,
     short: ShortConfig,
+    /// The http scenario: the short scenario's clients, rounds and times.
+    http: ShortConfig,
     stream: StreamConfig,
     held: HeldConfig,
 }
@@ -173,19 +217,22 @@ fn plan(cli: &Cli) -> Plan {
     let pick = |value: Option<f64>, normal: f64, quick: f64| {
         Duration::from_secs_f64(value.unwrap_or(if cli.quick { quick } else { normal }))
     };
+    let short = |exchange| ShortConfig {
+        exchange,
+        clients: cli.short_clients.max(1),
+        warmup: pick(cli.warmup_secs, 0.5, 0.5),
+        duration: pick(cli.short_secs, 7.0, 2.0),
+        count: cli.short_count,
+        payload: 64,
+        timeout: Duration::from_secs(10),
+    };
     Plan {
         rounds: cli
             .short_rounds
             .unwrap_or(if cli.quick { 1 } else { 3 })
             .max(1),
-        short: ShortConfig {
-            clients: cli.short_clients.max(1),
-            warmup: pick(cli.warmup_secs, 0.5, 0.5),
-            duration: pick(cli.short_secs, 7.0, 2.0),
-            count: cli.short_count,
-            payload: 64,
-            timeout: Duration::from_secs(10),
-        },
+        short: short(Exchange::Echo),
+        http: short(Exchange::Http),
         stream: StreamConfig {
             connections: cli.stream_conns.max(1),
             bytes_per_connection: cli.stream_mib.unwrap_or(if cli.quick { 16 } else { 256 }) << 20,
@@ -293,21 +340,117 @@ fn specs(cli: &Cli, root: &Path) -> Result<Vec<ServerSpec>, String> {
     ])
 }
 
-fn build_host(root: &Path) -> Result<(), String> {
+/// The servers of one scenario, in table order. The echo scenarios run the
+/// selected servers as they are. The http scenario runs `wasmtime serve` with
+/// bench/wasi-http-hello (its baseline, if `wasmtime` was found) and the
+/// selected `host serve` servers with `--handler` handlers/http-hello; the
+/// native and Python servers are echo servers and sit it out.
+fn scenario_specs(
+    scenario: &str,
+    specs: &[ServerSpec],
+    servers: &[&str],
+    root: &Path,
+    wasmtime: Option<&Path>,
+) -> Vec<ServerSpec> {
+    let selected = specs.iter().filter(|s| servers.contains(&s.name));
+    if scenario != "http" {
+        return selected.cloned().collect();
+    }
+    let mut out = Vec::new();
+    if let Some(wasmtime) = wasmtime {
+        out.push(ServerSpec {
+            name: WASMTIME,
+            program: wasmtime.to_path_buf(),
+            args: vec![
+                "serve".into(),
+                // Its default too where the address space allows; explicit
+                // here, as the host's threading engine pools too.
+                "-O".into(),
+                "pooling-allocator".into(),
+                "--addr".into(),
+                "127.0.0.1:0".into(),
+                root.join(WASI_HTTP_HELLO_WASM).display().to_string(),
+            ],
+            forking: false,
+        });
+    }
+    for spec in selected.filter(|s| s.name.starts_with("host-")) {
+        let mut spec = spec.clone();
+        spec.args.extend([
+            "--handler".into(),
+            root.join(HTTP_HELLO_WASM).display().to_string(),
+        ]);
+        out.push(spec);
+    }
+    out
+}
+
+/// Runs `cargo ARGS` in the workspace (`wasm`: a guest build, which must not
+/// get the host's compiler flags or wrappers).
+fn cargo(root: &Path, args: &[&str], wasm: bool) -> Result<(), String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("building the host: cargo build --release -p host");
-    let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "host"])
-        .current_dir(root)
+    let line = format!("cargo {}", args.join(" "));
+    eprintln!("building: {line}");
+    let mut command = Command::new(cargo);
+    command.args(args).current_dir(root);
+    if wasm {
+        for var in [
+            "CARGO_ENCODED_RUSTFLAGS",
+            "RUSTFLAGS",
+            "RUSTC_WORKSPACE_WRAPPER",
+            "RUSTC_WRAPPER",
+            "CARGO_BUILD_TARGET",
+        ] {
+            command.env_remove(var);
+        }
+    }
+    let status = command
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
     if !status.success() {
-        return Err(format!("cargo build --release -p host failed ({status})"));
+        return Err(format!("{line} failed ({status})"));
     }
     Ok(())
 }
 
-fn machine(python: &Path) -> serde_json::Value {
+fn build_host(root: &Path) -> Result<(), String> {
+    cargo(root, &["build", "--release", "-p", "host"], false)
+}
+
+/// A component the http scenario needs: built (unless `--no-build`), then
+/// required to exist.
+fn component(root: &Path, wasm: &str, build: &[&str], no_build: bool) -> Result<(), String> {
+    if !no_build {
+        cargo(root, build, true)?;
+    }
+    let path = root.join(wasm);
+    if !path.is_file() {
+        return Err(format!(
+            "no component at {} (run `cargo {}`)",
+            path.display(),
+            build.join(" ")
+        ));
+    }
+    Ok(())
+}
+
+/// The `wasmtime` CLI: `--wasmtime`, which must exist, or `wasmtime` on PATH.
+fn find_wasmtime(cli: &Cli) -> Result<Option<PathBuf>, String> {
+    match &cli.wasmtime {
+        Some(path) if path.is_file() => Ok(Some(path.clone())),
+        Some(path) => Err(format!("--wasmtime {}: no such file", path.display())),
+        None => Ok(on_path("wasmtime")),
+    }
+}
+
+/// The first line of `PROGRAM --version`.
+fn version(program: &Path) -> Option<String> {
+    let output = Command::new(program).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    Some(text.lines().next()?.trim().to_string())
+}
+
+fn machine(python: &Path, wasmtime: Option<&Path>) -> serde_json::Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
@@ -317,11 +460,7 @@ fn machine(python: &Path) -> serde_json::Value {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|k| k.trim().to_string())
         .ok();
-    let python_version = Command::new(python)
-        .arg("--version")
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let python_version = version(python);
     let unix_time = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -331,6 +470,7 @@ fn machine(python: &Path) -> serde_json::Value {
         "cpu_model": model,
         "kernel": kernel,
         "python": python_version,
+        "wasmtime": wasmtime.and_then(version),
     })
 }
 
@@ -355,6 +495,8 @@ fn run(cli: &Cli) -> Result<(), String> {
         ));
     }
     let specs = specs(cli, &root)?;
+    let http = scenarios.contains(&"http");
+    let wasmtime = if http { find_wasmtime(cli)? } else { None };
     if servers.iter().any(|s| s.starts_with("host-")) {
         if !cli.no_build {
             build_host(&root)?;
@@ -366,27 +508,51 @@ fn run(cli: &Cli) -> Result<(), String> {
                 host.display()
             ));
         }
+        if http {
+            component(&root, HTTP_HELLO_WASM, &HTTP_HELLO_BUILD, cli.no_build)?;
+        }
     }
-    let machine = machine(&cli.python);
+    if http {
+        match &wasmtime {
+            None => eprintln!("wasmtime not on PATH: `wasmtime serve` comparison skipped"),
+            Some(p) => {
+                component(
+                    &root,
+                    WASI_HTTP_HELLO_WASM,
+                    &WASI_HTTP_HELLO_BUILD,
+                    cli.no_build,
+                )?;
+                eprintln!(
+                    "wasmtime at {} ({}): the http scenario compares with `wasmtime serve`",
+                    p.display(),
+                    version(p).unwrap_or_else(|| "version unknown".into())
+                );
+            }
+        }
+    }
+    let machine = machine(&cli.python, wasmtime.as_deref());
     eprintln!("machine: {machine}");
-    match on_path("wasmtime") {
-        None => eprintln!("wasmtime not on PATH: skipped"),
-        Some(p) => eprintln!(
-            "wasmtime at {}: `wasmtime serve` comparison not implemented (no http-hello handler in this repo): skipped",
-            p.display()
-        ),
-    }
 
-    let selected: Vec<&ServerSpec> = specs.iter().filter(|s| servers.contains(&s.name)).collect();
+    let runs: Vec<(&'static str, Vec<ServerSpec>)> = scenarios
+        .iter()
+        .map(|&scenario| {
+            let specs = scenario_specs(scenario, &specs, &servers, &root, wasmtime.as_deref());
+            (scenario, specs)
+        })
+        .collect();
     let mut rows = Vec::new();
-    for &scenario in &scenarios {
+    for (scenario, specs) in &runs {
         eprintln!("running {scenario} ...");
-        for row in run_scenario(scenario, &selected, &plan) {
+        for row in run_scenario(scenario, specs, &plan) {
             eprintln!("{}", progress(&row));
             rows.push(row);
         }
     }
 
+    let rounds = |count: Option<u64>, duration: Duration| match count {
+        Some(n) => format!("{n} connections"),
+        None => format!("{:.1} s measured", duration.as_secs_f64()),
+    };
     let titles = [
         (
             "short",
@@ -394,10 +560,7 @@ fn run(cli: &Cli) -> Result<(), String> {
                 "short connections: {} clients, 64 B each, {} round(s) of {}",
                 plan.short.clients,
                 plan.rounds,
-                match plan.short.count {
-                    Some(n) => format!("{n} connections"),
-                    None => format!("{:.1} s measured", plan.short.duration.as_secs_f64()),
-                }
+                rounds(plan.short.count, plan.short.duration)
             ),
         ),
         (
@@ -416,10 +579,26 @@ fn run(cli: &Cli) -> Result<(), String> {
                 plan.held.hold.as_secs_f64()
             ),
         ),
+        (
+            "http",
+            format!(
+                "http-hello: {} clients, one `GET /` per connection (`Connection: close`), \
+                 {} round(s) of {}; ratios are to wasmtime serve{}",
+                plan.http.clients,
+                plan.rounds,
+                rounds(plan.http.count, plan.http.duration),
+                if wasmtime.is_none() {
+                    " (not run: no wasmtime)"
+                } else {
+                    ""
+                }
+            ),
+        ),
     ];
     println!(
-        "ratios are to the native baseline; for p50/p99/RSS/PSS/CPU lower is better; \
-         RSS sums forked children (shared pages counted per process), PSS splits them"
+        "ratios are to the native baseline (http: to wasmtime serve); for \
+         p50/p99/RSS/PSS/CPU lower is better; RSS sums forked children (shared \
+         pages counted per process), PSS splits them"
     );
     for (scenario, title) in &titles {
         if scenarios.contains(scenario) {
@@ -449,9 +628,18 @@ fn run(cli: &Cli) -> Result<(), String> {
             "connections": plan.held.connections,
             "hold_secs": plan.held.hold.as_secs_f64(),
         },
-        "commands": specs
+        "http": {
+            "request": String::from_utf8_lossy(load::HTTP_REQUEST),
+            "body": String::from_utf8_lossy(load::HTTP_BODY),
+            "wasmtime": wasmtime,
+        },
+        "commands": runs
             .iter()
-            .map(|s| json!({"server": s.name, "program": s.program, "args": s.args}))
+            .flat_map(|(scenario, specs)| {
+                specs.iter().map(move |s| {
+                    json!({"scenario": scenario, "server": s.name, "program": s.program, "args": s.args})
+                })
+            })
             .collect::<Vec<_>>(),
     });
     let out = if cli.out.is_absolute() {
@@ -469,7 +657,7 @@ fn run(cli: &Cli) -> Result<(), String> {
 /// at a time, in rounds whose order rotates (so a burst of outside load is
 /// spread over the servers); then reads their CPU time and memory and stops
 /// them all.
-fn run_scenario(scenario: &'static str, specs: &[&ServerSpec], plan: &Plan) -> Vec<Row> {
+fn run_scenario(scenario: &'static str, specs: &[ServerSpec], plan: &Plan) -> Vec<Row> {
     let mut rows: Vec<Row> = specs
         .iter()
         .map(|spec| Row {
@@ -496,13 +684,18 @@ fn run_scenario(scenario: &'static str, specs: &[&ServerSpec], plan: &Plan) -> V
         .iter()
         .map(|s| s.as_ref().map_or(0.0, Server::cpu_secs))
         .collect();
-    let rounds = if scenario == "short" { plan.rounds } else { 1 };
+    let rounds = if matches!(scenario, "short" | "http") {
+        plan.rounds
+    } else {
+        1
+    };
     for round in 0..rounds {
         for k in 0..servers.len() {
             let i = (k + round) % servers.len();
             let Some(server) = &servers[i] else { continue };
             let measure = match scenario {
                 "short" => load::short(server.addr, &plan.short),
+                "http" => load::short(server.addr, &plan.http),
                 "stream" => load::stream(server.addr, &plan.stream),
                 _ => held::held(server.addr, &plan.held),
             };

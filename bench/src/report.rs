@@ -1,5 +1,6 @@
 //! Results: one row per (scenario, server), its figures as ratios to the
-//! native baseline, the printed table, the target check, and the JSON file.
+//! scenario's baseline (native; in the `http` scenario `wasmtime serve`), the
+//! printed table, the target check, and the JSON file.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -11,6 +12,17 @@ use crate::server::Memory;
 
 /// The server every ratio is relative to.
 pub const BASELINE: &str = "native";
+/// The `wasmtime serve` server of the `http` scenario, and its baseline.
+pub const WASMTIME: &str = "wasmtime-serve";
+
+/// The server a scenario's ratios are relative to.
+pub fn baseline_name(scenario: &str) -> &'static str {
+    if scenario == "http" {
+        WASMTIME
+    } else {
+        BASELINE
+    }
+}
 
 pub struct Row {
     pub scenario: &'static str,
@@ -93,8 +105,9 @@ fn ratio(value: Option<f64>, base: Option<f64>) -> Option<f64> {
 }
 
 fn baseline<'a>(rows: &'a [Row], scenario: &str) -> Option<&'a Row> {
+    let name = baseline_name(scenario);
     rows.iter()
-        .find(|r| r.scenario == scenario && r.server == BASELINE && r.failure.is_none())
+        .find(|r| r.scenario == scenario && r.server == name && r.failure.is_none())
 }
 
 fn cell(value: Option<f64>, ratio: Option<f64>, digits: usize) -> String {
@@ -223,6 +236,11 @@ pub fn targets(rows: &[Row]) -> Vec<(String, Option<f64>, f64)> {
             relative(rows, "stream", "host-forking", BASELINE, Row::mib_per_s),
             0.6,
         ),
+        (
+            "http-hello conn/s: host-threading vs wasmtime serve".into(),
+            relative(rows, "http", "host-threading", WASMTIME, Row::conn_per_s),
+            1.5,
+        ),
     ]
 }
 
@@ -249,13 +267,22 @@ pub fn write_json(path: &Path, machine: Value, config: Value, rows: &[Row]) -> s
         .iter()
         .map(|row| {
             let base = baseline(rows, row.scenario).map(Row::figures);
+            let native = rows
+                .iter()
+                .find(|r| r.scenario == row.scenario && r.server == BASELINE && r.failure.is_none())
+                .map(Row::figures);
             let mut ratios = Map::new();
+            let mut native_ratios = Map::new();
             let mut figures = Map::new();
             for (i, (name, value)) in row.figures().iter().enumerate() {
                 figures.insert((*name).into(), opt(*value));
                 ratios.insert(
                     (*name).into(),
                     opt(ratio(*value, base.and_then(|b| b[i].1))),
+                );
+                native_ratios.insert(
+                    (*name).into(),
+                    opt(ratio(*value, native.and_then(|b| b[i].1))),
                 );
             }
             let extra: Map<String, Value> = row
@@ -276,7 +303,9 @@ pub fn write_json(path: &Path, machine: Value, config: Value, rows: &[Row]) -> s
                 "elapsed_secs": row.measure.elapsed.as_secs_f64(),
                 "bytes_echoed": row.measure.bytes,
                 "figures": figures,
-                "ratio_to_native": ratios,
+                "baseline": baseline_name(row.scenario),
+                "ratio_to_baseline": ratios,
+                "ratio_to_native": native_ratios,
                 "peak_rss_kib": row.memory.peak_rss_kib,
                 "peak_pss_kib": row.memory.peak_pss_kib,
                 "peak_children": row.memory.peak_children,

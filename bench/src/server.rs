@@ -1,5 +1,6 @@
 //! The servers under test as child processes: start one, read its
-//! `listening on IP:PORT` line, drain its log, sample its memory (summing
+//! `listening on IP:PORT` line (`wasmtime serve`: `Serving HTTP on
+//! http://IP:PORT/`), drain its log, sample its memory (summing
 //! forked children), read its CPU time, and kill its whole process group when
 //! dropped, on panic, or on SIGINT/SIGTERM of the bench.
 
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-/// How long a server may take to print `listening on`.
+/// How long a server may take to print its address.
 const START_PATIENCE: Duration = Duration::from_secs(120);
 /// How often a forking server's process tree is sampled.
 const SAMPLE_EVERY: Duration = Duration::from_millis(50);
@@ -112,7 +113,7 @@ impl Server {
             Ok(Err(log)) => return Err(format!("{} exited before listening:\n{log}", spec.name)),
             Err(_) => {
                 return Err(format!(
-                    "{} did not print `listening on` in time",
+                    "{} did not print `listening on` (or `Serving HTTP on`) in time",
                     spec.name
                 ))
             }
@@ -163,8 +164,21 @@ impl Drop for Server {
     }
 }
 
-/// Sends the address of the `listening on` line, or the log so far if the
-/// server exits first; then drains the log until the server closes it.
+/// The address a server announces on a line of its log: `listening on
+/// IP:PORT ...` (the host, the native and the Python servers) or `Serving HTTP
+/// on http://IP:PORT/` (`wasmtime serve`).
+fn announced(line: &str) -> Option<SocketAddr> {
+    let line = line.trim();
+    if let Some(rest) = line.strip_prefix("listening on ") {
+        return rest.split_whitespace().next()?.parse().ok();
+    }
+    let rest = line.strip_prefix("Serving HTTP on http://")?;
+    rest.trim_end_matches('/').parse().ok()
+}
+
+/// Sends the address of the `listening on` (or `Serving HTTP on`) line, or
+/// the log so far if the server exits first; then drains the log until the
+/// server closes it.
 fn drain_log(stderr: std::process::ChildStderr, tx: mpsc::Sender<Result<SocketAddr, String>>) {
     let mut reader = BufReader::new(stderr);
     let mut seen = String::new();
@@ -179,13 +193,10 @@ fn drain_log(stderr: std::process::ChildStderr, tx: mpsc::Sender<Result<SocketAd
         if sent {
             continue;
         }
-        if let Some(rest) = line.trim().strip_prefix("listening on ") {
-            let addr = rest.split_whitespace().next().unwrap_or_default();
-            if let Ok(addr) = addr.parse() {
-                let _ = tx.send(Ok(addr));
-                sent = true;
-                continue;
-            }
+        if let Some(addr) = announced(&line) {
+            let _ = tx.send(Ok(addr));
+            sent = true;
+            continue;
         }
         if seen.len() < 8192 {
             seen.push_str(&line);
