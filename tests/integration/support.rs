@@ -481,15 +481,13 @@ pub fn exchange(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
     reply
 }
 
-/// Like [`exchange`], and also returns the connection's id, found through
-/// its peer address in the host's log.
-pub fn exchange_logged(server: &Server, data: &[u8]) -> (u64, Vec<u8>) {
-    let stream = server.connect();
-    let peer = stream.local_addr().unwrap();
+/// Sends `data` from `stream`, half-closes, and reads until the end or an
+/// error (the host may close before taking everything, e.g. at a trap: not
+/// a failure here); returns what arrived.
+pub fn send_and_read(stream: TcpStream, data: &[u8]) -> Vec<u8> {
     let mut writer = stream.try_clone().unwrap();
     let data = data.to_vec();
     let sender = thread::spawn(move || {
-        // The host may close before taking everything (a trap): not an error.
         let _ = writer.write_all(&data);
         let _ = writer.shutdown(Shutdown::Write);
     });
@@ -497,6 +495,15 @@ pub fn exchange_logged(server: &Server, data: &[u8]) -> (u64, Vec<u8>) {
     let mut reader = stream;
     let _ = reader.read_to_end(&mut reply);
     sender.join().unwrap();
+    reply
+}
+
+/// Like [`exchange`], and also returns the connection's id, found through
+/// its peer address in the host's log.
+pub fn exchange_logged(server: &Server, data: &[u8]) -> (u64, Vec<u8>) {
+    let stream = server.connect();
+    let peer = stream.local_addr().unwrap();
+    let reply = send_and_read(stream, data);
     let marker = format!(" peer={peer} ");
     let line = server.wait_for_log(|l| l.contains(" closed ") && l.contains(&marker));
     let id = line
@@ -559,24 +566,7 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 /// Runs the host with `args` to completion (it must end by itself) and
 /// returns what it did.
 pub fn run_host(args: &[&str]) -> Output {
-    let mut child = Command::new(host_binary())
-        .args(args)
-        // `host check --run` serves with the default cache: keep it in target/.
-        .env("XDG_CACHE_HOME", test_cache_dir())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start the host");
-    let deadline = Instant::now() + PATIENCE;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("host {args:?} did not exit");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
+    run_host_in(Path::new("."), args)
 }
 
 /// Like [`run_host`], in the working directory `dir`.
@@ -584,6 +574,7 @@ pub fn run_host_in(dir: &Path, args: &[&str]) -> Output {
     let mut child = Command::new(host_binary())
         .args(args)
         .current_dir(dir)
+        // `host check --run` serves with the default cache: keep it in target/.
         .env("XDG_CACHE_HOME", test_cache_dir())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -15,29 +15,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    connect, connect_from, exchange, fields, guest, pattern, run_host, stable_line, test_cache_dir,
-    toml_path, toml_string, ConfigServer, Server, Strategy, TempDir, PATIENCE,
+    connect, connect_from, exchange, fields, guest, pattern, run_host, send_and_read, stable_line,
+    test_cache_dir, toml_path, toml_string, ConfigServer, Server, Strategy, TempDir, PATIENCE,
 };
 
 // ---------------------------------------------------------------------------
 // Small clients.
-
-/// Sends `data` from `stream`, half-closes, and reads until the end or an
-/// error (a reset is not a failure here); returns what arrived.
-fn send_and_read(stream: TcpStream, data: &[u8]) -> Vec<u8> {
-    let mut writer = stream.try_clone().unwrap();
-    let data = data.to_vec();
-    let sender = thread::spawn(move || {
-        // The host may close before taking everything: not an error here.
-        let _ = writer.write_all(&data);
-        let _ = writer.shutdown(Shutdown::Write);
-    });
-    let mut reply = Vec::new();
-    let mut reader = stream;
-    let _ = reader.read_to_end(&mut reply);
-    sender.join().unwrap();
-    reply
-}
 
 /// One connection to `addr` (from 127.0.0.`from` if given) sending `data`;
 /// returns the reply and the host's `connection N closed` line for it.
