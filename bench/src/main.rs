@@ -363,6 +363,11 @@ fn scenario_specs(
             program: wasmtime.to_path_buf(),
             args: vec![
                 "serve".into(),
+                // Rust's std on wasm32-wasip2 imports wasi:cli interfaces
+                // (environment, exit, ...) beyond the proxy world's, as
+                // handlers/http-hello does from the host.
+                "-S".into(),
+                "cli".into(),
                 // Its default too where the address space allows; explicit
                 // here, as the host's threading engine pools too.
                 "-O".into(),
