@@ -158,6 +158,11 @@ struct Cli {
     #[arg(long)]
     wasmtime: Option<PathBuf>,
 
+    /// An extra argument for `wasmtime serve` (repeatable), before the
+    /// component, e.g. --wasmtime-arg=-Opooling-pagemap-scan=y.
+    #[arg(long, allow_hyphen_values = true)]
+    wasmtime_arg: Vec<String>,
+
     /// The Python interpreter for the socketserver servers.
     #[arg(long, default_value = "python3")]
     python: PathBuf,
@@ -350,6 +355,7 @@ fn scenario_specs(
     specs: &[ServerSpec],
     servers: &[&str],
     root: &Path,
+    cli: &Cli,
     wasmtime: Option<&Path>,
 ) -> Vec<ServerSpec> {
     let selected = specs.iter().filter(|s| servers.contains(&s.name));
@@ -358,24 +364,26 @@ fn scenario_specs(
     }
     let mut out = Vec::new();
     if let Some(wasmtime) = wasmtime {
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            // Rust's std on wasm32-wasip2 imports wasi:cli interfaces
+            // (environment, exit, ...) beyond the proxy world's, as
+            // handlers/http-hello does from the host.
+            "-S".into(),
+            "cli".into(),
+            // Its default too where the address space allows; explicit
+            // here, as the host's threading engine pools too.
+            "-O".into(),
+            "pooling-allocator".into(),
+            "--addr".into(),
+            "127.0.0.1:0".into(),
+        ];
+        args.extend(cli.wasmtime_arg.iter().cloned());
+        args.push(root.join(WASI_HTTP_HELLO_WASM).display().to_string());
         out.push(ServerSpec {
             name: WASMTIME,
             program: wasmtime.to_path_buf(),
-            args: vec![
-                "serve".into(),
-                // Rust's std on wasm32-wasip2 imports wasi:cli interfaces
-                // (environment, exit, ...) beyond the proxy world's, as
-                // handlers/http-hello does from the host.
-                "-S".into(),
-                "cli".into(),
-                // Its default too where the address space allows; explicit
-                // here, as the host's threading engine pools too.
-                "-O".into(),
-                "pooling-allocator".into(),
-                "--addr".into(),
-                "127.0.0.1:0".into(),
-                root.join(WASI_HTTP_HELLO_WASM).display().to_string(),
-            ],
+            args,
             forking: false,
         });
     }
@@ -541,7 +549,7 @@ fn run(cli: &Cli) -> Result<(), String> {
     let runs: Vec<(&'static str, Vec<ServerSpec>)> = scenarios
         .iter()
         .map(|&scenario| {
-            let specs = scenario_specs(scenario, &specs, &servers, &root, wasmtime.as_deref());
+            let specs = scenario_specs(scenario, &specs, &servers, &root, cli, wasmtime.as_deref());
             (scenario, specs)
         })
         .collect();

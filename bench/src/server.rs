@@ -88,6 +88,11 @@ impl Server {
         let mut command = Command::new(&spec.program);
         command
             .args(&spec.args)
+            // With RUST_BACKTRACE=1, `wasmtime serve` 48 unwinds the stack
+            // for a backtrace on every request (~15% of its connections/s):
+            // a developer's shell setting, not how a server is run.
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
