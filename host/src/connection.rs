@@ -240,12 +240,7 @@ impl Service {
             self.run_guest(&socket, &info)
         };
         let outcome = classify(result, &socket, limiter.as_ref());
-        // A reply cut short must not look complete: reset instead of FIN.
-        let cut_short = matches!(
-            outcome,
-            Outcome::Timeout | Outcome::Shutdown | Outcome::Trap(_) | Outcome::MemoryLimit(_)
-        ) || socket.traffic.output_lost.load(Ordering::Relaxed);
-        close(&socket, cut_short);
+        close(&socket, &outcome);
         self.lock_live().remove(&id);
 
         let bytes_in = socket.traffic.bytes_in.load(Ordering::Relaxed);
@@ -328,12 +323,7 @@ impl Service {
         let (result, limiter) = self.run_guest(&socket, &info);
         let took = started.elapsed();
         let outcome = classify(result, &socket, limiter.as_ref());
-        // As `serve` ends it: a reply cut short resets.
-        let cut_short = matches!(
-            outcome,
-            Outcome::Timeout | Outcome::Shutdown | Outcome::Trap(_) | Outcome::MemoryLimit(_)
-        ) || socket.traffic.output_lost.load(Ordering::Relaxed);
-        close(&socket, cut_short);
+        close(&socket, &outcome);
         (took, outcome)
     }
 
@@ -519,9 +509,15 @@ fn trap_message(e: &wasmtime::Error) -> String {
 /// stream was dropped with the store. A normal end sends FIN; unless the
 /// guest read the client's end of input, it then drains what the client
 /// still sends (bounded) so the close does not turn into a reset.
-/// An end that cut the reply short (`cut_short`) resets the connection, so
-/// the client cannot take a truncated reply for a whole one.
-fn close(socket: &Socket, cut_short: bool) {
+/// An end that cut the reply short (a timeout, shutdown, trap or memory limit,
+/// or output left unsent) resets the connection, so the client cannot take a
+/// truncated reply for a whole one.
+fn close(socket: &Socket, outcome: &Outcome) {
+    // A reply cut short must not look complete: reset instead of FIN.
+    let cut_short = matches!(
+        outcome,
+        Outcome::Timeout | Outcome::Shutdown | Outcome::Trap(_) | Outcome::MemoryLimit(_)
+    ) || socket.traffic.output_lost.load(Ordering::Relaxed);
     let stream = socket.stream();
     if cut_short {
         // SO_LINGER {on, 0}: the final close sends RST.

@@ -576,23 +576,17 @@ impl Host {
     }
 
     /// Reaps exited workers, and replaces those still current.
-    fn reap(&mut self, block: bool) {
-        let mut flags = if block { 0 } else { libc::WNOHANG };
+    fn reap(&mut self, mut block: bool) {
         loop {
-            let mut status = 0;
-            // SAFETY: waitpid with a valid status pointer.
-            let pid = unsafe { libc::waitpid(-1, &mut status, flags) };
-            if pid < 0 {
-                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                    continue;
+            let (pid, status) = match strategy::reap_one(block) {
+                strategy::Reaped::Child(pid, status) => (pid, status),
+                strategy::Reaped::Nothing => return,
+                strategy::Reaped::NoChildren => {
+                    self.workers.clear();
+                    return;
                 }
-                self.workers.clear();
-                return;
-            }
-            if pid == 0 {
-                return;
-            }
-            flags = libc::WNOHANG;
+            };
+            block = false;
             if Some(pid) == self.metrics_pid {
                 self.metrics_pid = None;
                 self.metrics_tx = None;

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use wasmtime::Engine;
 
-use super::Strategy;
+use super::{Reaped, Strategy};
 use crate::connection::{Accepted, Service, LINGER};
 use crate::listener::Peer;
 use crate::server::Shutdown;
@@ -109,34 +109,28 @@ impl Forking {
     }
 
     /// Reaps every child that has exited; with `block`, waits for one first.
-    fn reap(&mut self, block: bool) {
-        let mut flags = if block { 0 } else { libc::WNOHANG };
+    fn reap(&mut self, mut block: bool) {
         loop {
-            let mut status = 0;
-            // SAFETY: waitpid with a valid status pointer.
-            let pid = unsafe { libc::waitpid(-1, &mut status, flags) };
-            if pid < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
+            match super::reap_one(block) {
+                Reaped::Child(pid, status) => {
+                    block = false;
+                    if let Some(child) = self.children.remove(&pid) {
+                        let outcome = report_exit(pid, &child, status, self.service.tenant());
+                        self.ended(outcome);
+                    }
                 }
-                // ECHILD: no children are left, whatever the table says.
-                for (pid, child) in std::mem::take(&mut self.children) {
-                    tracing::warn!(
-                        "connection {} worker=pid-{pid}: the worker process vanished",
-                        child.id
-                    );
-                    self.ended(None);
+                Reaped::Nothing => return,
+                Reaped::NoChildren => {
+                    // No children are left, whatever the table says.
+                    for (pid, child) in std::mem::take(&mut self.children) {
+                        tracing::warn!(
+                            "connection {} worker=pid-{pid}: the worker process vanished",
+                            child.id
+                        );
+                        self.ended(None);
+                    }
+                    return;
                 }
-                return;
-            }
-            if pid == 0 {
-                return;
-            }
-            flags = libc::WNOHANG;
-            if let Some(child) = self.children.remove(&pid) {
-                let outcome = report_exit(pid, &child, status, self.service.tenant());
-                self.ended(outcome);
             }
         }
     }

@@ -49,6 +49,33 @@ pub trait Strategy {
     fn finish(&mut self);
 }
 
+/// What one `waitpid(-1)` found.
+pub(crate) enum Reaped {
+    /// A child exited: its pid and wait status.
+    Child(libc::pid_t, libc::c_int),
+    /// None has exited yet (only without `block`).
+    Nothing,
+    /// There are no children left at all (ECHILD).
+    NoChildren,
+}
+
+/// Reaps one exited child of this process; with `block`, waits for one.
+/// EINTR is retried.
+pub(crate) fn reap_one(block: bool) -> Reaped {
+    let flags = if block { 0 } else { libc::WNOHANG };
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid status pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, flags) };
+        match pid {
+            0 => return Reaped::Nothing,
+            pid if pid > 0 => return Reaped::Child(pid, status),
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return Reaped::NoChildren,
+        }
+    }
+}
+
 /// First thing in a forked child (forking's per-connection child, prefork's
 /// worker): restore default signal dispositions, since the parent's handlers
 /// write to descriptors that are closed here and whose numbers may be reused;
