@@ -359,7 +359,11 @@ impl Setting {
     /// The strategies the setting applies to; empty: every strategy.
     pub fn strategies(self) -> &'static [StrategyKind] {
         match self {
-            Setting::Workers => &[StrategyKind::Threading, StrategyKind::Prefork],
+            Setting::Workers => &[
+                StrategyKind::Threading,
+                StrategyKind::Prefork,
+                StrategyKind::Async,
+            ],
             Setting::Processes => &[StrategyKind::Prefork],
             Setting::MaxChildren => &[StrategyKind::Forking],
             _ => &[],
@@ -504,6 +508,8 @@ impl TenantOptions {
         let processes = count(&self.processes).unwrap_or_else(ServeConfig::default_processes);
         let default_workers = match strategy {
             StrategyKind::Prefork => (ServeConfig::default_workers() / processes).max(2),
+            // Runtime threads: one per core.
+            StrategyKind::Async => ServeConfig::default_processes(),
             _ => ServeConfig::default_workers(),
         };
         let nets = |setting: Setting, texts: &[Given<String>]| -> Result<Vec<ipnet::IpNet>> {

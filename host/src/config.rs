@@ -22,6 +22,10 @@ pub enum StrategyKind {
     /// from the shared listener and serving with its own threads (Apache's
     /// prefork, for wasm).
     Prefork,
+    /// One worker process with a tokio runtime: each connection is a task
+    /// and each guest a fiber, so a guest waiting for its client costs a
+    /// suspended fiber, not a thread (as `wasmtime serve` runs handlers).
+    Async,
 }
 
 impl StrategyKind {
@@ -30,6 +34,7 @@ impl StrategyKind {
             StrategyKind::Threading => "threading",
             StrategyKind::Forking => "forking",
             StrategyKind::Prefork => "prefork",
+            StrategyKind::Async => "async",
         }
     }
 }
@@ -171,9 +176,23 @@ impl Grants {
     }
 }
 
+/// Connections in flight at once per worker process (threading, prefork)
+/// unless `--max-connections` says otherwise: every one of them runs at once
+/// on a thread of its own, so this is a bound that protects the machine,
+/// not a pool size. A live connection costs its thread's stack and its
+/// instance's dirtied memory (about 70 KiB for the Rust echo), so 1,024
+/// cost tens of MiB, not the host's whole memory.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
+/// Connections in flight at once under `async` unless `--max-connections`
+/// says otherwise: a live connection is a task and a suspended fiber, so
+/// the bound is set by descriptors (two per connection, the client's and
+/// the host's, must fit the usual 20,000-ish limits of a test machine)
+/// rather than memory.
+pub const DEFAULT_MAX_ASYNC_CONNECTIONS: usize = 16384;
+
 impl ServeConfig {
-    /// The default number of worker threads: four per core, since handlers
-    /// spend much of their time waiting for their clients.
+    /// The default number of worker threads kept warm: four per core.
     pub fn default_workers() -> usize {
         std::thread::available_parallelism().map_or(1, |n| n.get()) * 4
     }
@@ -184,12 +203,16 @@ impl ServeConfig {
     }
 
     /// The most connections accepted and not yet finished, host-wide.
-    /// Threading: by default one queued connection per worker behind the
-    /// busy ones; `--max-connections` sets it. Forking: `--max-children`,
-    /// narrowed by `--max-connections`. Prefork: each process's share.
+    /// Threading: `--max-connections`, by default
+    /// [`DEFAULT_MAX_CONNECTIONS`]. Forking: `--max-children`, narrowed by
+    /// `--max-connections`. Prefork: each process's share, times the
+    /// processes.
     pub fn max_in_flight(&self) -> usize {
         match self.strategy {
-            StrategyKind::Threading => self.max_connections.unwrap_or(self.workers * 2),
+            StrategyKind::Threading => self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            StrategyKind::Async => self
+                .max_connections
+                .unwrap_or(DEFAULT_MAX_ASYNC_CONNECTIONS),
             StrategyKind::Forking => self
                 .max_connections
                 .map_or(self.max_children, |m| m.min(self.max_children)),
@@ -197,19 +220,21 @@ impl ServeConfig {
         }
     }
 
-    /// Prefork: the connections one worker process takes at once.
+    /// Prefork: the connections one worker process takes at once
+    /// (`--max-connections` shared out, by default
+    /// [`DEFAULT_MAX_CONNECTIONS`] each).
     pub fn per_process_in_flight(&self) -> usize {
         self.max_connections
-            .map_or(self.workers * 2, |m| m.div_ceil(self.processes))
+            .map_or(DEFAULT_MAX_CONNECTIONS, |m| m.div_ceil(self.processes))
     }
 
     /// The most instances alive at once in one process (a queued connection
     /// has none yet).
     pub fn max_instances(&self) -> usize {
         match self.strategy {
-            StrategyKind::Threading => self.workers.min(self.max_in_flight()),
+            StrategyKind::Threading | StrategyKind::Async => self.max_in_flight(),
             StrategyKind::Forking => 1,
-            StrategyKind::Prefork => self.workers.min(self.per_process_in_flight()),
+            StrategyKind::Prefork => self.per_process_in_flight(),
         }
     }
 }

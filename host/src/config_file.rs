@@ -506,12 +506,13 @@ impl Doc<'_> {
                     layer.listen = Some(addrs);
                 }
                 Setting::Strategy => {
-                    let expected = "\"threading\", \"forking\" or \"prefork\"";
+                    let expected = "\"threading\", \"forking\", \"prefork\" or \"async\"";
                     let text = self.string(name, value, expected)?;
                     let kind = [
                         StrategyKind::Threading,
                         StrategyKind::Forking,
                         StrategyKind::Prefork,
+                        StrategyKind::Async,
                     ]
                     .into_iter()
                     .find(|kind| kind.name() == text.get_ref())

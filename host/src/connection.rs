@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use wasmtime::component::ResourceTable;
-use wasmtime::{Engine, Store, Trap};
+use wasmtime::component::{Resource, ResourceTable};
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream};
 
@@ -24,7 +24,7 @@ use crate::handler::{one_line, ConnState, ConnectionInfo, Handler};
 use crate::limits::InstanceLimiter;
 use crate::listener::{local_of, Peer};
 use crate::metrics::TenantMetrics;
-use crate::net_stream::{poll_fd, Socket, SocketInput, SocketOutput};
+use crate::net_stream::{block_on, Socket, SocketInput, SocketOutput, Waits};
 
 /// After `handle` returns, the host reads and drops what the client still
 /// sends for at most this long (and at most [`LINGER_BYTES`]), so that closing
@@ -210,6 +210,21 @@ impl Service {
     /// Serves `conn` to the end on the calling thread, logs its line and
     /// returns how it ended. `worker` names the thread or process.
     pub fn serve(&self, conn: Accepted, worker: &str) -> Outcome {
+        // Every wait of a blocking connection happens in poll(2) inside the
+        // future: it is ready at its first poll.
+        block_on(self.serve_with(conn, worker, Waits::Blocking))
+    }
+
+    /// Serves `conn` to the end as a task of an async runtime: the guest
+    /// runs on a fiber that is suspended whenever it waits (for its client,
+    /// a timer, or its turn after an epoch tick), never blocking the
+    /// runtime's thread. Same store, limits, outcome, line and counters as
+    /// [`Service::serve`].
+    pub async fn serve_async(&self, conn: Accepted, worker: &str) -> Outcome {
+        self.serve_with(conn, worker, Waits::Async).await
+    }
+
+    async fn serve_with(&self, conn: Accepted, worker: &str, waits: Waits) -> Outcome {
         let started = Instant::now();
         let Accepted { stream, peer, id } = conn;
         let local = local_of(&stream);
@@ -221,8 +236,11 @@ impl Service {
             stream,
             self.limits.idle_timeout,
             started + self.limits.timeout,
+            waits,
         );
-        self.lock_live().insert(id, socket.clone());
+        // Listed for `abort_all` until the guard drops, even if serving
+        // panics: the socket is then closed, never leaked.
+        let live = LiveEntry::new(self, id, &socket);
         if self.aborting.load(Ordering::SeqCst) {
             socket.abort();
         }
@@ -237,11 +255,15 @@ impl Service {
         let (result, limiter) = if socket.traffic.aborted.load(Ordering::SeqCst) {
             (CallResult::SetupFailed("not started".into()), None)
         } else {
-            self.run_guest(&socket, &info)
+            match waits {
+                Waits::Blocking => self.run_guest(&socket, &info),
+                Waits::Async => self.run_guest_async(&socket, &info).await,
+            }
         };
+        socket.finish_output().await;
         let outcome = classify(result, &socket, limiter.as_ref());
-        close(&socket, &outcome);
-        self.lock_live().remove(&id);
+        close(&socket, &outcome).await;
+        drop(live);
 
         let bytes_in = socket.traffic.bytes_in.load(Ordering::Relaxed);
         let bytes_out = socket.traffic.bytes_out.load(Ordering::Relaxed);
@@ -287,8 +309,11 @@ impl Service {
             stream.try_clone()?,
             self.limits.idle_timeout,
             Instant::now() + self.limits.timeout,
+            Waits::Blocking,
         );
-        let mut store = self.new_store(0, &socket).map_err(anyhow::Error::msg)?;
+        let mut store = self
+            .new_store(0, &socket, Waits::Blocking)
+            .map_err(anyhow::Error::msg)?;
         let started = Instant::now();
         self.handler
             .pre()
@@ -318,12 +343,14 @@ impl Service {
             stream,
             self.limits.idle_timeout,
             Instant::now() + self.limits.timeout,
+            Waits::Blocking,
         );
         let started = Instant::now();
         let (result, limiter) = self.run_guest(&socket, &info);
+        block_on(socket.finish_output());
         let took = started.elapsed();
         let outcome = classify(result, &socket, limiter.as_ref());
-        close(&socket, &outcome);
+        block_on(close(&socket, &outcome));
         (took, outcome)
     }
 
@@ -338,45 +365,76 @@ impl Service {
         socket: &Arc<Socket>,
         info: &ConnectionInfo,
     ) -> (CallResult, Option<InstanceLimiter>) {
-        let mut store = match self.new_store(info.connection_id, socket) {
-            Ok(store) => store,
+        let (mut store, input, output) = match self.prepare(socket, info, Waits::Blocking) {
+            Ok(prepared) => prepared,
             Err(why) => return (CallResult::SetupFailed(why), None),
         };
-        let streams = {
-            let table = &mut store.data_mut().table;
-            let input: DynInputStream = Box::new(SocketInput::new(socket.clone()));
-            let output: DynOutputStream = Box::new(SocketOutput::new(socket.clone()));
-            table
-                .push(input)
-                .and_then(|input| Ok((input, table.push(output)?)))
+        let result = match self.handler.pre().instantiate(&mut store) {
+            // Instantiation runs guest code (start functions) and grows
+            // memory: its failures are the guest's.
+            Err(e) => CallResult::Trapped(e.context("instantiation failed")),
+            Ok(instance) => returned(instance.call_handle(&mut store, info, input, output)),
         };
-        let result = match streams {
-            Err(e) => CallResult::SetupFailed(format!("cannot create the streams: {e}")),
-            Ok((input, output)) => match self.handler.pre().instantiate(&mut store) {
-                // Instantiation runs guest code (start functions) and grows
-                // memory: its failures are the guest's.
-                Err(e) => CallResult::Trapped(e.context("instantiation failed")),
-                Ok(instance) => match instance.call_handle(&mut store, info, input, output) {
-                    Ok(returned) => CallResult::Returned(returned),
-                    // `wasi:cli/exit`: status 0 is a normal return.
-                    Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
-                        Some(wasmtime_wasi::I32Exit(0)) => CallResult::Returned(Ok(())),
-                        Some(wasmtime_wasi::I32Exit(code)) => {
-                            CallResult::Returned(Err(format!("exited with status {code}")))
-                        }
-                        None => CallResult::Trapped(e),
-                    },
-                },
-            },
+        (result, Some(dispose(store)))
+    }
+
+    /// [`Service::run_guest`] on a fiber: every wait suspends it.
+    async fn run_guest_async(
+        &self,
+        socket: &Arc<Socket>,
+        info: &ConnectionInfo,
+    ) -> (CallResult, Option<InstanceLimiter>) {
+        let (mut store, input, output) = match self.prepare(socket, info, Waits::Async) {
+            Ok(prepared) => prepared,
+            Err(why) => return (CallResult::SetupFailed(why), None),
         };
-        let limiter = std::mem::replace(&mut store.data_mut().limiter, InstanceLimiter::new(0));
-        drop(store);
-        (result, Some(limiter))
+        let Some(pre) = self.handler.pre_async() else {
+            let why = "the handler was not linked for the async strategy".to_string();
+            return (CallResult::SetupFailed(why), Some(dispose(store)));
+        };
+        let result = match pre.instantiate_async(&mut store).await {
+            Err(e) => CallResult::Trapped(e.context("instantiation failed")),
+            Ok(instance) => returned(instance.call_handle(&mut store, info, input, output).await),
+        };
+        (result, Some(dispose(store)))
+    }
+
+    /// A fresh store with the connection's streams in its table.
+    #[allow(clippy::type_complexity)]
+    fn prepare(
+        &self,
+        socket: &Arc<Socket>,
+        info: &ConnectionInfo,
+        waits: Waits,
+    ) -> Result<
+        (
+            Store<ConnState>,
+            Resource<DynInputStream>,
+            Resource<DynOutputStream>,
+        ),
+        String,
+    > {
+        let mut store = self.new_store(info.connection_id, socket, waits)?;
+        let table = &mut store.data_mut().table;
+        let input: DynInputStream = Box::new(SocketInput::new(socket.clone()));
+        let output: DynOutputStream = Box::new(SocketOutput::new(socket.clone()));
+        let streams = table
+            .push(input)
+            .and_then(|input| Ok((input, table.push(output)?)));
+        match streams {
+            Ok((input, output)) => Ok((store, input, output)),
+            Err(e) => Err(format!("cannot create the streams: {e}")),
+        }
     }
 
     /// A store granting what `--env` and `--dir` grant and nothing else, with
     /// the memory limit and the deadline set.
-    fn new_store(&self, id: u64, socket: &Arc<Socket>) -> Result<Store<ConnState>, String> {
+    fn new_store(
+        &self,
+        id: u64,
+        socket: &Arc<Socket>,
+        waits: Waits,
+    ) -> Result<Store<ConnState>, String> {
         let output_log = GuestOutput::new(id);
         let clock = GuestClock {
             base: Instant::now(),
@@ -408,6 +466,23 @@ impl Service {
             },
         );
         store.limiter(|state| &mut state.limiter);
+        if waits == Waits::Async {
+            // At every epoch tick the guest gives the runtime's thread to
+            // the other connections (fairness), unless its time is up or
+            // the host is ending it: then it traps, as under `--timeout`.
+            store.set_epoch_deadline(1);
+            store.epoch_deadline_callback(|store| {
+                if store.data().socket.must_stop() {
+                    Ok(UpdateDeadline::Interrupt)
+                } else {
+                    Ok(UpdateDeadline::YieldCustom(
+                        1,
+                        Box::pin(tokio::task::yield_now()),
+                    ))
+                }
+            });
+            return Ok(store);
+        }
         store.set_epoch_deadline(self.clock.deadline_ticks(self.limits.timeout));
         store.epoch_deadline_trap();
         if self.aborting.load(Ordering::SeqCst) {
@@ -416,6 +491,50 @@ impl Service {
             store.set_epoch_deadline(0);
         }
         Ok(store)
+    }
+}
+
+/// What the guest's `handle` call came to.
+fn returned(call: wasmtime::Result<Result<(), String>>) -> CallResult {
+    match call {
+        Ok(returned) => CallResult::Returned(returned),
+        // `wasi:cli/exit`: status 0 is a normal return.
+        Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+            Some(wasmtime_wasi::I32Exit(0)) => CallResult::Returned(Ok(())),
+            Some(wasmtime_wasi::I32Exit(code)) => {
+                CallResult::Returned(Err(format!("exited with status {code}")))
+            }
+            None => CallResult::Trapped(e),
+        },
+    }
+}
+
+/// Drops the store (and with it the instance and every guest resource) and
+/// keeps its memory limiter, for the log line.
+fn dispose(mut store: Store<ConnState>) -> InstanceLimiter {
+    let limiter = std::mem::replace(&mut store.data_mut().limiter, InstanceLimiter::new(0));
+    drop(store);
+    limiter
+}
+
+/// A connection listed in its service's live set, for as long as this
+/// lives. Dropped at the end of `serve` or while a panic unwinds, so the
+/// set never keeps a finished connection's socket open.
+struct LiveEntry<'a> {
+    service: &'a Service,
+    id: u64,
+}
+
+impl<'a> LiveEntry<'a> {
+    fn new(service: &'a Service, id: u64, socket: &Arc<Socket>) -> LiveEntry<'a> {
+        service.lock_live().insert(id, socket.clone());
+        LiveEntry { service, id }
+    }
+}
+
+impl Drop for LiveEntry<'_> {
+    fn drop(&mut self) {
+        self.service.lock_live().remove(&self.id);
     }
 }
 
@@ -512,7 +631,7 @@ fn trap_message(e: &wasmtime::Error) -> String {
 /// An end that cut the reply short (a timeout, shutdown, trap or memory limit,
 /// or output left unsent) resets the connection, so the client cannot take a
 /// truncated reply for a whole one.
-fn close(socket: &Socket, outcome: &Outcome) {
+async fn close(socket: &Socket, outcome: &Outcome) {
     // A reply cut short must not look complete: reset instead of FIN.
     let cut_short = matches!(
         outcome,
@@ -539,13 +658,8 @@ fn close(socket: &Socket, outcome: &Outcome) {
     let mut reader = stream;
     while drained < LINGER_BYTES {
         let left = deadline.saturating_duration_since(Instant::now());
-        match poll_fd(
-            std::os::fd::AsRawFd::as_raw_fd(stream),
-            libc::POLLIN,
-            Some(left),
-        ) {
-            Ok(true) => {}
-            _ => break,
+        if left.is_zero() || !socket.readable_within(left).await {
+            break;
         }
         match reader.read(&mut buf) {
             Ok(0) | Err(_) => break,

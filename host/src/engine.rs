@@ -11,6 +11,10 @@ use crate::handler::one_line;
 
 /// The epoch ticker's period: the precision of `--timeout` under threading.
 const TICK: Duration = Duration::from_millis(10);
+/// The async strategy's tick: how long a guest runs before it gives the
+/// runtime thread to the other connections (so 20 spinning guests delay an
+/// echo by about 20 ms).
+const ASYNC_TICK: Duration = Duration::from_millis(1);
 
 /// Builds the engine for `strategy`, with room for `instances` instances of
 /// at most `max_memory` bytes at once.
@@ -42,7 +46,7 @@ pub fn build(strategy: StrategyKind, instances: usize, max_memory: u64) -> Resul
                 ),
             }
         }
-        StrategyKind::Forking => {
+        StrategyKind::Forking | StrategyKind::Async => {
             wasm.parallel_compilation(false);
         }
     }
@@ -64,16 +68,17 @@ pub fn for_host(tenants: &[ServeConfig], headroom: bool) -> Result<(Engine, Opti
     wasm.wasm_component_model(true);
     wasm.epoch_interruption(true);
     wasm.parallel_compilation(false);
+    // Async tenants have an engine of their own (`for_async`).
+    let tenants: Vec<&ServeConfig> = tenants
+        .iter()
+        .filter(|t| t.strategy != StrategyKind::Async)
+        .collect();
     if tenants.iter().all(|t| t.strategy == StrategyKind::Forking) {
         let engine = Engine::new(&wasm)
             .map_err(|e| anyhow!("cannot create the wasm engine: {}", one_line(&e)))?;
         return Ok((engine, None));
     }
-    let mut slots = tenants
-        .iter()
-        .map(ServeConfig::max_instances)
-        .max()
-        .unwrap_or(1);
+    let mut slots = tenants.iter().map(|t| t.max_instances()).max().unwrap_or(1);
     let mut max_memory = tenants
         .iter()
         .map(|t| t.limits.max_memory)
@@ -96,6 +101,21 @@ pub fn for_host(tenants: &[ServeConfig], headroom: bool) -> Result<(Engine, Opti
             Ok((engine, None))
         }
     }
+}
+
+/// The engine of the async tenants, built in the host process like the
+/// other (compilation on the main thread). Instances are allocated on
+/// demand: an async worker holds thousands of live instances, more than a
+/// pool of 4 GiB reservations fits in the address space, and an on-demand
+/// instance's memory goes back to the system when its connection ends, so
+/// a burst leaves nothing pinned. Same compilation settings as the other
+/// engine, so a handler's compiled code (and its cache entry) is the same.
+pub fn for_async() -> Result<Engine> {
+    let mut wasm = Config::new();
+    wasm.wasm_component_model(true);
+    wasm.epoch_interruption(true);
+    wasm.parallel_compilation(false);
+    Engine::new(&wasm).map_err(|e| anyhow!("cannot create the wasm engine: {}", one_line(&e)))
 }
 
 /// Bytes of a pool slot's memory and tables kept resident between instances.
@@ -133,31 +153,31 @@ pub enum EpochClock {
     /// Each process arms a one-shot alarm at its connection's deadline that
     /// advances the epoch once (forking: threads do not survive `fork()`).
     Alarm,
+    /// One ticker thread per engine advances the epoch every [`ASYNC_TICK`];
+    /// at each tick a guest yields its runtime thread, or traps if its
+    /// deadline has passed (async: the store's epoch callback).
+    Yield,
 }
 
 impl EpochClock {
     /// For threading: starts the engine's one ticker thread, which stops by
     /// itself once the engine is dropped.
     pub fn start_ticker(engine: &Engine) -> Result<EpochClock> {
-        let weak = engine.weak();
-        std::thread::Builder::new()
-            .name("epoch-ticker".into())
-            .spawn(move || loop {
-                std::thread::sleep(TICK);
-                match weak.upgrade() {
-                    Some(engine) => engine.increment_epoch(),
-                    None => return,
-                }
-            })
-            .map_err(|e| anyhow!("cannot start the epoch ticker: {e}"))?;
+        start_ticking(engine, TICK)?;
         Ok(EpochClock::Ticker)
+    }
+
+    /// For async: the ticker that makes guests take turns (see `Yield`).
+    pub fn start_yield_ticker(engine: &Engine) -> Result<EpochClock> {
+        start_ticking(engine, ASYNC_TICK)?;
+        Ok(EpochClock::Yield)
     }
 
     /// The store deadline, in epoch ticks from now, for `timeout`.
     pub fn deadline_ticks(self, timeout: Duration) -> u64 {
         match self {
             EpochClock::Ticker => ticks(timeout) + 1,
-            EpochClock::Alarm => 1,
+            EpochClock::Alarm | EpochClock::Yield => 1,
         }
     }
 
@@ -168,6 +188,23 @@ impl EpochClock {
             engine.increment_epoch();
         }
     }
+}
+
+/// Starts the engine's ticker thread, which stops by itself once the engine
+/// is dropped.
+fn start_ticking(engine: &Engine, period: Duration) -> Result<()> {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("epoch-ticker".into())
+        .spawn(move || loop {
+            std::thread::sleep(period);
+            match weak.upgrade() {
+                Some(engine) => engine.increment_epoch(),
+                None => return,
+            }
+        })
+        .map_err(|e| anyhow!("cannot start the epoch ticker: {e}"))?;
+    Ok(())
 }
 
 fn ticks(timeout: Duration) -> u64 {

@@ -28,8 +28,26 @@ mod bindings {
     });
 }
 
+/// The same world for the async strategy: `handle` is called with
+/// `call_async` on a fiber, and WASI is linked with its async host functions.
+mod bindings_async {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "host:handler/handler",
+        with: {
+            "wasi:io/poll": wasmtime_wasi_io::bindings::wasi::io::poll,
+            "wasi:io/streams": wasmtime_wasi_io::bindings::wasi::io::streams,
+            "wasi:io/error": wasmtime_wasi_io::bindings::wasi::io::error,
+            "host:handler/types": super::bindings::host::handler::types,
+        },
+        exports: { default: async },
+        require_store_data_send: true,
+    });
+}
+
 pub use bindings::host::handler::types::ConnectionInfo;
 pub(crate) use bindings::HandlerPre;
+pub(crate) use bindings_async::HandlerPre as HandlerPreAsync;
 
 /// The echo handler built from `handlers/echo`, served when no handler is given.
 pub static BUILTIN_ECHO: &[u8] = include_bytes!(env!("HOST_BUILTIN_ECHO_WASM"));
@@ -80,6 +98,8 @@ pub struct Handler {
     source: HandlerSource,
     digest: String,
     pre: HandlerPre<ConnState>,
+    /// Linked with WASI's async host functions, for the async strategy.
+    pre_async: Option<HandlerPreAsync<ConnState>>,
 }
 
 /// How a handler may be loaded.
@@ -89,6 +109,8 @@ pub struct LoadOptions {
     pub cache: Option<CompileCache>,
     /// Whether a precompiled (`host compile`) file may be served.
     pub allow_precompiled: bool,
+    /// Also link it for the async strategy.
+    pub for_async: bool,
 }
 
 /// Links `component` against everything the host provides (all of WASI
@@ -109,6 +131,30 @@ pub(crate) fn link(
         )
     })?;
     HandlerPre::new(pre).map_err(|e| {
+        anyhow!(
+            "handler {source} does not export `handle` of the host:handler/handler@0.1.0 world: {}",
+            one_line(&e)
+        )
+    })
+}
+
+/// [`link`] with WASI's async host functions, for `call_async` on a fiber.
+fn link_async(
+    engine: &Engine,
+    source: &HandlerSource,
+    component: &Component,
+) -> Result<HandlerPreAsync<ConnState>> {
+    let mut linker = Linker::<ConnState>::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+        .map_err(|e| anyhow!("cannot link WASI: {}", one_line(&e)))?;
+    crate::guest_clock::add_to_linker(&mut linker)?;
+    let pre = linker.instantiate_pre(component).map_err(|e| {
+        anyhow!(
+            "handler {source} needs imports the host does not provide: {}",
+            one_line(&e)
+        )
+    })?;
+    HandlerPreAsync::new(pre).map_err(|e| {
         anyhow!(
             "handler {source} does not export `handle` of the host:handler/handler@0.1.0 world: {}",
             one_line(&e)
@@ -216,10 +262,16 @@ impl Handler {
         };
 
         let pre = link(engine, source, &component)?;
+        let pre_async = if options.for_async {
+            Some(link_async(engine, source, &component)?)
+        } else {
+            None
+        };
         Ok(Handler {
             source: source.clone(),
             digest,
             pre,
+            pre_async,
         })
     }
 
@@ -238,6 +290,7 @@ impl Handler {
             source,
             digest,
             pre,
+            pre_async: None,
         }
     }
 
@@ -251,6 +304,10 @@ impl Handler {
 
     pub(crate) fn pre(&self) -> &HandlerPre<ConnState> {
         &self.pre
+    }
+
+    pub(crate) fn pre_async(&self) -> Option<&HandlerPreAsync<ConnState>> {
+        self.pre_async.as_ref()
     }
 }
 

@@ -54,12 +54,20 @@ pub fn compile(handler: &Path, output: &Path, strategy: StrategyKind) -> Result<
 pub fn config_check(file: &Path, cache_dir: Option<std::path::PathBuf>) -> Result<String> {
     let config = config_file::load(file, cache_dir)?;
     let (engine, _) = engine::for_host(&config.tenants, true)?;
+    let mut async_engine = None;
     for tenant in &config.tenants {
+        let for_async = tenant.strategy == StrategyKind::Async;
         let options = handler::LoadOptions {
             cache: supervisor::open_cache(tenant.cache_dir.as_deref()),
             allow_precompiled: tenant.allow_precompiled,
+            for_async,
         };
-        handler::Handler::load(&engine, &tenant.handler, &options)
+        let engine = match (for_async, &async_engine) {
+            (false, _) => &engine,
+            (true, Some(engine)) => engine,
+            (true, None) => async_engine.insert(engine::for_async()?),
+        };
+        handler::Handler::load(engine, &tenant.handler, &options)
             .with_context(|| format!("{}: tenant {}", file.display(), tenant.tenant))?;
     }
     Ok(config_file::describe(&config))

@@ -3,13 +3,19 @@
 //! the accepted socket (TCP or Unix-domain).
 //!
 //! Every operation first tries the socket without blocking (`recv`/`send` with
-//! `MSG_DONTWAIT`), so data that is already there costs one system call. A
-//! blocking call on one stream (`blocking-read`, `blocking-flush`, ...) then
-//! waits in poll(2) on the calling thread. Only a pollable (`subscribe`)
-//! registers the socket with the ambient tokio reactor that wasmtime-wasi
-//! runs its blocking calls on, so a guest that polls a stream together with
-//! other pollables (a timer, the other direction) waits on all of them at
-//! once. A wait that sees no progress
+//! `MSG_DONTWAIT`), so data that is already there costs one system call. How
+//! a blocking call on one stream (`blocking-read`, `blocking-flush`, ...)
+//! then waits depends on the strategy ([`Waits`]): on a worker thread it
+//! waits in poll(2) on that thread; under `async` it awaits the socket's
+//! readiness from the tokio reactor, so the guest's fiber is suspended and
+//! the runtime thread serves other connections meanwhile. A pollable
+//! (`subscribe`) always waits through the reactor, so a guest that polls a
+//! stream together with other pollables (a timer, the other direction)
+//! waits on all of them at once. No task is spawned per stream.
+//!
+//! Output the guest wrote but the socket could not take yet when the output
+//! stream is dropped is handed to the [`Socket`], and the connection sends
+//! it ([`Socket::finish_output`]) before it closes. A wait that sees no progress
 //! for the idle timeout fails the stream with an `idle timeout` error, and no
 //! wait outlasts the connection's deadline (`--timeout`): a guest blocked in
 //! I/O is stopped by it as surely as one spinning in wasm code.
@@ -29,6 +35,15 @@ use wasmtime_wasi_io::streams::{InputStream, OutputStream, StreamError, StreamRe
 /// before `check-write` asks the guest to wait.
 pub const CHUNK: usize = 64 * 1024;
 
+/// How a stream waits for its socket when the guest asks it to block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Waits {
+    /// In poll(2), blocking the calling thread (threading, prefork, forking).
+    Blocking,
+    /// On the tokio reactor, suspending the guest's fiber (async).
+    Async,
+}
+
 /// The accepted socket, shared by the connection's two streams and the host.
 pub struct Socket {
     /// Registered with the tokio reactor the first time a stream must wait.
@@ -41,6 +56,9 @@ pub struct Socket {
     deadline: Instant,
     /// Wakes guest waits that are not on the socket (sleeps) at an abort.
     abort_notify: tokio::sync::Notify,
+    waits: Waits,
+    /// What the output stream still held when it was dropped.
+    leftover: std::sync::Mutex<BytesMut>,
     pub traffic: Traffic,
 }
 
@@ -89,15 +107,90 @@ impl Direction {
 }
 
 impl Socket {
-    pub fn new(stream: socket2::Socket, idle_timeout: Duration, deadline: Instant) -> Arc<Socket> {
+    pub fn new(
+        stream: socket2::Socket,
+        idle_timeout: Duration,
+        deadline: Instant,
+        waits: Waits,
+    ) -> Arc<Socket> {
         Arc::new(Socket {
             stream,
             idle_timeout,
             deadline,
             abort_notify: tokio::sync::Notify::new(),
             reactor: OnceLock::new(),
+            waits,
+            leftover: std::sync::Mutex::new(BytesMut::new()),
             traffic: Traffic::default(),
         })
+    }
+
+    /// Whether the connection was aborted (shutdown) or ran past its
+    /// deadline: a guest running wasm must stop.
+    pub fn must_stop(&self) -> bool {
+        self.traffic.aborted.load(Ordering::SeqCst) || Instant::now() >= self.deadline
+    }
+
+    /// Sends what the dropped output stream still held, waiting as the
+    /// connection's streams wait (bounded by the idle timeout and the
+    /// deadline); what cannot be sent marks the output lost. Call once the
+    /// guest is gone, before closing.
+    pub async fn finish_output(&self) {
+        let mut pending =
+            std::mem::take(&mut *self.leftover.lock().unwrap_or_else(|e| e.into_inner()));
+        while !pending.is_empty() && Instant::now() < self.deadline {
+            match self.send_now(&pending) {
+                Ok(0) => {
+                    if !self.wait_here(Direction::Write).await {
+                        break;
+                    }
+                }
+                Ok(n) => {
+                    let _ = pending.split_to(n);
+                }
+                Err(err) => {
+                    let _ = self.failed(err);
+                    break;
+                }
+            }
+        }
+        if !pending.is_empty() {
+            // Bytes the guest wrote will never arrive: the close must say so.
+            self.traffic.output_lost.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits for `direction` as this socket's strategy waits: false (and
+    /// why recorded) when the idle timeout or the deadline passes first.
+    async fn wait_here(&self, direction: Direction) -> bool {
+        match self.waits {
+            Waits::Blocking => self.wait_blocking(direction, self.wait_deadline()),
+            Waits::Async => self.wait(direction).await,
+        }
+    }
+
+    /// Waits up to `limit` for the client to send something (or close):
+    /// true if the socket became readable.
+    pub async fn readable_within(&self, limit: Duration) -> bool {
+        let until = Instant::now() + limit;
+        if self.waits == Waits::Blocking {
+            return poll_fd(self.fd(), libc::POLLIN, Some(limit)).unwrap_or(false);
+        }
+        loop {
+            if self.ready_now(Direction::Read) {
+                return true;
+            }
+            let Some(reactor) = self.reactor() else {
+                let left = until.saturating_duration_since(Instant::now());
+                return poll_fd(self.fd(), libc::POLLIN, Some(left)).unwrap_or(false);
+            };
+            let left = until.saturating_duration_since(Instant::now());
+            let readable = async { reactor.readable().await.map(|mut g| g.clear_ready()) };
+            match tokio::time::timeout(left, readable).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return self.ready_now(Direction::Read),
+            }
+        }
     }
 
     /// When the connection's `--timeout` runs out.
@@ -402,14 +495,11 @@ impl InputStream for SocketInput {
             if !bytes.is_empty() || size == 0 {
                 return Ok(bytes);
             }
-            // A blocking call waits on this stream alone: block this thread
-            // in poll(2) rather than go through the reactor (and its
-            // cross-thread wake-up). An abort shuts the socket down, which
-            // ends the wait too.
-            if !self
-                .socket
-                .wait_blocking(Direction::Read, self.socket.wait_deadline())
-            {
+            // A blocking call waits on this stream alone: on a worker
+            // thread, in poll(2) rather than through the reactor (and its
+            // cross-thread wake-up); under async, suspended on the reactor.
+            // An abort shuts the socket down, which ends the wait too.
+            if !self.socket.wait_here(Direction::Read).await {
                 return Err(self.socket.expiry().unwrap_or(StreamError::Closed));
             }
         }
@@ -517,10 +607,7 @@ impl OutputStream for SocketOutput {
                 return Ok(room);
             }
             // Waits on this stream alone, as `blocking_read` does.
-            if !self
-                .socket
-                .wait_blocking(Direction::Write, self.socket.wait_deadline())
-            {
+            if !self.socket.wait_here(Direction::Write).await {
                 return Err(self.socket.expiry().unwrap_or(StreamError::Closed));
             }
         }
@@ -540,29 +627,42 @@ impl OutputStream for SocketOutput {
 }
 
 impl Drop for SocketOutput {
+    /// What the socket takes now is sent; the rest goes to the socket, which
+    /// sends it once the guest is gone ([`Socket::finish_output`]): a drop
+    /// cannot wait, and must not block an async runtime's thread.
     fn drop(&mut self) {
-        // What the guest wrote reaches the client even when it did not
-        // flush, as long as the client keeps reading (the idle timer restarts
-        // with every progress) and never after the connection's deadline.
-        while !self.closed && !self.pending.is_empty() && Instant::now() < self.socket.deadline {
-            let before = self.pending.len();
-            if self.push_pending().is_err() || self.pending.is_empty() {
-                break;
-            }
-            if self.pending.len() == before
-                && !self
-                    .socket
-                    .wait_blocking(Direction::Write, self.socket.wait_deadline())
-            {
-                break;
-            }
+        if self.closed || self.pending.is_empty() {
+            return;
         }
-        if !self.pending.is_empty() {
-            // Bytes the guest wrote will never arrive: the close must say so.
-            self.socket
-                .traffic
-                .output_lost
-                .store(true, Ordering::Relaxed);
+        if self.push_pending().is_err() || self.pending.is_empty() {
+            return;
         }
+        let mut leftover = self
+            .socket
+            .leftover
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        leftover.extend_from_slice(&self.pending);
+    }
+}
+
+/// Runs `future` to its end on this thread. For a [`Waits::Blocking`]
+/// socket's futures, which wait in poll(2) and are ready at their first
+/// poll; anything else parks the thread until woken.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(value) = future.as_mut().poll(&mut cx) {
+            return value;
+        }
+        std::thread::park();
     }
 }

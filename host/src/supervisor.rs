@@ -39,7 +39,7 @@ use crate::handler::{Handler, HandlerSource, LoadOptions};
 use crate::listener::Listener;
 use crate::metrics::{Metrics, TenantInfo};
 use crate::server::{self, ConnectionIds, Shutdown};
-use crate::strategy::{self, Forking, Strategy, Threading};
+use crate::strategy::{self, Async, Forking, Strategy, Threading};
 
 /// A worker that dies sooner than this after its start is replaced only
 /// after [`RESPAWN_DELAY`], so a crashing worker cannot become a fork loop.
@@ -94,6 +94,8 @@ struct Worker {
 
 struct Host {
     engine: Engine,
+    /// The async tenants' engine, made when the first one is loaded.
+    async_engine: Option<Engine>,
     /// The pool's slot count, or `None` for on-demand allocation.
     pool_slots: Option<usize>,
     config: HostConfig,
@@ -136,6 +138,7 @@ fn start(config: HostConfig, shutdown: &Shutdown, options: &Options) -> Result<(
     let metrics = Metrics::new(MAX_TENANTS)?;
     let mut host = Host {
         engine,
+        async_engine: None,
         pool_slots,
         config: config.clone(),
         tenants: BTreeMap::new(),
@@ -297,12 +300,22 @@ impl Host {
     }
 
     /// Compiles (or loads from the cache) a tenant's handler.
-    fn load_service(&self, tenant: &ServeConfig) -> Result<Service> {
+    fn load_service(&mut self, tenant: &ServeConfig) -> Result<Service> {
+        let for_async = tenant.strategy == StrategyKind::Async;
         let options = LoadOptions {
             cache: open_cache(tenant.cache_dir.as_deref()),
             allow_precompiled: tenant.allow_precompiled,
+            for_async,
         };
-        let handler = Handler::load(&self.engine, &tenant.handler, &options);
+        let engine = if for_async {
+            match &self.async_engine {
+                Some(engine) => engine.clone(),
+                None => self.async_engine.insert(engine::for_async()?).clone(),
+            }
+        } else {
+            self.engine.clone()
+        };
+        let handler = Handler::load(&engine, &tenant.handler, &options);
         // From a config file, say which file and tenant; the flags have
         // only one.
         let handler = match &self.config.file {
@@ -314,6 +327,7 @@ impl Host {
         let clock = match tenant.strategy {
             StrategyKind::Forking => EpochClock::Alarm,
             StrategyKind::Threading | StrategyKind::Prefork => EpochClock::Ticker,
+            StrategyKind::Async => EpochClock::Yield,
         };
         Ok(Service::new(
             handler,
@@ -464,7 +478,16 @@ impl Host {
                     limit,
                     shutdown.waker(),
                     &prefix,
-                ))
+                )?)
+            }
+            StrategyKind::Async => {
+                EpochClock::start_yield_ticker(service.engine())?;
+                Box::new(Async::new(
+                    service,
+                    config.workers,
+                    config.max_in_flight(),
+                    shutdown.waker(),
+                )?)
             }
         };
         server::run(
@@ -727,7 +750,11 @@ impl Host {
             None => self.config.clone(),
         };
         if let Some(slots) = self.pool_slots {
-            for tenant in &config.tenants {
+            for tenant in config
+                .tenants
+                .iter()
+                .filter(|t| t.strategy != StrategyKind::Async)
+            {
                 let needs = tenant.max_instances();
                 if needs > slots {
                     bail!(
@@ -961,6 +988,7 @@ fn log_serving(config: &ServeConfig, service: &Service) {
             "{} processes of {} workers",
             config.processes, config.workers
         ),
+        StrategyKind::Async => format!("{} runtime threads", config.workers),
     };
     let limits = &config.limits;
     tracing::info!(

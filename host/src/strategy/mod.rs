@@ -1,8 +1,11 @@
 //! The `Strategy` seam: where a connection runs (a worker thread, a child
-//! process), never what runs; that is always [`Service::serve`]. A new
+//! process, a task), never what runs; that is always [`Service::serve`]. A new
 //! strategy is one new file here.
 
 mod forking;
+mod pool;
+mod slots;
+mod tasks;
 mod threading;
 
 use std::time::Instant;
@@ -10,6 +13,7 @@ use std::time::Instant;
 use crate::connection::{Accepted, Service};
 
 pub use forking::Forking;
+pub use tasks::Async;
 pub use threading::Threading;
 
 /// Runs accepted connections somewhere, within a bound.

@@ -1,83 +1,37 @@
-//! `threading`: a bounded pool of worker threads in the host process, as
-//! Python's `ThreadingMixIn` but with a limit. At most `limit` connections are
-//! in flight (by default one running and one queued per worker); beyond that
-//! the accept loop stops accepting.
+//! `threading`: every connection runs at once on a thread of its own, as
+//! Python's `ThreadingMixIn` promises, up to `--max-connections` in flight;
+//! beyond that the accept loop stops accepting. Threads are reused
+//! ([`Pool`]): `--workers` of them are kept warm, the rest exit once idle.
 
 use std::cell::OnceCell;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use threadpool::ThreadPool;
+use anyhow::{Context as _, Result};
 
+use super::pool::Pool;
+use super::slots::Slots;
 use super::Strategy;
 use crate::connection::{Accepted, Service};
 use crate::server::Wake;
 
 pub struct Threading {
     service: Arc<Service>,
-    pool: ThreadPool,
+    pool: Pool,
     slots: Arc<Slots>,
     /// Put before `thread-N` in worker names (prefork: `pid-4711/`).
     name_prefix: Arc<str>,
-}
-
-/// The in-flight count, shared with the workers.
-struct Slots {
-    in_flight: AtomicUsize,
-    limit: usize,
-    /// Set once the accept loop has stopped: every release rings then.
-    draining: AtomicBool,
-    wake: Wake,
-}
-
-impl Threading {
-    pub fn new(
-        service: Arc<Service>,
-        workers: usize,
-        limit: usize,
-        wake: Wake,
-        name_prefix: &str,
-    ) -> Threading {
-        Threading {
-            name_prefix: name_prefix.into(),
-            service,
-            pool: threadpool::Builder::new()
-                .num_threads(workers)
-                .thread_name("host-worker".to_string())
-                .build(),
-            slots: Arc::new(Slots {
-                in_flight: AtomicUsize::new(0),
-                limit,
-                draining: AtomicBool::new(false),
-                wake,
-            }),
-        }
-    }
-}
-
-/// Frees the connection's slot even if serving it panicked.
-struct Slot(Arc<Slots>, Arc<Service>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        if let Some(metrics) = self.1.metrics() {
-            metrics.connection_ended();
-        }
-        let slots = &self.0;
-        let was = slots.in_flight.fetch_sub(1, Ordering::SeqCst);
-        // The accept loop may be waiting for this slot, or draining.
-        if was == slots.limit || slots.draining.load(Ordering::SeqCst) {
-            slots.wake.wake();
-        }
-    }
+    /// The reactor and timers of this process's guests (see `new`); dropped
+    /// after the pool.
+    _runtime: tokio::runtime::Runtime,
 }
 
 thread_local! {
     static WORKER_NAME: OnceCell<String> = const { OnceCell::new() };
 }
 
-/// "thread-N" after `prefix`, N counting the pool's threads from 1 in the
-/// order they first serve a connection.
+/// "thread-N" after `prefix`, N counting this process's threads from 1 in
+/// the order they first serve a connection.
 fn worker_name(prefix: &str) -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(1);
     WORKER_NAME.with(|name| {
@@ -86,17 +40,50 @@ fn worker_name(prefix: &str) -> String {
     })
 }
 
+impl Threading {
+    /// Keeps `warm` threads and serves at most `limit` connections at once.
+    ///
+    /// The process's tokio runtime (one thread: the reactor for pollables,
+    /// the timers for sleeps) is made here, before anything is accepted,
+    /// and every pool thread enters it. wasmtime-wasi would otherwise build
+    /// its own lazily at the first connection, and a failure then (out of
+    /// descriptors) would poison it for the life of the process; here a
+    /// failure ends the worker, and its supervisor replaces it.
+    pub fn new(
+        service: Arc<Service>,
+        warm: usize,
+        limit: usize,
+        wake: Wake,
+        name_prefix: &str,
+    ) -> Result<Threading> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("host-reactor")
+            .enable_all()
+            .build()
+            .context("cannot start the worker's tokio runtime")?;
+        let handle = runtime.handle().clone();
+        let enter: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            // The guard stays for the life of the thread.
+            std::mem::forget(handle.enter());
+        });
+        Ok(Threading {
+            name_prefix: name_prefix.into(),
+            service,
+            pool: Pool::new(warm, "host-worker", Some(enter)),
+            slots: Slots::new(limit, wake),
+            _runtime: runtime,
+        })
+    }
+}
+
 impl Strategy for Threading {
     fn has_capacity(&self) -> bool {
-        self.slots.in_flight.load(Ordering::SeqCst) < self.slots.limit
+        self.slots.has_capacity()
     }
 
     fn dispatch(&mut self, conn: Accepted) {
-        self.slots.in_flight.fetch_add(1, Ordering::SeqCst);
-        if let Some(metrics) = self.service.metrics() {
-            metrics.connection_started();
-        }
-        let slot = Slot(self.slots.clone(), self.service.clone());
+        let slot = self.slots.take(&self.service);
         let service = self.service.clone();
         let prefix = self.name_prefix.clone();
         self.pool.execute(move || {
@@ -119,11 +106,11 @@ impl Strategy for Threading {
     fn maintain(&mut self) {}
 
     fn in_flight(&self) -> usize {
-        self.slots.in_flight.load(Ordering::SeqCst)
+        self.slots.in_flight()
     }
 
     fn stop_accepting(&mut self) {
-        self.slots.draining.store(true, Ordering::SeqCst);
+        self.slots.stop_accepting();
     }
 
     fn abort(&mut self) {

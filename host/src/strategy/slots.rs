@@ -1,0 +1,70 @@
+//! The in-flight count of a strategy that serves connections inside this
+//! process (threading, async): the accept loop takes a slot per connection,
+//! and the slot is given back when the connection ends, even if serving it
+//! panicked.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::connection::Service;
+use crate::server::Wake;
+
+/// Connections in flight, shared with whatever serves them.
+pub(crate) struct Slots {
+    in_flight: AtomicUsize,
+    limit: usize,
+    /// Set once the accept loop has stopped: every release rings then.
+    draining: AtomicBool,
+    wake: Wake,
+}
+
+impl Slots {
+    pub(crate) fn new(limit: usize, wake: Wake) -> Arc<Slots> {
+        Arc::new(Slots {
+            in_flight: AtomicUsize::new(0),
+            limit,
+            draining: AtomicBool::new(false),
+            wake,
+        })
+    }
+
+    pub(crate) fn has_capacity(&self) -> bool {
+        self.in_flight() < self.limit
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// From now on every release rings the accept loop's doorbell.
+    pub(crate) fn stop_accepting(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Takes a slot for a connection of `service`; it is given back when the
+    /// returned value is dropped.
+    pub(crate) fn take(self: &Arc<Slots>, service: &Arc<Service>) -> Slot {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if let Some(metrics) = service.metrics() {
+            metrics.connection_started();
+        }
+        Slot(self.clone(), service.clone())
+    }
+}
+
+/// One connection's slot, freed on drop.
+pub(crate) struct Slot(Arc<Slots>, Arc<Service>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(metrics) = self.1.metrics() {
+            metrics.connection_ended();
+        }
+        let slots = &self.0;
+        let was = slots.in_flight.fetch_sub(1, Ordering::SeqCst);
+        // The accept loop may be waiting for this slot, or draining.
+        if was == slots.limit || slots.draining.load(Ordering::SeqCst) {
+            slots.wake.wake();
+        }
+    }
+}

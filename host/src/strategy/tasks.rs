@@ -1,0 +1,123 @@
+//! `async`: the tenant's worker process runs a tokio runtime; each
+//! connection is a task and each guest runs on a fiber (wasmtime's async
+//! support), so a guest waiting for its client, a timer or its turn costs a
+//! suspended fiber, not a thread. This is how `wasmtime serve` runs
+//! handlers; here it keeps the host's limits, tenants, reload and metrics,
+//! since every connection still goes through [`Service::serve_async`].
+//!
+//! The accept loop stays the one of every strategy (`server::run`, on the
+//! process's main thread) and hands each connection to the runtime.
+//! Fairness: at every epoch tick a running guest yields its runtime thread
+//! (see `EpochClock::Yield`), so a guest that spins delays the others by a
+//! tick, not by its whole `--timeout`.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+
+use super::slots::Slots;
+use super::Strategy;
+use crate::connection::{Accepted, Service};
+use crate::server::Wake;
+
+pub struct Async {
+    service: Arc<Service>,
+    slots: Arc<Slots>,
+    /// `connection-info.worker` of every connection: `pid-4711/async`.
+    worker: Arc<str>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Async {
+    /// A runtime of `threads` threads serving at most `limit` connections at
+    /// once. Made before the accept loop starts: a worker that cannot have
+    /// its runtime ends, and its supervisor replaces it.
+    pub fn new(service: Arc<Service>, threads: usize, limit: usize, wake: Wake) -> Result<Async> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("host-async")
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        Ok(Async {
+            service,
+            slots: Slots::new(limit, wake),
+            worker: format!("pid-{}/async", std::process::id()).into(),
+            runtime: Some(runtime),
+        })
+    }
+}
+
+impl Strategy for Async {
+    fn has_capacity(&self) -> bool {
+        self.slots.has_capacity()
+    }
+
+    fn dispatch(&mut self, conn: Accepted) {
+        let Some(runtime) = &self.runtime else {
+            return;
+        };
+        let slot = self.slots.take(&self.service);
+        let service = self.service.clone();
+        let worker = self.worker.clone();
+        runtime.spawn(async move {
+            let _slot = slot;
+            let id = conn.id;
+            let served = CatchUnwind(Box::pin(service.serve_async(conn, &worker))).await;
+            if served.is_err() {
+                tracing::error!("connection {id} worker={worker}: the host panicked serving it");
+            }
+        });
+    }
+
+    fn service(&self) -> &Service {
+        &self.service
+    }
+
+    fn maintain(&mut self) {}
+
+    fn in_flight(&self) -> usize {
+        self.slots.in_flight()
+    }
+
+    fn stop_accepting(&mut self) {
+        self.slots.stop_accepting();
+    }
+
+    fn abort(&mut self) {
+        self.service.abort_all();
+    }
+
+    fn finish(&mut self) {
+        // Every task ends soon after `abort`: guests trap at their next
+        // tick and every wait ends with its socket.
+        while self.slots.in_flight() > 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}
+
+/// Resolves to `Err` instead of unwinding if polling the future panics, so
+/// a host bug while serving one connection is logged as such.
+struct CatchUnwind<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(value)) => Poll::Ready(Ok(value)),
+            Err(_) => Poll::Ready(Err(())),
+        }
+    }
+}
