@@ -53,6 +53,17 @@ pub trait Strategy {
     fn finish(&mut self);
 }
 
+/// Returns the allocator's free memory (every thread's arena) to the
+/// system: after a burst of connections, or once the threads that served it
+/// have exited.
+pub(crate) fn trim_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of glibc's allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// What one `waitpid(-1)` found.
 pub(crate) enum Reaped {
     /// A child exited: its pid and wait status.

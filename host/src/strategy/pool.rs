@@ -229,6 +229,12 @@ fn work(shared: &Shared, mut job: Option<Job>) {
                 Some(at) if retire => {
                     state.idle.remove(at);
                     state.threads -= 1;
+                    let last_of_a_burst = state.threads == shared.warm;
+                    drop(state);
+                    if last_of_a_burst {
+                        // What the exited threads' arenas held goes back.
+                        super::trim_allocator();
+                    }
                     return;
                 }
                 _ => {}

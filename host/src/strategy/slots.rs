@@ -2,6 +2,10 @@
 //! process (threading, async): the accept loop takes a slot per connection,
 //! and the slot is given back when the connection ends, even if serving it
 //! panicked.
+//!
+//! When the last connection of a burst ends, the process gives the memory
+//! its allocator kept from the burst back to the system, so memory follows
+//! what is live, not what was live once.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -16,7 +20,13 @@ pub(crate) struct Slots {
     /// Set once the accept loop has stopped: every release rings then.
     draining: AtomicBool,
     wake: Wake,
+    /// The most connections in flight since the allocator was last trimmed.
+    peak: AtomicUsize,
 }
+
+/// A burst this large leaves the allocator's free lists worth trimming once
+/// it is over (a few MiB: each connection allocates tens of KiB).
+const TRIM_AFTER: usize = 64;
 
 impl Slots {
     pub(crate) fn new(limit: usize, wake: Wake) -> Arc<Slots> {
@@ -25,6 +35,7 @@ impl Slots {
             limit,
             draining: AtomicBool::new(false),
             wake,
+            peak: AtomicUsize::new(0),
         })
     }
 
@@ -44,7 +55,8 @@ impl Slots {
     /// Takes a slot for a connection of `service`; it is given back when the
     /// returned value is dropped.
     pub(crate) fn take(self: &Arc<Slots>, service: &Arc<Service>) -> Slot {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::Relaxed);
         if let Some(metrics) = service.metrics() {
             metrics.connection_started();
         }
@@ -65,6 +77,10 @@ impl Drop for Slot {
         // The accept loop may be waiting for this slot, or draining.
         if was == slots.limit || slots.draining.load(Ordering::SeqCst) {
             slots.wake.wake();
+        }
+        if was == 1 && slots.peak.load(Ordering::Relaxed) >= TRIM_AFTER {
+            slots.peak.store(0, Ordering::Relaxed);
+            super::trim_allocator();
         }
     }
 }
