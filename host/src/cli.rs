@@ -160,12 +160,16 @@ pub struct ServeArgs {
     #[arg(long, value_name = "CIDR")]
     pub deny: Vec<String>,
 
-    /// Where each connection runs: a worker thread or a child process.
+    /// Where each connection runs: a thread of its own (threading), a child
+    /// process (forking), a thread of one of several worker processes
+    /// (prefork), or a task and fiber of an async runtime (async).
     #[arg(long, value_enum, default_value_t = DEFAULT_STRATEGY)]
     pub strategy: StrategyKind,
 
-    /// Worker threads for the threading strategy, or per process for prefork
-    /// [default: threading 4 per core; prefork 4 per core, shared out]
+    /// Threads kept warm for the threading strategy (per process for
+    /// prefork; more start as connections need them), or the async
+    /// runtime's threads [default: threading 4 per core; prefork 4 per core,
+    /// shared out; async one per core]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_WORKERS)))]
     pub workers: Option<u32>,
 
@@ -174,13 +178,13 @@ pub struct ServeArgs {
     pub processes: Option<u32>,
 
     /// Child processes alive at once for the forking strategy; the host stops
-    /// accepting while this many are running [default: 40]
+    /// accepting while this many are running [default: 256]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_CHILDREN)))]
     pub max_children: Option<u32>,
 
-    /// The most connections in flight at once; beyond it the host stops
-    /// accepting until one ends [default: threading 2 per worker, forking
-    /// --max-children]
+    /// The most connections in flight at once, each running at once; beyond
+    /// it the host stops accepting until one ends [default: threading 1024;
+    /// prefork 1024 per process; async 16384; forking --max-children]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_CONNECTIONS)))]
     pub max_connections: Option<u32>,
 
@@ -239,8 +243,12 @@ pub const DEFAULT_TIMEOUT: &str = "30s";
 pub const DEFAULT_IDLE_TIMEOUT: &str = "10s";
 /// `--drain-timeout` / `drain-timeout` when not given.
 pub const DEFAULT_DRAIN_TIMEOUT: &str = "10s";
-/// socketserver's `ForkingMixIn.max_children`.
-const DEFAULT_MAX_CHILDREN: usize = 40;
+/// Child processes alive at once under forking. socketserver's
+/// `ForkingMixIn` stops at 40, which turns the 41st live client away until
+/// one leaves; a live child costs about 1-2 MiB (its dirtied pages, its
+/// instance and its kernel structures), so 256 bound the worst case near
+/// half a GiB while long-lived clients are served at once.
+pub const DEFAULT_MAX_CHILDREN: usize = 256;
 /// The largest `--workers`.
 pub const MAX_WORKERS: u32 = 4096;
 /// The largest `--processes`.
@@ -253,6 +261,15 @@ pub const MAX_CONNECTIONS: u32 = 1_000_000;
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The most a 32-bit linear memory can hold.
 const MAX_MEMORY_LIMIT: u64 = 4 << 30;
+
+/// "a", "a or b", "a, b or c".
+fn one_of(names: &[&str]) -> String {
+    match names {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [rest @ .., last] => format!("{} or {last}", rest.join(", ")),
+    }
+}
 
 /// One setting of a tenant: a `host serve` flag, and the config-file key of
 /// the same name, so a flag and a key never disagree.
@@ -499,7 +516,7 @@ impl TenantOptions {
                     "{} applies to {} {}, not {}",
                     name(setting),
                     name(Setting::Strategy),
-                    fits.join(" or "),
+                    one_of(&fits),
                     strategy.name()
                 )));
             }
@@ -828,7 +845,7 @@ mod tests {
         );
         assert_eq!(config.strategy, StrategyKind::Threading);
         assert_eq!(config.handler, HandlerSource::BuiltinEcho);
-        assert_eq!(config.max_children, 40);
+        assert_eq!(config.max_children, DEFAULT_MAX_CHILDREN);
         assert_eq!(config.workers, ServeConfig::default_workers());
     }
 
@@ -837,7 +854,7 @@ mod tests {
         let err = args(&["--strategy", "forking", "--workers", "3"]).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "--workers applies to --strategy threading or prefork, not forking"
+            "--workers applies to --strategy threading, prefork or async, not forking"
         );
         let err = args(&["--processes", "3"]).unwrap_err();
         assert_eq!(

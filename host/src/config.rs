@@ -14,7 +14,8 @@ use crate::handler::HandlerSource;
 /// Where each connection runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum StrategyKind {
-    /// A bounded pool of worker threads in the host process.
+    /// A thread per connection (reused; `--workers` kept warm) in the
+    /// tenant's worker process, as Python's `ThreadingMixIn`.
     Threading,
     /// A child process per connection, as Python's `ForkingMixIn`.
     Forking,
@@ -104,7 +105,8 @@ pub struct ServeConfig {
     /// Which peers are served.
     pub access: Access,
     pub strategy: StrategyKind,
-    /// Worker threads (threading; per process under prefork).
+    /// Threads kept warm (threading; per process under prefork), or the
+    /// runtime's threads (async).
     pub workers: usize,
     /// Worker processes (prefork).
     pub processes: usize,

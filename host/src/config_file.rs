@@ -970,7 +970,7 @@ processes = 2
         assert_eq!(hello.handler, HandlerSource::File(dir.join("hello.wasm")));
         assert_eq!(hello.strategy, StrategyKind::Threading);
         assert_eq!(hello.workers, 3);
-        assert_eq!(hello.max_children, 40);
+        assert_eq!(hello.max_children, cli::DEFAULT_MAX_CHILDREN);
         assert_eq!(hello.max_connections, None);
         assert_eq!(hello.limits.max_memory, 64 << 20);
         assert_eq!(hello.limits.timeout, Duration::from_secs(30));
@@ -995,7 +995,7 @@ listen = ["[::1]:0"]
 strategy = "prefork"
 processes = 2
 workers = 3
-max-connections = 12
+max-connections = 2048
 max-memory = "64MiB"
 timeout = "30s"
 idle-timeout = "10s"
@@ -1027,7 +1027,7 @@ handler = "{hello}"
 listen = ["127.0.0.1:7002"]
 strategy = "threading"
 workers = 3
-max-connections = 6
+max-connections = 1024
 max-memory = "64MiB"
 timeout = "30s"
 idle-timeout = "10s"
@@ -1195,7 +1195,7 @@ allow-precompiled = false
         let text = format!("{ECHO}strategy = \"fork\"\n");
         assert_eq!(
             error("strategy", &text),
-            "FILE:4:12: invalid strategy \"fork\": expected \"threading\", \"forking\" or \"prefork\""
+            "FILE:4:12: invalid strategy \"fork\": expected \"threading\", \"forking\", \"prefork\" or \"async\""
         );
         let text = format!("defaults = 3\n{ECHO}");
         assert_eq!(
@@ -1392,7 +1392,7 @@ allow-precompiled = false
         let text = format!("{ECHO}strategy = \"forking\"\nworkers = 3\n");
         assert_eq!(
             error("workers", &text),
-            "FILE:5:1: workers applies to strategy threading or prefork, not forking"
+            "FILE:5:1: workers applies to strategy threading, prefork or async, not forking"
         );
         let text = format!("[defaults]\nstrategy = \"forking\"\n{ECHO}processes = 3\n");
         assert_eq!(
@@ -1406,7 +1406,10 @@ allow-precompiled = false
         ));
         let host = load(&file, None).unwrap();
         let echo = &host.tenants[0];
-        assert_eq!((echo.workers, echo.max_children), (5, 40));
+        assert_eq!(
+            (echo.workers, echo.max_children),
+            (5, cli::DEFAULT_MAX_CHILDREN)
+        );
         assert_eq!(echo.processes, ServeConfig::default_processes());
     }
 

@@ -183,6 +183,6 @@ fn flags_of_the_other_strategy_are_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         stderr.trim(),
-        "error: --workers applies to --strategy threading or prefork, not forking"
+        "error: --workers applies to --strategy threading, prefork or async, not forking"
     );
 }

@@ -10,6 +10,7 @@ mod clients;
 mod conformance;
 mod echo;
 mod guests;
+mod live;
 mod sandbox;
 mod shutdown;
 mod soak;

@@ -18,6 +18,7 @@ pub enum Strategy {
     Threading,
     Forking,
     Prefork,
+    Async,
 }
 
 impl Strategy {
@@ -26,6 +27,7 @@ impl Strategy {
             Strategy::Threading => "threading",
             Strategy::Forking => "forking",
             Strategy::Prefork => "prefork",
+            Strategy::Async => "async",
         }
     }
 
@@ -33,12 +35,12 @@ impl Strategy {
     pub fn worker_prefix(self) -> &'static str {
         match self {
             Strategy::Threading => "thread-",
-            Strategy::Forking | Strategy::Prefork => "pid-",
+            Strategy::Forking | Strategy::Prefork | Strategy::Async => "pid-",
         }
     }
 
     /// Whether `worker` is a worker name this strategy gives: `thread-3`,
-    /// `pid-4711`, or `pid-4711/thread-3`.
+    /// `pid-4711`, `pid-4711/thread-3` or `pid-4711/async`.
     pub fn is_worker_name(self, worker: &str) -> bool {
         let number = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
         match self {
@@ -48,6 +50,10 @@ impl Strategy {
                 .strip_prefix("pid-")
                 .and_then(|rest| rest.split_once("/thread-"))
                 .is_some_and(|(pid, thread)| number(pid) && number(thread)),
+            Strategy::Async => worker
+                .strip_prefix("pid-")
+                .and_then(|rest| rest.strip_suffix("/async"))
+                .is_some_and(number),
         }
     }
 
@@ -62,7 +68,8 @@ impl Strategy {
 }
 
 /// Declares each scenario `fn name(strategy: Strategy)` as one test per
-/// strategy: `threading::name`, `forking::name` and `prefork::name`.
+/// strategy: `threading::name`, `forking::name`, `prefork::name` and
+/// `asynchronous::name`.
 #[macro_export]
 macro_rules! for_each_strategy {
     ($($name:ident),* $(,)?) => {
@@ -74,6 +81,9 @@ macro_rules! for_each_strategy {
         }
         mod prefork {
             $( #[test] fn $name() { super::$name($crate::support::Strategy::Prefork) } )*
+        }
+        mod asynchronous {
+            $( #[test] fn $name() { super::$name($crate::support::Strategy::Async) } )*
         }
     };
 }
