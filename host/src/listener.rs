@@ -42,7 +42,9 @@ pub struct Listener {
 pub struct Peer {
     /// The peer's IP address and port (TCP); `None` over a Unix socket.
     pub inet: Option<SocketAddr>,
-    /// `IP:PORT`, or `unix:` plus the peer's path (usually `unix:`).
+    /// `IP:PORT`, or `unix:` plus the peer's path (usually `unix:`), as the
+    /// guest sees it. The client picks the path: it may hold any byte but
+    /// NUL, a newline too, so the log prints it through `Display`, escaped.
     pub text: String,
 }
 
@@ -52,9 +54,11 @@ impl Peer {
     }
 }
 
+/// The peer for the log: control characters escaped
+/// ([`crate::logging::escape`]), so a peer path cannot forge a log line.
 impl fmt::Display for Peer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
+        f.write_str(&crate::logging::escape(&self.text))
     }
 }
 
