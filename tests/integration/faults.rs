@@ -4,6 +4,7 @@
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
@@ -122,4 +123,84 @@ fn a_json_log_line_cannot_be_forged() {
         peers.iter().any(|p| p.ends_with(&format!("/c\\n{FORGED}"))),
         "no event has the client's path as its peer, escaped: {peers:?}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// A busy Unix socket at a listen path (#2): probing it never blocks.
+
+/// A live Unix listener at `path` whose backlog is full: the next client's
+/// blocking connect would wait until the listener accepts, which it never
+/// does. Returns the listener and the clients filling its backlog.
+fn busy_unix_listener(path: &Path) -> (Socket, Vec<Socket>) {
+    let listener = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+    listener.bind(&SockAddr::unix(path).unwrap()).unwrap();
+    listener.listen(0).unwrap();
+    let mut clients = Vec::new();
+    loop {
+        let client = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        client.set_nonblocking(true).unwrap();
+        match client.connect(&SockAddr::unix(path).unwrap()) {
+            Ok(()) => clients.push(client),
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => break,
+            Err(e) => panic!("cannot fill the backlog of {}: {e}", path.display()),
+        }
+        assert!(clients.len() < 1000, "the backlog never fills");
+    }
+    (listener, clients)
+}
+
+#[test]
+fn a_busy_unix_socket_is_refused_at_start_without_hanging() {
+    let dir = TempDir::new("busy");
+    let sock = dir.path().join("busy.sock");
+    let _busy = busy_unix_listener(&sock);
+    let started = std::time::Instant::now();
+    // `run_host` fails the test if the host does not exit by itself.
+    let out = crate::support::run_host(&[
+        "serve",
+        "--addr",
+        &format!("unix:{}", sock.display()),
+        "--cache-dir",
+        crate::support::test_cache_dir().to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the host served:\n{stderr}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "refusing took {:?}",
+        started.elapsed()
+    );
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line:\n{stderr}"));
+    assert!(
+        error.contains(&format!("{} is in use by a running server", sock.display())),
+        "{error}"
+    );
+    assert!(sock.exists(), "the busy server's socket file was removed");
+}
+
+#[test]
+fn a_busy_unix_socket_fails_a_reload_without_hanging_the_host() {
+    let busy_dir = TempDir::new("busy-reload");
+    let sock = busy_dir.path().join("busy.sock");
+    let _busy = busy_unix_listener(&sock);
+    let before = "[tenants.a]\nlisten = [\"127.0.0.1:0\"]\n";
+    let mut server = Server::start_config(before, &[]);
+    let addr = server.addr("a");
+    server.rewrite(&format!(
+        "[tenants.a]\nlisten = [\"127.0.0.1:0\", {}]\n",
+        crate::support::toml_string(&format!("unix:{}", sock.display()))
+    ));
+    let line = server.reload();
+    assert!(
+        line.contains("reload failed") && line.contains("is in use by a running server"),
+        "{line}"
+    );
+    // The host still serves, and still obeys SIGTERM.
+    assert_eq!(crate::support::exchange(addr, b"still here"), b"still here");
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit();
+    assert!(status.success(), "{status}");
 }
