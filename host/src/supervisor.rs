@@ -742,15 +742,10 @@ impl Host {
             let old = self.tenants.get(&tenant.tenant);
             let same_settings = old.is_some_and(|old| old.config == *tenant);
             let digest = match &tenant.handler {
-                HandlerSource::File(path) => {
-                    crate::compile_cache::digest(&std::fs::read(path).with_context(|| {
-                        format!(
-                            "tenant {}: handler {} cannot be read",
-                            tenant.tenant,
-                            path.display()
-                        )
-                    })?)
-                }
+                HandlerSource::File(_) => crate::compile_cache::digest(
+                    &crate::handler::read(&tenant.handler)
+                        .with_context(|| format!("tenant {}", tenant.tenant))?,
+                ),
                 HandlerSource::BuiltinEcho => String::new(),
             };
             let same_handler = old.is_some_and(|old| match &tenant.handler {

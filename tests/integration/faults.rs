@@ -204,3 +204,125 @@ fn a_busy_unix_socket_fails_a_reload_without_hanging_the_host() {
     let status = server.wait_exit();
     assert!(status.success(), "{status}");
 }
+
+// ---------------------------------------------------------------------------
+// Special files as a handler (#5): only regular files, of bounded size,
+// opened without blocking.
+
+/// A named pipe at `path` that nobody writes to: opening it for reading
+/// blocks until a writer comes, reading it until one writes.
+fn make_fifo(path: &Path) {
+    let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    let made = unsafe { libc::mkfifo(name.as_ptr(), 0o600) };
+    assert_eq!(made, 0, "mkfifo {}", path.display());
+}
+
+/// `host config check` of a tenant whose handler is `handler`: it must fail
+/// by itself, quickly, with one error line; returns that line.
+fn config_check_error(dir: &Path, handler: &Path) -> String {
+    let file = dir.join("host.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[tenants.a]\nhandler = {}\nlisten = [\"127.0.0.1:0\"]\n",
+            crate::support::toml_path(handler)
+        ),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let cache = crate::support::test_cache_dir();
+    let out = crate::support::run_host(&[
+        "config",
+        "check",
+        file.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "config check accepted:\n{stderr}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "config check took {:?}",
+        started.elapsed()
+    );
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "expected one error line:\n{stderr}");
+    errors[0].to_string()
+}
+
+#[test]
+fn a_fifo_a_device_or_a_huge_file_is_refused_as_a_handler() {
+    let dir = TempDir::new("special");
+    let fifo = dir.path().join("handler.fifo");
+    make_fifo(&fifo);
+    let error = config_check_error(dir.path(), &fifo);
+    assert!(
+        error.contains(&format!(
+            "handler {} is a named pipe (FIFO), not a regular file",
+            fifo.display()
+        )),
+        "{error}"
+    );
+
+    let error = config_check_error(dir.path(), Path::new("/dev/zero"));
+    assert!(
+        error.contains("handler /dev/zero is a character device, not a regular file"),
+        "{error}"
+    );
+
+    // A sparse file: big, without using the disk.
+    let huge = dir.path().join("huge.wasm");
+    let size: u64 = (512 << 20) + 1;
+    std::fs::File::create(&huge).unwrap().set_len(size).unwrap();
+    let error = config_check_error(dir.path(), &huge);
+    assert!(
+        error.contains(&format!(
+            "handler {} is {size} bytes, more than the {} bytes (512 MiB) a handler may have",
+            huge.display(),
+            512u64 << 20
+        )),
+        "{error}"
+    );
+
+    // `serve` refuses the FIFO the same way, before listening.
+    let cache = crate::support::test_cache_dir();
+    let out = crate::support::run_host(&[
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--handler",
+        fifo.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the host served:\n{stderr}");
+    assert!(!stderr.contains("listening on"), "it listened:\n{stderr}");
+    assert!(stderr.contains("is a named pipe (FIFO)"), "{stderr}");
+}
+
+#[test]
+fn a_reload_to_a_fifo_handler_fails_and_the_host_goes_on() {
+    let dir = TempDir::new("fifo-reload");
+    let fifo = dir.path().join("handler.fifo");
+    make_fifo(&fifo);
+    let mut server = Server::start_config("[tenants.a]\nlisten = [\"127.0.0.1:0\"]\n", &[]);
+    let addr = server.addr("a");
+    server.rewrite(&format!(
+        "[tenants.a]\nhandler = {}\nlisten = [\"127.0.0.1:0\"]\n",
+        crate::support::toml_path(&fifo)
+    ));
+    let line = server.reload();
+    assert!(
+        line.contains("reload failed") && line.contains("is a named pipe (FIFO)"),
+        "{line}"
+    );
+    assert_eq!(crate::support::exchange(addr, b"still here"), b"still here");
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit();
+    assert!(status.success(), "{status}");
+}
