@@ -45,6 +45,9 @@ use crate::strategy::{self, Forking, Strategy, Threading};
 /// after [`RESPAWN_DELAY`], so a crashing worker cannot become a fork loop.
 const QUICK_DEATH: Duration = Duration::from_secs(1);
 const RESPAWN_DELAY: Duration = Duration::from_secs(1);
+/// How long the host waits at shutdown for orphaned children of dead
+/// workers (already being killed by the kernel) to exit.
+const ORPHAN_WAIT: Duration = Duration::from_secs(5);
 /// How often `--watch` looks at the config and handler files.
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 /// Distinct tenant names one run of the host can have counters for.
@@ -123,6 +126,17 @@ pub fn run(config: HostConfig, shutdown: &Shutdown, options: &Options) -> Result
     // for the first turn of the loop.
     let sigchld = shutdown.ring_on_signal(libc::SIGCHLD)?;
     let sighup = shutdown.reload_on_signal(libc::SIGHUP)?;
+    // A worker that dies leaves orphans: its connections' children, which
+    // the kernel kills as it dies (see `strategy::Forking`). They become
+    // the host's to reap, not init's, so the host knows when every process
+    // it started is gone.
+    // SAFETY: prctl on this process.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) } != 0 {
+        tracing::warn!(
+            "cannot become the reaper of orphaned worker children: {}",
+            io::Error::last_os_error()
+        );
+    }
     let result = start(config, shutdown, options);
     signal_hook::low_level::unregister(sighup);
     signal_hook::low_level::unregister(sigchld);
@@ -292,8 +306,36 @@ impl Host {
             }
             shutdown.wait_until(Some(deadline))?;
         }
-        tracing::info!("stopped; every worker process reaped");
+        if self.reap_orphans(shutdown)? {
+            tracing::info!("stopped; every worker process reaped");
+        } else {
+            tracing::warn!(
+                "stopped; the worker processes are reaped, but a process one of them started still runs after {ORPHAN_WAIT:?}"
+            );
+        }
         Ok(())
+    }
+
+    /// Once every worker is reaped, what may remain are the orphans of a
+    /// worker that died (its connections' children, being killed by the
+    /// kernel): reaps them all. Returns whether none is left, waiting at most
+    /// [`ORPHAN_WAIT`].
+    fn reap_orphans(&mut self, shutdown: &Shutdown) -> Result<bool> {
+        let deadline = Instant::now() + ORPHAN_WAIT;
+        loop {
+            match strategy::reap_one(false) {
+                strategy::Reaped::Child(..) => {}
+                strategy::Reaped::NoChildren => return Ok(true),
+                strategy::Reaped::Nothing => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Ok(false);
+                    }
+                    // SIGCHLD rings the doorbell; the bound is a backstop.
+                    shutdown.wait_until(Some(deadline.min(now + Duration::from_millis(50))))?;
+                }
+            }
+        }
     }
 
     /// Compiles (or loads from the cache) a tenant's handler.

@@ -326,3 +326,113 @@ fn a_reload_to_a_fifo_handler_fails_and_the_host_goes_on() {
     let status = server.wait_exit();
     assert!(status.success(), "{status}");
 }
+
+// ---------------------------------------------------------------------------
+// A forking worker's children die with it (#4).
+
+/// Waits until `done` holds; false if it did not within `limit`.
+fn within(limit: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while !done() {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    true
+}
+
+#[test]
+fn a_killed_forking_worker_takes_its_connections_children_with_it() {
+    let handler = guest("test-guest");
+    // Limits far beyond the test: only the worker's death may end the child.
+    let limits = ["--timeout", "5m", "--idle-timeout", "5m"];
+    let mut server = Server::start(crate::support::Strategy::Forking, Some(&handler), &limits);
+    // The worker is forked right after the `listening on` line.
+    let mut workers = Vec::new();
+    assert!(within(PATIENCE, || {
+        workers = crate::support::children_of(server.pid());
+        !workers.is_empty()
+    }));
+    assert_eq!(workers.len(), 1, "one worker process: {workers:?}");
+    let worker = workers[0];
+
+    // Two connections held open by their children.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = server.connect();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        stream.write_all(b"hold\n").unwrap();
+        let mut name = Vec::new();
+        let mut byte = [0u8; 1];
+        while stream.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+            name.push(byte[0]);
+        }
+        let name = String::from_utf8(name).unwrap();
+        let child: u32 = name
+            .strip_prefix("pid-")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("not a forking worker name: {name:?}"));
+        assert_eq!(
+            crate::support::children_of(worker),
+            {
+                let mut seen: Vec<u32> = held.iter().map(|(c, _)| *c).collect();
+                seen.push(child);
+                seen.sort();
+                seen
+            },
+            "the connection's child is the worker's"
+        );
+        held.push((child, stream));
+    }
+
+    // SAFETY: killing the host's worker process, which this test started.
+    unsafe { libc::kill(worker as libc::pid_t, libc::SIGKILL) };
+    for (child, stream) in &mut held {
+        assert!(
+            within(std::time::Duration::from_secs(5), || {
+                !crate::support::process_exists(*child)
+            }),
+            "the connection's child pid-{child} outlived its killed worker by 5 s"
+        );
+        // Its client sees the end of the connection.
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+    }
+
+    // The host replaces the worker and still serves.
+    server.wait_for_log(|l| l.contains(&format!("pid-{worker} was killed by signal 9")));
+    let reply = crate::support::exchange(server.addr(), b"hold\n");
+    assert!(reply.starts_with(b"pid-"), "{reply:?}");
+
+    // Again, with the host told to stop right after the kill: by its last
+    // line, every process it started is gone.
+    let worker = *crate::support::children_of(server.pid())
+        .first()
+        .expect("a replacement worker");
+    let mut stream = server.connect();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.write_all(b"hold\n").unwrap();
+    let mut first = [0u8; 4];
+    stream.read_exact(&mut first).unwrap();
+    let children = crate::support::children_of(worker);
+    assert_eq!(children.len(), 1, "{children:?}");
+    // SAFETY: as above.
+    unsafe { libc::kill(worker as libc::pid_t, libc::SIGKILL) };
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit();
+    assert!(status.success(), "{status}");
+    let log = server.log();
+    assert!(
+        log.last()
+            .is_some_and(|l| l.ends_with("stopped; every worker process reaped")),
+        "{}",
+        log.join("\n")
+    );
+    for pid in [worker, children[0]] {
+        assert!(
+            !crate::support::process_exists(pid),
+            "pid {pid} outlived the host"
+        );
+    }
+}
