@@ -436,3 +436,31 @@ fn a_killed_forking_worker_takes_its_connections_children_with_it() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// The metrics endpoint is not starved by idle connections (#8).
+
+#[test]
+fn scrapes_succeed_while_32_idle_clients_hold_the_metrics_port() {
+    let toml = "[metrics]\naddr = \"127.0.0.1:0\"\n\n[tenants.a]\nlisten = [\"127.0.0.1:0\"]\n";
+    let server = Server::start_config(toml, &[]);
+    let metrics = server.metrics_addr();
+    let idle: Vec<std::net::TcpStream> = (0..32)
+        .map(|_| std::net::TcpStream::connect(metrics).unwrap())
+        .collect();
+    // Let the metrics process accept every idle client first.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let (status, body) = crate::support::http_get(metrics, "/metrics");
+        assert!(status.contains(" 200 "), "GET /metrics answered {status}");
+        assert!(body.contains("host_connections"), "{body}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "a scrape took {:?}",
+            started.elapsed()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(idle);
+}
