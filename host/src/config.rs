@@ -34,6 +34,10 @@ impl StrategyKind {
     }
 }
 
+/// Tenants one host serves at most: distinct tenant names over one run,
+/// since each keeps its own slot of the shared metrics.
+pub const MAX_TENANTS: usize = 1024;
+
 /// Everything `host serve` runs: its tenants and the host-wide settings.
 #[derive(Clone, Debug)]
 pub struct HostConfig {

@@ -70,15 +70,7 @@ impl Listener {
     pub fn bind(addr: &ListenAddr) -> Result<Listener> {
         let (socket, unix_file) = match addr {
             ListenAddr::Tcp(inet) => {
-                let attempt = || -> io::Result<Socket> {
-                    let socket = Socket::new(Domain::for_address(*inet), Type::STREAM, None)?;
-                    socket.set_reuse_address(true)?;
-                    socket.set_cloexec(true)?;
-                    socket.bind(&(*inet).into())?;
-                    socket.listen(LISTEN_BACKLOG)?;
-                    Ok(socket)
-                };
-                let socket = attempt().with_context(|| format!("cannot listen on {addr}"))?;
+                let socket = bind_tcp(*inet).with_context(|| format!("cannot listen on {addr}"))?;
                 (socket, None)
             }
             ListenAddr::Unix(path) => {
@@ -154,6 +146,24 @@ impl Drop for Listener {
             }
         }
     }
+}
+
+/// A listening TCP socket on `addr`. On `[::]` it is IPv6 only
+/// (`IPV6_V6ONLY`), whatever the system's default: `0.0.0.0:P` and
+/// `[::]:P` are then two listeners that coexist, as the config check
+/// assumes, instead of the second failing to bind.
+pub(crate) fn bind_tcp(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_cloexec(true)?;
+    if let IpAddr::V6(ip) = addr.ip() {
+        if ip.is_unspecified() {
+            socket.set_only_v6(true)?;
+        }
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket)
 }
 
 /// The printable form of an accepted peer's address.

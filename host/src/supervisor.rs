@@ -32,7 +32,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use wasmtime::Engine;
 
 use crate::compile_cache::CompileCache;
-use crate::config::{HostConfig, ListenAddr, ServeConfig, StrategyKind};
+use crate::config::{HostConfig, ListenAddr, ServeConfig, StrategyKind, MAX_TENANTS};
 use crate::connection::{Service, LINGER};
 use crate::engine::{self, EpochClock};
 use crate::handler::{Handler, HandlerSource, LoadOptions};
@@ -50,8 +50,6 @@ const RESPAWN_DELAY: Duration = Duration::from_secs(1);
 const ORPHAN_WAIT: Duration = Duration::from_secs(5);
 /// How often `--watch` looks at the config and handler files.
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
-/// Distinct tenant names one run of the host can have counters for.
-const MAX_TENANTS: usize = 1024;
 
 /// How the host process runs, beyond its config.
 #[derive(Clone, Debug, Default)]
@@ -172,9 +170,9 @@ fn start(config: HostConfig, shutdown: &Shutdown, options: &Options) -> Result<(
     }
     raise_descriptor_limit();
     if let Some(addr) = config.metrics_addr {
-        let listener =
-            TcpListener::bind(addr).with_context(|| format!("cannot serve metrics on {addr}"))?;
-        host.metrics_listener = Some(listener);
+        let listener = crate::listener::bind_tcp(addr)
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        host.metrics_listener = Some(listener.into());
     }
     for tenant in &config.tenants {
         for addr in &tenant.listen {

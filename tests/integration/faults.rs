@@ -464,3 +464,87 @@ fn scrapes_succeed_while_32_idle_clients_hold_the_metrics_port() {
     }
     drop(idle);
 }
+
+// ---------------------------------------------------------------------------
+// `config check` finds what `serve` would refuse (#6); the bad Unix paths
+// are in `tenants::BAD_CONFIGS`.
+
+/// A TCP port free on 0.0.0.0 and on [::] at the time of asking.
+fn free_port() -> u16 {
+    loop {
+        let v4 = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = v4.local_addr().unwrap().port();
+        let v6 = Socket::new(Domain::IPV6, Type::STREAM, None).unwrap();
+        v6.set_only_v6(true).unwrap();
+        let any6: std::net::SocketAddr = format!("[::]:{port}").parse().unwrap();
+        if v6.bind(&any6.into()).is_ok() {
+            return port;
+        }
+    }
+}
+
+#[test]
+fn ipv4_and_ipv6_wildcards_on_one_port_coexist() {
+    let (p, q) = (free_port(), free_port());
+    let toml = format!(
+        "[metrics]\naddr = \"[::]:{q}\"\n\n\
+         [tenants.a]\nlisten = [\"0.0.0.0:{p}\", \"0.0.0.0:{q}\"]\n\n\
+         [tenants.b]\nhandler = {}\nlisten = [\"[::]:{p}\"]\n",
+        crate::support::toml_path(&guest("test-guest"))
+    );
+    let dir = TempDir::new("dual");
+    let file = dir.path().join("host.toml");
+    std::fs::write(&file, &toml).unwrap();
+    let cache = crate::support::test_cache_dir();
+    let out = crate::support::run_host(&[
+        "config",
+        "check",
+        file.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "config check refused:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // And `serve` binds all of it: IPv4 clients reach a, IPv6 clients b.
+    let server = Server::start_config(&toml, &[]);
+    let v4: std::net::SocketAddr = format!("127.0.0.1:{p}").parse().unwrap();
+    let v6: std::net::SocketAddr = format!("[::1]:{p}").parse().unwrap();
+    assert_eq!(crate::support::exchange(v4, b"count\n"), b"count\n");
+    assert_eq!(crate::support::exchange(v6, b"count\n"), b"1");
+    let other: std::net::SocketAddr = format!("127.0.0.1:{q}").parse().unwrap();
+    assert_eq!(crate::support::exchange(other, b"a"), b"a");
+    let metrics: std::net::SocketAddr = format!("[::1]:{q}").parse().unwrap();
+    let (status, _) = crate::support::http_get(metrics, "/metrics");
+    assert!(status.contains(" 200 "), "{status}");
+    drop(server);
+}
+
+#[test]
+fn more_than_1024_tenants_are_refused_at_the_first_one_too_many() {
+    let mut toml = String::new();
+    for n in 1..=1025 {
+        toml.push_str(&format!("[tenants.t{n:04}]\nlisten = [\"127.0.0.1:0\"]\n"));
+    }
+    let dir = TempDir::new("tenants");
+    let file = dir.path().join("host.toml");
+    std::fs::write(&file, &toml).unwrap();
+    let path = file.to_str().unwrap();
+    let cache = crate::support::test_cache_dir();
+    let cache = cache.to_str().unwrap();
+    let check = crate::support::run_host(&["config", "check", path, "--cache-dir", cache]);
+    let serve = crate::support::run_host(&["serve", "--config", path, "--cache-dir", cache]);
+    // Tenant 1025's table starts on line 2 * 1024 + 1.
+    let expected = format!(
+        "error: {path}:2049:1: too many tenants: tenant \"t1025\" is number 1025, and one host serves at most 1024"
+    );
+    for (what, out) in [("config check", check), ("serve", serve)] {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what} accepted it");
+        assert!(!stderr.contains("listening on"), "{what} listened");
+        let error = stderr.lines().find(|l| l.starts_with("error: "));
+        assert_eq!(error, Some(expected.as_str()), "{what}:\n{stderr}");
+    }
+}
