@@ -81,7 +81,8 @@ impl Access {
         let Some(ip) = peer else {
             return true;
         };
-        // An IPv4 client of a dual-stack listener arrives as ::ffff:a.b.c.d.
+        // An IPv4 client of a listener on an IPv4-mapped address (`[::]` is
+        // bound IPv6 only, see `listener::bind_tcp`) arrives as ::ffff:a.b.c.d.
         let ip = ip.to_canonical();
         if self.deny.iter().any(|net| net.contains(&ip)) {
             return false;
