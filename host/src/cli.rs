@@ -498,7 +498,12 @@ impl TenantOptions {
         let mut listen = Vec::with_capacity(self.listen.len());
         for given in &self.listen {
             let addr = match parse_listen(name(Setting::Listen), &given.value) {
-                Ok(ListenAddr::Unix(path)) => ListenAddr::Unix(resolve(&path)),
+                Ok(ListenAddr::Unix(path)) => {
+                    let path = resolve(&path);
+                    check_unix_path(name(Setting::Listen), &given.value, &path)
+                        .map_err(|e| given.locate(e))?;
+                    ListenAddr::Unix(path)
+                }
                 Ok(addr) => addr,
                 Err(e) => return Err(given.locate(e)),
             };
@@ -697,6 +702,40 @@ pub fn parse_listen(flag: &str, text: &str) -> Result<ListenAddr> {
         return Ok(ListenAddr::Unix(PathBuf::from(path)));
     }
     parse_socket_addr(flag, text).map(ListenAddr::Tcp)
+}
+
+/// Room for a Unix socket's path, its terminating NUL included
+/// (`sizeof(sockaddr_un.sun_path)` on Linux).
+const UNIX_PATH_ROOM: usize = 108;
+
+/// What `bind(2)` would refuse of a Unix socket path, found before anything
+/// binds: a path too long for `sockaddr_un`, or a directory that does not
+/// exist. `text` is the address as given.
+fn check_unix_path(flag: &str, text: &str, path: &Path) -> Result<()> {
+    let len = path.as_os_str().len();
+    if len >= UNIX_PATH_ROOM {
+        bail!(
+            "invalid {flag} {text:?}: the socket path {} is {len} bytes long; a Unix socket path has at most {} bytes",
+            path.display(),
+            UNIX_PATH_ROOM - 1
+        );
+    }
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(meta) if !meta.is_dir() => bail!(
+            "invalid {flag} {text:?}: {} is not a directory",
+            dir.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "invalid {flag} {text:?}: the directory {} does not exist",
+            dir.display()
+        ),
+        // Anything else (a permission, say) is for bind(2) to report.
+        _ => Ok(()),
+    }
 }
 
 /// Resolves a relative path against `base` (the config file's directory).

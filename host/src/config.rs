@@ -40,6 +40,10 @@ impl StrategyKind {
     }
 }
 
+/// Tenants one host serves at most: distinct tenant names over one run,
+/// since each keeps its own slot of the shared metrics.
+pub const MAX_TENANTS: usize = 1024;
+
 /// Everything `host serve` runs: its tenants and the host-wide settings.
 #[derive(Clone, Debug)]
 pub struct HostConfig {
@@ -83,7 +87,8 @@ impl Access {
         let Some(ip) = peer else {
             return true;
         };
-        // An IPv4 client of a dual-stack listener arrives as ::ffff:a.b.c.d.
+        // An IPv4 client of a listener on an IPv4-mapped address (`[::]` is
+        // bound IPv6 only, see `listener::bind_tcp`) arrives as ::ffff:a.b.c.d.
         let ip = ip.to_canonical();
         if self.deny.iter().any(|net| net.contains(&ip)) {
             return false;

@@ -8,7 +8,7 @@
 //! share their defaults and their validation.
 
 use std::fmt::{self, Write as _};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -17,7 +17,7 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use crate::cli::{self, DirOption, Given, Naming, Setting, TenantOptions, DEFAULT_STRATEGY};
-use crate::config::{HostConfig, ListenAddr, ServeConfig, StrategyKind};
+use crate::config::{HostConfig, ListenAddr, ServeConfig, StrategyKind, MAX_TENANTS};
 use crate::handler::HandlerSource;
 
 /// The tables allowed at the top level.
@@ -304,6 +304,14 @@ impl Doc<'_> {
                 tenants_span.unwrap_or(0..0),
                 "no tenants: add a [tenants.NAME] table with a listen key",
             ));
+        }
+        if let Some(extra) = tenants.get(MAX_TENANTS) {
+            let message = format!(
+                "too many tenants: tenant {:?} is number {}, and one host serves at most {MAX_TENANTS}",
+                extra.name,
+                MAX_TENANTS + 1
+            );
+            return Err(self.error(extra.span.clone(), message));
         }
         let mut configs = Vec::with_capacity(tenants.len());
         let mut listening = Vec::new();
@@ -747,17 +755,24 @@ impl Doc<'_> {
 }
 
 /// Whether binding both addresses would collide: the same Unix path, or the
-/// same TCP port on the same IP or on the unspecified IP of the same family.
-/// Port 0 (any free port) collides with nothing.
+/// same TCP port on the same IP or on the unspecified IP of the same family
+/// (an IPv4-mapped IPv6 address counts as IPv4). Port 0 (any free port)
+/// collides with nothing. `[::]` and `0.0.0.0` do not collide: the host
+/// binds `[::]` IPv6 only (`listener::bind_tcp`).
 fn overlap(a: &ListenAddr, b: &ListenAddr) -> bool {
+    let ip = |addr: &SocketAddr| match addr.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
     match (a, b) {
         (ListenAddr::Unix(a), ListenAddr::Unix(b)) => a == b,
         (ListenAddr::Tcp(a), ListenAddr::Tcp(b)) => {
+            let (ip_a, ip_b) = (ip(a), ip(b));
             a.port() != 0
                 && a.port() == b.port()
-                && (a.ip() == b.ip()
-                    || (a.is_ipv4() == b.is_ipv4()
-                        && (a.ip().is_unspecified() || b.ip().is_unspecified())))
+                && (ip_a == ip_b
+                    || (ip_a.is_ipv4() == ip_b.is_ipv4()
+                        && (ip_a.is_unspecified() || ip_b.is_unspecified())))
         }
         _ => false,
     }
@@ -1256,6 +1271,29 @@ allow-precompiled = false
             error("metrics-clash", &text),
             "FILE:2:8: [metrics] addr 127.0.0.1:7001 is also where tenant \"echo\" listens \
              (127.0.0.1:7001)"
+        );
+        // An IPv4-mapped IPv6 address is its IPv4 address.
+        let text = format!("{ECHO}[tenants.hello]\nlisten = [\"[::ffff:127.0.0.1]:7001\"]\n");
+        assert_eq!(
+            error("mapped", &text),
+            "FILE:5:11: tenants \"echo\" and \"hello\" both listen on port 7001 \
+             (127.0.0.1:7001 and [::ffff:127.0.0.1]:7001)"
+        );
+    }
+
+    #[test]
+    fn the_ipv4_and_ipv6_wildcards_do_not_collide() {
+        // `[::]` is bound IPv6 only (listener::bind_tcp).
+        let scratch = Scratch::new("dual-stack");
+        let text = "[metrics]\naddr = \"[::]:7003\"\n\
+                    [tenants.a]\nlisten = [\"0.0.0.0:7001\", \"127.0.0.1:7003\"]\n\
+                    [tenants.b]\nlisten = [\"[::]:7001\"]\n";
+        let host = load(&scratch.config(text), None).unwrap();
+        assert_eq!(host.tenants.len(), 2);
+        let text = "[tenants.a]\nlisten = [\"[::1]:7001\", \"[::]:7001\"]\n";
+        assert_eq!(
+            error("v6-wildcard", text),
+            "FILE:2:25: tenant \"a\" listens twice on port 7001 ([::1]:7001 and [::]:7001)"
         );
     }
 

@@ -1,5 +1,5 @@
 //! The guest's stdout and stderr: each line becomes a host log line tagged
-//! with the connection id, up to a per-connection budget so a guest that
+//! with the connection id (control characters escaped), up to a per-connection budget so a guest that
 //! floods its output cannot fill the host's disk.
 
 use std::io;
@@ -67,10 +67,12 @@ impl GuestOutput {
         budget.dropped += (line.len() - take) as u64;
         drop(budget);
         let text = String::from_utf8_lossy(&line[..take]);
+        // The guest's text, with its control characters escaped: a line of
+        // guest output is one line of the log, never a forged second one.
         tracing::info!(
             "connection {} {name}: {}",
             self.connection_id,
-            text.trim_end_matches('\r')
+            crate::logging::escape(text.trim_end_matches('\r'))
         );
     }
 }

@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use std::time::Instant;
 
@@ -162,14 +162,87 @@ fn link_async(
     })
 }
 
+/// The largest handler file the host reads: far beyond any real component
+/// (wasmtime's own are a few MiB), and a bound on what a mistaken path such
+/// as `/dev/zero` or a huge file can cost the host process.
+pub(crate) const MAX_HANDLER_SIZE: u64 = 512 << 20;
+
+/// The handler's bytes.
 pub(crate) fn read(source: &HandlerSource) -> Result<Cow<'static, [u8]>> {
     Ok(match source {
         HandlerSource::BuiltinEcho => Cow::Borrowed(BUILTIN_ECHO),
-        HandlerSource::File(path) => Cow::Owned(
-            std::fs::read(path)
-                .with_context(|| format!("handler {} cannot be read", path.display()))?,
-        ),
+        HandlerSource::File(path) => Cow::Owned(read_file(path)?),
     })
+}
+
+/// Reads a handler file: a regular file of at most [`MAX_HANDLER_SIZE`]
+/// bytes, and nothing else. A FIFO, a device or a socket is refused before
+/// it is opened, and the open does not block (`O_NONBLOCK`) in case the path
+/// was swapped meanwhile: what was opened is checked again (`fstat`), so
+/// neither `config check` nor a reload can hang in an open or a read, or
+/// read without end.
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let cannot_read = || format!("handler {} cannot be read", path.display());
+    let check = |meta: &std::fs::Metadata| -> Result<()> {
+        if !meta.is_file() {
+            bail!(
+                "handler {} is {}, not a regular file",
+                path.display(),
+                file_kind(meta)
+            );
+        }
+        if meta.len() > MAX_HANDLER_SIZE {
+            bail!(
+                "handler {} is {} bytes, more than the {} bytes (512 MiB) a handler may have",
+                path.display(),
+                meta.len(),
+                MAX_HANDLER_SIZE
+            );
+        }
+        Ok(())
+    };
+    check(&std::fs::metadata(path).with_context(cannot_read)?)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .with_context(cannot_read)?;
+    let meta = file.metadata().with_context(cannot_read)?;
+    check(&meta)?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // One byte more than the limit: a file that grew past it is refused too.
+    file.take(MAX_HANDLER_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .with_context(cannot_read)?;
+    if bytes.len() as u64 > MAX_HANDLER_SIZE {
+        bail!(
+            "handler {} grew past the {} bytes (512 MiB) a handler may have while it was read",
+            path.display(),
+            MAX_HANDLER_SIZE
+        );
+    }
+    Ok(bytes)
+}
+
+/// What a file that is not a regular file is, for an error message.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a named pipe (FIFO)"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "a special file"
+    }
 }
 
 /// Compiles a component, and stores the result in `cache` if there is one.

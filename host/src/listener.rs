@@ -3,8 +3,10 @@
 //!
 //! Unix listeners (socketserver's `UnixStreamServer`): the socket file is
 //! created with mode 0660; a file left by a dead host is replaced, one a live
-//! server answers on is an error; the file is removed when the process that
-//! bound it drops the listener (never by a forked worker dropping its copy).
+//! server listens on is an error (found by a connect that never blocks, so a
+//! server with a full backlog cannot hang start-up or a reload); the file is
+//! removed when the process that bound it drops the listener (never by a
+//! forked worker dropping its copy).
 
 use std::fmt;
 use std::io;
@@ -12,6 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use socket2::{Domain, SockAddr, Socket, Type};
@@ -42,7 +45,9 @@ pub struct Listener {
 pub struct Peer {
     /// The peer's IP address and port (TCP); `None` over a Unix socket.
     pub inet: Option<SocketAddr>,
-    /// `IP:PORT`, or `unix:` plus the peer's path (usually `unix:`).
+    /// `IP:PORT`, or `unix:` plus the peer's path (usually `unix:`), as the
+    /// guest sees it. The client picks the path: it may hold any byte but
+    /// NUL, a newline too, so the log prints it through `Display`, escaped.
     pub text: String,
 }
 
@@ -52,9 +57,11 @@ impl Peer {
     }
 }
 
+/// The peer for the log: control characters escaped
+/// ([`crate::logging::escape`]), so a peer path cannot forge a log line.
 impl fmt::Display for Peer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
+        f.write_str(&crate::logging::escape(&self.text))
     }
 }
 
@@ -63,15 +70,7 @@ impl Listener {
     pub fn bind(addr: &ListenAddr) -> Result<Listener> {
         let (socket, unix_file) = match addr {
             ListenAddr::Tcp(inet) => {
-                let attempt = || -> io::Result<Socket> {
-                    let socket = Socket::new(Domain::for_address(*inet), Type::STREAM, None)?;
-                    socket.set_reuse_address(true)?;
-                    socket.set_cloexec(true)?;
-                    socket.bind(&(*inet).into())?;
-                    socket.listen(LISTEN_BACKLOG)?;
-                    Ok(socket)
-                };
-                let socket = attempt().with_context(|| format!("cannot listen on {addr}"))?;
+                let socket = bind_tcp(*inet).with_context(|| format!("cannot listen on {addr}"))?;
                 (socket, None)
             }
             ListenAddr::Unix(path) => {
@@ -149,6 +148,24 @@ impl Drop for Listener {
     }
 }
 
+/// A listening TCP socket on `addr`. On `[::]` it is IPv6 only
+/// (`IPV6_V6ONLY`), whatever the system's default: `0.0.0.0:P` and
+/// `[::]:P` are then two listeners that coexist, as the config check
+/// assumes, instead of the second failing to bind.
+pub(crate) fn bind_tcp(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_cloexec(true)?;
+    if let IpAddr::V6(ip) = addr.ip() {
+        if ip.is_unspecified() {
+            socket.set_only_v6(true)?;
+        }
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket)
+}
+
 /// The printable form of an accepted peer's address.
 pub fn peer_of(addr: &SockAddr) -> Peer {
     if let Some(inet) = addr.as_socket() {
@@ -178,22 +195,86 @@ pub fn local_of(socket: &Socket) -> String {
     }
 }
 
+/// How long the probe of an existing socket file may wait for an answer.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// What connecting to an existing socket file found.
+enum Probe {
+    /// A server accepted the connection.
+    Live,
+    /// A server listens, but its backlog is full.
+    Busy,
+    /// Nothing listens: a dead server's file.
+    Stale,
+    /// The file went away meanwhile.
+    Gone,
+    Unknown(io::Error),
+}
+
+/// Whether a server listens on the socket file at `path`. The connect does
+/// not block: a live server whose backlog is full (anyone who can connect
+/// can fill it) answers `EAGAIN` at once instead of holding start-up or a
+/// reload for as long as that server likes; a connect still in progress is
+/// given [`PROBE_TIMEOUT`].
+fn probe_unix(path: &Path) -> Probe {
+    let attempt = || -> io::Result<Probe> {
+        let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+        socket.set_cloexec(true)?;
+        socket.set_nonblocking(true)?;
+        let error = match socket.connect(&SockAddr::unix(path)?) {
+            Ok(()) => return Ok(Probe::Live),
+            Err(e) => e,
+        };
+        let in_progress = error.raw_os_error() == Some(libc::EINPROGRESS);
+        if in_progress {
+            let mut fd = libc::pollfd {
+                fd: socket.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            let ms = PROBE_TIMEOUT.as_millis() as libc::c_int;
+            // SAFETY: poll on one valid pollfd for a bounded time.
+            let ready = unsafe { libc::poll(&mut fd, 1, ms) };
+            if ready <= 0 {
+                return Ok(Probe::Busy);
+            }
+            return Ok(match socket.take_error()? {
+                None => Probe::Live,
+                Some(e) => classify_connect_error(e),
+            });
+        }
+        Ok(classify_connect_error(error))
+    };
+    attempt().unwrap_or_else(Probe::Unknown)
+}
+
+fn classify_connect_error(error: io::Error) -> Probe {
+    match error.raw_os_error() {
+        Some(libc::EAGAIN) => Probe::Busy,
+        Some(libc::ECONNREFUSED) => Probe::Stale,
+        Some(libc::ENOENT) => Probe::Gone,
+        _ => Probe::Unknown(error),
+    }
+}
+
 /// Binds a Unix listener at `path`, replacing a stale socket file.
 fn bind_unix(path: &Path) -> Result<(Socket, (u32, u64, u64))> {
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            // A live server answers; a dead one's file refuses.
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => bail!("{} is in use by a running server", path.display()),
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    tracing::info!("replacing the stale socket file {}", path.display());
-                    std::fs::remove_file(path).with_context(|| {
-                        format!("cannot remove the stale socket file {}", path.display())
-                    })?;
-                }
-                Err(e) => bail!("cannot tell whether {} is in use: {e}", path.display()),
+        Ok(meta) if meta.file_type().is_socket() => match probe_unix(path) {
+            Probe::Live => bail!("{} is in use by a running server", path.display()),
+            Probe::Busy => bail!(
+                "{} is in use by a running server (its backlog is full)",
+                path.display()
+            ),
+            Probe::Stale => {
+                tracing::info!("replacing the stale socket file {}", path.display());
+                std::fs::remove_file(path).with_context(|| {
+                    format!("cannot remove the stale socket file {}", path.display())
+                })?;
             }
-        }
+            Probe::Gone => {}
+            Probe::Unknown(e) => bail!("cannot tell whether {} is in use: {e}", path.display()),
+        },
         Ok(_) => bail!("{} exists and is not a socket", path.display()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => bail!("{}: {e}", path.display()),

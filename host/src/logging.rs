@@ -1,6 +1,8 @@
 //! The host's log on stderr through `tracing`: human-readable lines, or one
 //! JSON object per line for log shippers (`--log-format json`).
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -11,6 +13,31 @@ static JSON: AtomicBool = AtomicBool::new(false);
 /// Whether the log is JSON (events then carry their values as fields too).
 pub fn json() -> bool {
     JSON.load(Ordering::Relaxed)
+}
+
+/// `text` fit for one line of the log: every control character (C0, DEL,
+/// C1) and the Unicode line and paragraph separators are written as an
+/// escape (`\n`, `\r`, `\t`, `\u{1b}`), so a value a client or a guest
+/// controls (a Unix peer's path, a guest's output) can neither start a line
+/// of its own nor drive the reader's terminal. Everything else is kept.
+pub(crate) fn escape(text: &str) -> Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control() || c == '\u{2028}' || c == '\u{2029}';
+    if !text.contains(unsafe_char) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if unsafe_char(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// One of the stable lines scripts wait for (`listening on ADDR
@@ -65,4 +92,18 @@ pub fn init(format: LogFormat) {
             .try_init(),
         LogFormat::Json => builder.json().with_ansi(false).try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escape("unix:/tmp/plain.sock"), "unix:/tmp/plain.sock");
+        assert_eq!(
+            escape("a\nINFO forged\r\tx\u{0}\u{1b}[2J\u{7f}\u{85}\u{9f}\u{2028}é"),
+            "a\\nINFO forged\\r\\tx\\u{0}\\u{1b}[2J\\u{7f}\\u{85}\\u{9f}\\u{2028}é"
+        );
+    }
 }

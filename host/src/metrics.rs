@@ -510,11 +510,16 @@ impl Collector for Page {
     }
 }
 
-/// Metrics clients served at once; more are closed at once.
-const MAX_CLIENTS: usize = 16;
+/// Metrics clients served at once, each on its own thread: far more than
+/// scrapers need, so idle connections do not starve them. Beyond it, a new
+/// client is answered `503 Service Unavailable` at once.
+const MAX_CLIENTS: usize = 128;
 /// The most a request's line and headers may take.
 const MAX_HEAD: usize = 8 << 10;
-/// How long a client has to send its request, and then to take the response.
+/// How long a client has to send its request line and headers: a scraper
+/// sends them at once, so an idle connection holds its slot only briefly.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a client has to take the response.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// After the response: how long, and how much, unread input is drained so
 /// the close is a FIN and not a reset that could destroy the response.
@@ -525,8 +530,8 @@ type Render = dyn Fn() -> String + Send + Sync;
 
 /// Serves `GET /metrics` (and `GET /metrics?...`) on `listener` forever with
 /// `render()`'s page; any other path 404, other methods 405. Each client gets
-/// a thread (at most 16; beyond that new clients are closed at once), 8 KiB
-/// for its request line and headers, and 5 s to send them and 5 s more to
+/// a thread (at most 128; beyond that a new client is answered 503 at once),
+/// 8 KiB for its request line and headers, 2 s to send them and 5 s to
 /// take the response. HTTP/1.0 and 1.1, one request per connection
 /// (`Connection: close`). Returns only if the listener itself fails.
 pub fn serve_http(
@@ -548,7 +553,7 @@ pub fn serve_http(
         };
         if active.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
             active.fetch_sub(1, Ordering::SeqCst);
-            drop(stream);
+            refuse_busy(stream);
             continue;
         }
         let slot = ClientSlot(Arc::clone(&active));
@@ -566,6 +571,29 @@ pub fn serve_http(
             tracing::warn!("cannot start a thread for a metrics client: {e}");
         }
     }
+}
+
+/// Answers `503 Service Unavailable` to a client there is no slot for,
+/// without waiting for it: a scraper learns to retry instead of seeing a
+/// bare close or a reset. What it sent so far is read first, so the close
+/// does not turn into a reset that destroys the answer.
+fn refuse_busy(mut stream: TcpStream) {
+    if stream.set_nonblocking(true).is_err() {
+        return;
+    }
+    let mut chunk = [0u8; 4096];
+    while matches!(stream.read(&mut chunk), Ok(n) if n > 0) {}
+    let response = Response::new(
+        503,
+        "text/plain; charset=utf-8",
+        "Retry-After: 1\r\n",
+        b"Service Unavailable: too many metrics clients\n".to_vec(),
+    );
+    let mut whole = response.head;
+    whole.extend_from_slice(&response.body);
+    // Small enough for any socket buffer: one write, never a wait.
+    let _ = stream.write(&whole);
+    let _ = stream.shutdown(Shutdown::Write);
 }
 
 /// What to do after `accept` failed: go on (after a pause if the process is
@@ -607,7 +635,7 @@ enum HeadError {
 }
 
 fn serve_client(mut stream: TcpStream, render: &Render) {
-    let response = match read_head(&mut stream, Instant::now() + CLIENT_TIMEOUT) {
+    let response = match read_head(&mut stream, Instant::now() + HEAD_TIMEOUT) {
         Ok(head) => respond(&head, render),
         Err(HeadError::TooLarge) => Response::text(431, "Request Header Fields Too Large"),
         Err(HeadError::Gone) => return,
@@ -675,6 +703,7 @@ impl Response {
             405 => "Method Not Allowed",
             431 => "Request Header Fields Too Large",
             500 => "Internal Server Error",
+            503 => "Service Unavailable",
             505 => "HTTP Version Not Supported",
             _ => "Error",
         };
@@ -1194,7 +1223,7 @@ mod tests {
         let idle: Vec<TcpStream> = (0..MAX_CLIENTS)
             .map(|_| TcpStream::connect(addr).unwrap())
             .collect();
-        // One more is closed at once, long before the idle ones time out.
+        // One more is answered 503 at once, before the idle ones time out.
         let started = Instant::now();
         let mut extra = TcpStream::connect(addr).unwrap();
         extra
@@ -1202,11 +1231,16 @@ mod tests {
             .unwrap();
         let _ = extra.write_all(b"GET /metrics HTTP/1.1\r\n\r\n");
         let mut response = Vec::new();
-        match extra.read_to_end(&mut response) {
-            Ok(_) => assert!(response.is_empty()),
-            Err(e) => assert_ne!(e.kind(), io::ErrorKind::WouldBlock, "not closed"),
-        }
-        assert!(started.elapsed() < Duration::from_secs(3));
+        extra
+            .read_to_end(&mut response)
+            .expect("a 503, not a reset");
+        let response = String::from_utf8(response).unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{response}"
+        );
+        assert!(response.contains("\r\nRetry-After: 1\r\n"), "{response}");
+        assert!(started.elapsed() < HEAD_TIMEOUT);
         drop(idle);
         // Their threads see the close and free their slots.
         let deadline = Instant::now() + Duration::from_secs(3);
@@ -1240,9 +1274,9 @@ mod tests {
             other => panic!("not cut off: {other:?}"),
         }
         let elapsed = started.elapsed();
-        assert!(elapsed >= CLIENT_TIMEOUT - 200 * MS, "{elapsed:?}");
+        assert!(elapsed >= HEAD_TIMEOUT - 200 * MS, "{elapsed:?}");
         assert!(
-            elapsed < CLIENT_TIMEOUT + Duration::from_secs(3),
+            elapsed < HEAD_TIMEOUT + Duration::from_secs(3),
             "{elapsed:?}"
         );
     }

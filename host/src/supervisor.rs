@@ -32,7 +32,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use wasmtime::Engine;
 
 use crate::compile_cache::CompileCache;
-use crate::config::{HostConfig, ListenAddr, ServeConfig, StrategyKind};
+use crate::config::{HostConfig, ListenAddr, ServeConfig, StrategyKind, MAX_TENANTS};
 use crate::connection::{Service, LINGER};
 use crate::engine::{self, EpochClock};
 use crate::handler::{Handler, HandlerSource, LoadOptions};
@@ -45,10 +45,11 @@ use crate::strategy::{self, Async, Forking, Strategy, Threading};
 /// after [`RESPAWN_DELAY`], so a crashing worker cannot become a fork loop.
 const QUICK_DEATH: Duration = Duration::from_secs(1);
 const RESPAWN_DELAY: Duration = Duration::from_secs(1);
+/// How long the host waits at shutdown for orphaned children of dead
+/// workers (already being killed by the kernel) to exit.
+const ORPHAN_WAIT: Duration = Duration::from_secs(5);
 /// How often `--watch` looks at the config and handler files.
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
-/// Distinct tenant names one run of the host can have counters for.
-const MAX_TENANTS: usize = 1024;
 
 /// How the host process runs, beyond its config.
 #[derive(Clone, Debug, Default)]
@@ -125,6 +126,17 @@ pub fn run(config: HostConfig, shutdown: &Shutdown, options: &Options) -> Result
     // for the first turn of the loop.
     let sigchld = shutdown.ring_on_signal(libc::SIGCHLD)?;
     let sighup = shutdown.reload_on_signal(libc::SIGHUP)?;
+    // A worker that dies leaves orphans: its connections' children, which
+    // the kernel kills as it dies (see `strategy::Forking`). They become
+    // the host's to reap, not init's, so the host knows when every process
+    // it started is gone.
+    // SAFETY: prctl on this process.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) } != 0 {
+        tracing::warn!(
+            "cannot become the reaper of orphaned worker children: {}",
+            io::Error::last_os_error()
+        );
+    }
     let result = start(config, shutdown, options);
     signal_hook::low_level::unregister(sighup);
     signal_hook::low_level::unregister(sigchld);
@@ -161,9 +173,9 @@ fn start(config: HostConfig, shutdown: &Shutdown, options: &Options) -> Result<(
     }
     raise_descriptor_limit();
     if let Some(addr) = config.metrics_addr {
-        let listener =
-            TcpListener::bind(addr).with_context(|| format!("cannot serve metrics on {addr}"))?;
-        host.metrics_listener = Some(listener);
+        let listener = crate::listener::bind_tcp(addr)
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        host.metrics_listener = Some(listener.into());
     }
     for tenant in &config.tenants {
         for addr in &tenant.listen {
@@ -295,8 +307,36 @@ impl Host {
             }
             shutdown.wait_until(Some(deadline))?;
         }
-        tracing::info!("stopped; every worker process reaped");
+        if self.reap_orphans(shutdown)? {
+            tracing::info!("stopped; every worker process reaped");
+        } else {
+            tracing::warn!(
+                "stopped; the worker processes are reaped, but a process one of them started still runs after {ORPHAN_WAIT:?}"
+            );
+        }
         Ok(())
+    }
+
+    /// Once every worker is reaped, what may remain are the orphans of a
+    /// worker that died (its connections' children, being killed by the
+    /// kernel): reaps them all. Returns whether none is left, waiting at most
+    /// [`ORPHAN_WAIT`].
+    fn reap_orphans(&mut self, shutdown: &Shutdown) -> Result<bool> {
+        let deadline = Instant::now() + ORPHAN_WAIT;
+        loop {
+            match strategy::reap_one(false) {
+                strategy::Reaped::Child(..) => {}
+                strategy::Reaped::NoChildren => return Ok(true),
+                strategy::Reaped::Nothing => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Ok(false);
+                    }
+                    // SIGCHLD rings the doorbell; the bound is a backstop.
+                    shutdown.wait_until(Some(deadline.min(now + Duration::from_millis(50))))?;
+                }
+            }
+        }
     }
 
     /// Compiles (or loads from the cache) a tenant's handler.
@@ -769,15 +809,10 @@ impl Host {
             let old = self.tenants.get(&tenant.tenant);
             let same_settings = old.is_some_and(|old| old.config == *tenant);
             let digest = match &tenant.handler {
-                HandlerSource::File(path) => {
-                    crate::compile_cache::digest(&std::fs::read(path).with_context(|| {
-                        format!(
-                            "tenant {}: handler {} cannot be read",
-                            tenant.tenant,
-                            path.display()
-                        )
-                    })?)
-                }
+                HandlerSource::File(_) => crate::compile_cache::digest(
+                    &crate::handler::read(&tenant.handler)
+                        .with_context(|| format!("tenant {}", tenant.tenant))?,
+                ),
                 HandlerSource::BuiltinEcho => String::new(),
             };
             let same_handler = old.is_some_and(|old| match &tenant.handler {

@@ -9,6 +9,7 @@ mod cli;
 mod clients;
 mod conformance;
 mod echo;
+mod faults;
 mod guests;
 mod live;
 mod sandbox;

@@ -1198,6 +1198,18 @@ const BAD_CONFIGS: &[BadConfig] = &[
         lines: &[1],
         names: &["listen"],
     },
+    BadConfig {
+        what: "a Unix socket path too long for sockaddr_un",
+        toml: "[tenants.a]\nlisten = [\"127.0.0.1:0\", \"unix:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.sock\"]\n",
+        lines: &[2],
+        names: &["aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.sock", "at most 107 bytes"],
+    },
+    BadConfig {
+        what: "a Unix socket in a directory that does not exist",
+        toml: "[tenants.a]\nlisten = [\"unix:no/such/dir/a.sock\"]\n",
+        lines: &[2],
+        names: &["no/such/dir", "does not exist"],
+    },
 ];
 
 /// Checks `stderr` of a refused run: one `error:` line naming the file, a

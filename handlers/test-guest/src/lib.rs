@@ -25,6 +25,9 @@
 //! - `lines N`: writes N empty lines to stdout, replies `lined N`.
 //! - `exit N`: calls `wasi:cli/exit` with status N (after replying `exiting`);
 //!   WASI 0.2 carries only success (0) or failure (any other N).
+//! - `forge TEXT`: percent-decodes TEXT (`%0A` is a newline), writes it to
+//!   stdout and to stderr, then returns it as its error: every string a
+//!   guest puts in the host's log, with any bytes the client picks.
 
 wit_bindgen::generate!({
     path: "../../wit",
@@ -172,6 +175,13 @@ impl Guest for TestGuest {
                 std::thread::sleep(std::time::Duration::from_millis(ms));
                 "slept".to_string()
             }
+            "forge" => {
+                let text = percent_decode(arg);
+                let _ = std::io::stdout().write_all(&text);
+                let _ = std::io::stdout().flush();
+                let _ = std::io::stderr().write_all(&text);
+                return Err(String::from_utf8_lossy(&text).into_owned());
+            }
             other => return Err(format!("unknown command {other:?}")),
         };
         write_all(&output, reply.as_bytes())?;
@@ -185,6 +195,30 @@ impl Guest for TestGuest {
 fn report(text: String) -> String {
     eprintln!("{text}");
     text
+}
+
+/// `%HH` as the byte HH; everything else as it is.
+fn percent_decode(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// Reads up to the first `\n`; returns the line and whatever followed it.

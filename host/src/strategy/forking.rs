@@ -1,7 +1,8 @@
 //! `forking`: a child process per connection, as Python's `ForkingMixIn`, at
 //! most `limit` alive at once. The parent only accepts, forks and reaps; a
 //! child serves one connection and exits, so a crash or kill of a child costs
-//! that connection only.
+//! that connection only. A child never outlives its parent: the kernel
+//! kills it when the parent dies (`PR_SET_PDEATHSIG`).
 //!
 //! Invariant: the parent starts no thread before it forks (the engine is
 //! built without parallel compilation for this strategy, no epoch ticker runs
@@ -89,8 +90,20 @@ impl Forking {
 
     /// The child's side of `fork()`: serve, then exit without running the
     /// parent's destructors or exit handlers.
-    fn run_child(&self, conn: Accepted) -> ! {
+    fn run_child(&self, conn: Accepted, parent: libc::pid_t) -> ! {
         super::leave_parent(&self.close_in_child);
+        // A connection must not outlive its worker process (SIGKILLed, say):
+        // outside it, nothing bounds it by `max_children` or reaps it. The
+        // kernel kills it when the worker dies (the worker is single-threaded,
+        // so "the thread that forked it" is the worker); a worker that died
+        // before this line was reached shows as a changed parent.
+        // SAFETY: prctl and getppid on this process.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+        }
         arm_alarm(self.service.engine(), self.service.limits().timeout);
         let worker = format!("pid-{}", std::process::id());
         let id = conn.id;
@@ -224,6 +237,8 @@ impl Strategy for Forking {
     }
 
     fn dispatch(&mut self, conn: Accepted) {
+        // SAFETY: getpid has no preconditions.
+        let parent = unsafe { libc::getpid() };
         // SAFETY: the parent is single-threaded (see the module invariant),
         // so the child starts with consistent memory.
         match unsafe { libc::fork() } {
@@ -243,7 +258,7 @@ impl Strategy for Forking {
                 }
                 self.paused_until = Some(Instant::now() + FORK_RETRY);
             }
-            0 => self.run_child(conn),
+            0 => self.run_child(conn, parent),
             pid => {
                 if let Some(metrics) = self.service.metrics() {
                     metrics.connection_started();
