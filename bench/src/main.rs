@@ -143,7 +143,8 @@ struct Cli {
     #[arg(long, allow_hyphen_values = true)]
     host_arg: Vec<String>,
 
-    /// The host binary [default: target/release/host in this workspace].
+    /// The host binary [default: release/host in cargo's target directory:
+    /// $CARGO_TARGET_DIR if set, else target/ in this workspace].
     #[arg(long)]
     host_bin: Option<PathBuf>,
 
@@ -218,6 +219,16 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
+/// Cargo's target directory, where `cargo build --release -p host` puts the
+/// host: `$CARGO_TARGET_DIR` (relative to the workspace) if set, else
+/// `target/` in the workspace.
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => root.join(dir),
+        _ => root.join("target"),
+    }
+}
+
 fn plan(cli: &Cli) -> Plan {
     let pick = |value: Option<f64>, normal: f64, quick: f64| {
         Duration::from_secs_f64(value.unwrap_or(if cli.quick { quick } else { normal }))
@@ -276,7 +287,7 @@ fn specs(cli: &Cli, root: &Path) -> Result<Vec<ServerSpec>, String> {
     let host = cli
         .host_bin
         .clone()
-        .unwrap_or_else(|| root.join("target/release/host"));
+        .unwrap_or_else(|| target_dir(root).join("release/host"));
     let script = root.join("bench/py/echo_server.py");
     let host_args = |strategy: &str| {
         let mut args: Vec<String> = ["serve", "--addr", "127.0.0.1:0", "--strategy", strategy]
