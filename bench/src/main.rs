@@ -7,6 +7,7 @@
 //! bench/wasi-http-hello (when a `wasmtime` binary is found), one HTTP/1.1
 //! `GET` per connection, and reports ratios to `wasmtime serve`.
 
+mod epoll;
 mod held;
 mod load;
 mod native;
