@@ -177,6 +177,7 @@ enum Cmd {
     NativeServer {
         #[arg(long, default_value = "127.0.0.1:0")]
         addr: SocketAddr,
+        /// Worker threads of the pool; 0: a thread per connection.
         #[arg(long, default_value_t = WORKERS)]
         workers: usize,
     },
