@@ -194,3 +194,38 @@ impl AcceptQueue {
         Ok((found, false))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn counts_connections_not_yet_accepted() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut queue = AcceptQueue::new(addr).unwrap();
+        let before = queue.depth().unwrap().expect("the listener is found");
+        assert_eq!(before.queued, 0);
+        assert!(before.backlog > 0);
+        let clients: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        assert_eq!(queue.depth().unwrap().unwrap().queued, 3);
+        let (_accepted, _) = listener.accept().unwrap();
+        assert_eq!(queue.depth().unwrap().unwrap().queued, 2);
+        drop(clients);
+    }
+
+    #[test]
+    fn no_such_listener() {
+        // A TCP socket bound but not listening holds its port: no listener
+        // can have it, so the dump has none.
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        let addr = socket.local_addr().unwrap().as_socket().unwrap();
+        let mut queue = AcceptQueue::new(addr).unwrap();
+        assert!(queue.depth().unwrap().is_none());
+    }
+}
