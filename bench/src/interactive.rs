@@ -136,21 +136,24 @@ pub fn interactive(
     let idle = usage();
     let stop = AtomicBool::new(false);
     let start = Instant::now();
+    // The longest the run can take (its phases' bounds), and some slack.
+    let longest = cfg.connect_timeout + cfg.echo_timeout * 2 + cfg.hold + Duration::from_secs(5);
     let (connected, connect_secs, peak) = thread::scope(|scope| {
         let sampler = scope.spawn(|| {
             let mut peak = idle;
-            // Bounded: the loop below always sets `stop`.
-            while !stop.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) && start.elapsed() < longest {
                 peak = peak.max(usage());
                 thread::sleep(SAMPLE_EVERY);
             }
             peak.max(usage())
         });
+        // Stops the sampler however this closure ends, a panic included.
+        let stop_sampler = StopOnDrop(&stop);
         run.connect_all(addr, cfg);
         let connected = run.connected();
         let connect_secs = start.elapsed().as_secs_f64();
         run.exchange(cfg);
-        stop.store(true, Ordering::Relaxed);
+        drop(stop_sampler);
         let peak = sampler.join().unwrap_or(idle);
         (connected, connect_secs, peak)
     });
@@ -188,6 +191,15 @@ pub fn interactive(
         m.extra.push(("accept_queue_peak", f64::from(peak)));
     }
     m
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 struct Run {
