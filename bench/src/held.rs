@@ -5,12 +5,13 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
+use crate::epoll::Epoll;
 use crate::load::{kind, Measure};
 use crate::net;
 
@@ -27,55 +28,6 @@ struct Conn {
     socket: Socket,
     got: usize,
     data: [u8; 32],
-}
-
-/// A minimal epoll wrapper (level-triggered).
-struct Epoll(OwnedFd);
-
-impl Epoll {
-    fn new() -> io::Result<Epoll> {
-        // SAFETY: epoll_create1 returns a new fd or -1.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a freshly created descriptor we own.
-        Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, token: usize) -> io::Result<()> {
-        let mut event = libc::epoll_event {
-            events,
-            u64: token as u64,
-        };
-        // SAFETY: valid epoll fd, socket fd and event pointer.
-        if unsafe { libc::epoll_ctl(self.0.as_raw_fd(), op, fd, &mut event) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Ready tokens, waiting at most until `deadline`.
-    fn wait(&self, events: &mut [libc::epoll_event], deadline: Instant) -> Vec<usize> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ms = left.as_millis().min(1000) as libc::c_int;
-        // SAFETY: valid epoll fd and a buffer of events.len() entries.
-        let n = unsafe {
-            libc::epoll_wait(
-                self.0.as_raw_fd(),
-                events.as_mut_ptr(),
-                events.len() as libc::c_int,
-                ms,
-            )
-        };
-        if n <= 0 {
-            return Vec::new();
-        }
-        events[..n as usize]
-            .iter()
-            .map(|e| e.u64 as usize)
-            .collect()
-    }
 }
 
 pub fn held(addr: SocketAddr, cfg: &HeldConfig) -> Measure {

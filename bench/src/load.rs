@@ -38,6 +38,15 @@ impl Measure {
         self.errors.values().sum()
     }
 
+    /// A scenario-specific figure by name (the last one, if several rounds).
+    pub fn extra(&self, name: &str) -> Option<f64> {
+        self.extra
+            .iter()
+            .rev()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
+    }
+
     pub fn add_error(&mut self, kind: String) {
         *self.errors.entry(kind).or_default() += 1;
     }

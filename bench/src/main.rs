@@ -5,9 +5,15 @@
 //! ratio to the native baseline, as a table and as JSON. The `http` scenario
 //! runs `host serve` with handlers/http-hello against `wasmtime serve` with
 //! bench/wasi-http-hello (when a `wasmtime` binary is found), one HTTP/1.1
-//! `GET` per connection, and reports ratios to `wasmtime serve`.
+//! `GET` per connection, and reports ratios to `wasmtime serve`. The
+//! `interactive` scenario (issue 19) holds N line-echo conversations open at
+//! once against the servers with their default flags, and an async-only one
+//! at 10,000.
 
+mod backlog;
+mod epoll;
 mod held;
+mod interactive;
 mod load;
 mod native;
 mod net;
@@ -23,19 +29,23 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 
 use crate::held::HeldConfig;
+use crate::interactive::InteractiveConfig;
 use crate::load::{Exchange, Measure, ShortConfig, StreamConfig};
 use crate::report::{Row, WASMTIME};
 use crate::server::{Server, ServerSpec};
 
-const SERVERS: [&str; 6] = [
+const SERVERS: [&str; 7] = [
     "native",
     "host-threading",
     "host-forking",
     "host-prefork",
+    "host-async",
     "py-threading",
     "py-forking",
 ];
-const SCENARIOS: [&str; 4] = ["short", "stream", "held", "http"];
+const SCENARIOS: [&str; 5] = ["short", "stream", "held", "http", "interactive"];
+/// The interactive scenario's extra row: `host-async` at scale.
+const INTERACTIVE_ASYNC: &str = "interactive-async";
 /// Worker threads of the native pool and of `host serve --strategy threading`.
 const WORKERS: usize = 8;
 /// handlers/http-hello as the handlers' workspace builds it (from the workspace).
@@ -82,14 +92,16 @@ struct Cli {
     quick: bool,
 
     /// Servers to run, comma-separated [default: all]: native,
-    /// host-threading, host-forking, host-prefork, py-threading, py-forking.
-    /// The http scenario runs the host-* ones among them, and `wasmtime
-    /// serve` whenever a `wasmtime` binary is found.
+    /// host-threading, host-forking, host-prefork, host-async, py-threading,
+    /// py-forking. The http scenario runs the host-* ones among them, and
+    /// `wasmtime serve` whenever a `wasmtime` binary is found; the
+    /// interactive scenario all but py-forking. A server that does not start
+    /// (e.g. a host without `--strategy async`) is skipped with its reason.
     #[arg(long, value_delimiter = ',')]
     servers: Vec<String>,
 
     /// Scenarios to run, comma-separated [default: all]: short, stream, held,
-    /// http.
+    /// http, interactive.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
 
@@ -134,6 +146,37 @@ struct Cli {
     #[arg(long)]
     hold_secs: Option<f64>,
 
+    /// Interactive: clients connected at once, each holding a line-echo
+    /// conversation open [default: 1000; quick 200].
+    #[arg(long)]
+    interactive_clients: Option<usize>,
+
+    /// Interactive: seconds each client holds its connection idle between
+    /// its two lines [default: 3; quick 1].
+    #[arg(long)]
+    interactive_hold_secs: Option<f64>,
+
+    /// Interactive: clients of the extra host-async row, run with
+    /// `--max-connections` of the same number; 0 skips the row
+    /// [default: 10000; quick 1000].
+    #[arg(long)]
+    interactive_async_clients: Option<usize>,
+
+    /// Interactive: hold seconds of the extra host-async row
+    /// [default: 5; quick 1].
+    #[arg(long)]
+    interactive_async_hold_secs: Option<f64>,
+
+    /// Interactive: how long each echo may take before the client counts it
+    /// as timed out [default: 10; quick 5].
+    #[arg(long)]
+    interactive_timeout_secs: Option<f64>,
+
+    /// Interactive: seconds after the last client ends before the server's
+    /// memory is read again ("RSS after") [default: 3; quick 1].
+    #[arg(long)]
+    settle_secs: Option<f64>,
+
     /// Where to write the JSON results (relative paths: from the workspace).
     #[arg(long, default_value = "target/bench/results.json")]
     out: PathBuf,
@@ -143,7 +186,8 @@ struct Cli {
     #[arg(long, allow_hyphen_values = true)]
     host_arg: Vec<String>,
 
-    /// The host binary [default: target/release/host in this workspace].
+    /// The host binary [default: release/host in cargo's target directory:
+    /// $CARGO_TARGET_DIR if set, else target/ in this workspace].
     #[arg(long)]
     host_bin: Option<PathBuf>,
 
@@ -175,6 +219,7 @@ enum Cmd {
     NativeServer {
         #[arg(long, default_value = "127.0.0.1:0")]
         addr: SocketAddr,
+        /// Worker threads of the pool; 0: a thread per connection.
         #[arg(long, default_value_t = WORKERS)]
         workers: usize,
     },
@@ -189,6 +234,9 @@ struct Plan {
     http: ShortConfig,
     stream: StreamConfig,
     held: HeldConfig,
+    interactive: InteractiveConfig,
+    /// The host-async row of the interactive scenario (0 clients: skipped).
+    interactive_async: InteractiveConfig,
 }
 
 fn main() -> ExitCode {
@@ -218,6 +266,16 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
+/// Cargo's target directory, where `cargo build --release -p host` puts the
+/// host: `$CARGO_TARGET_DIR` (relative to the workspace) if set, else
+/// `target/` in the workspace.
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => root.join(dir),
+        _ => root.join("target"),
+    }
+}
+
 fn plan(cli: &Cli) -> Plan {
     let pick = |value: Option<f64>, normal: f64, quick: f64| {
         Duration::from_secs_f64(value.unwrap_or(if cli.quick { quick } else { normal }))
@@ -230,6 +288,14 @@ fn plan(cli: &Cli) -> Plan {
         count: cli.short_count,
         payload: 64,
         timeout: Duration::from_secs(10),
+    };
+    let interactive = |clients, hold| InteractiveConfig {
+        clients,
+        hold,
+        connects_in_flight: 256,
+        connect_timeout: Duration::from_secs(10),
+        echo_timeout: pick(cli.interactive_timeout_secs, 10.0, 5.0).max(Duration::from_millis(100)),
+        settle: pick(cli.settle_secs, 3.0, 1.0),
     };
     Plan {
         rounds: cli
@@ -249,6 +315,16 @@ fn plan(cli: &Cli) -> Plan {
             connect_timeout: Duration::from_secs(10),
             echo_timeout: Duration::from_secs(60),
         },
+        interactive: interactive(
+            cli.interactive_clients
+                .unwrap_or(if cli.quick { 200 } else { 1000 }),
+            pick(cli.interactive_hold_secs, 3.0, 1.0),
+        ),
+        interactive_async: interactive(
+            cli.interactive_async_clients
+                .unwrap_or(if cli.quick { 1000 } else { 10_000 }),
+            pick(cli.interactive_async_hold_secs, 5.0, 1.0),
+        ),
     }
 }
 
@@ -276,7 +352,7 @@ fn specs(cli: &Cli, root: &Path) -> Result<Vec<ServerSpec>, String> {
     let host = cli
         .host_bin
         .clone()
-        .unwrap_or_else(|| root.join("target/release/host"));
+        .unwrap_or_else(|| target_dir(root).join("release/host"));
     let script = root.join("bench/py/echo_server.py");
     let host_args = |strategy: &str| {
         let mut args: Vec<String> = ["serve", "--addr", "127.0.0.1:0", "--strategy", strategy]
@@ -326,8 +402,14 @@ fn specs(cli: &Cli, root: &Path) -> Result<Vec<ServerSpec>, String> {
         },
         ServerSpec {
             name: "host-prefork",
-            program: host,
+            program: host.clone(),
             args: host_args("prefork"),
+            forking: true,
+        },
+        ServerSpec {
+            name: "host-async",
+            program: host,
+            args: host_args("async"),
             forking: true,
         },
         ServerSpec {
@@ -345,19 +427,73 @@ fn specs(cli: &Cli, root: &Path) -> Result<Vec<ServerSpec>, String> {
     ])
 }
 
+/// `host serve` with its default flags for a strategy (and `--host-arg`s).
+fn default_host_args(strategy: &str, cli: &Cli) -> Vec<String> {
+    let mut args: Vec<String> = ["serve", "--addr", "127.0.0.1:0", "--strategy", strategy]
+        .map(String::from)
+        .to_vec();
+    args.extend(cli.host_arg.iter().cloned());
+    args
+}
+
+/// The servers of the interactive scenario: the native server with a thread
+/// per connection, `host serve` with its default flags, Python's
+/// `ThreadingTCPServer` as it is; `py-forking` sits it out (the issue compares
+/// with ThreadingMixIn). The `interactive-async` row: `host-async` alone,
+/// with `--max-connections` as large as its client count.
+fn interactive_specs(
+    scenario: &str,
+    specs: &[ServerSpec],
+    servers: &[&str],
+    cli: &Cli,
+    plan: &Plan,
+) -> Vec<ServerSpec> {
+    let selected = specs.iter().filter(|s| servers.contains(&s.name));
+    if scenario == INTERACTIVE_ASYNC {
+        let clients = plan.interactive_async.clients;
+        return selected
+            .filter(|s| s.name == "host-async" && clients > 0)
+            .map(|s| {
+                let mut spec = s.clone();
+                spec.args = default_host_args("async", cli);
+                spec.args
+                    .extend(["--max-connections".into(), clients.to_string()]);
+                spec
+            })
+            .collect();
+    }
+    selected
+        .filter(|s| s.name != "py-forking")
+        .map(|s| {
+            let mut spec = s.clone();
+            if s.name == "native" {
+                spec.args = vec!["native-server".into(), "--workers".into(), "0".into()];
+            } else if let Some(strategy) = s.name.strip_prefix("host-") {
+                spec.args = default_host_args(strategy, cli);
+            }
+            spec
+        })
+        .collect()
+}
+
 /// The servers of one scenario, in table order. The echo scenarios run the
 /// selected servers as they are. The http scenario runs `wasmtime serve` with
 /// bench/wasi-http-hello (its baseline, if `wasmtime` was found) and the
 /// selected `host serve` servers with `--handler` handlers/http-hello; the
-/// native and Python servers are echo servers and sit it out.
+/// native and Python servers are echo servers and sit it out. The
+/// interactive scenarios: see [`interactive_specs`].
 fn scenario_specs(
     scenario: &str,
     specs: &[ServerSpec],
     servers: &[&str],
     root: &Path,
     cli: &Cli,
+    plan: &Plan,
     wasmtime: Option<&Path>,
 ) -> Vec<ServerSpec> {
+    if scenario == "interactive" || scenario == INTERACTIVE_ASYNC {
+        return interactive_specs(scenario, specs, servers, cli, plan);
+    }
     let selected = specs.iter().filter(|s| servers.contains(&s.name));
     if scenario != "http" {
         return selected.cloned().collect();
@@ -507,6 +643,19 @@ fn run(cli: &Cli) -> Result<(), String> {
             plan.held.connections
         ));
     }
+    if scenarios.contains(&"interactive") {
+        let at_scale = if servers.contains(&"host-async") {
+            plan.interactive_async.clients
+        } else {
+            0
+        };
+        let most = plan.interactive.clients.max(at_scale);
+        if most as u64 + 256 > nofile {
+            return Err(format!(
+                "{most} interactive clients need more file descriptors than the limit {nofile} allows"
+            ));
+        }
+    }
     let specs = specs(cli, &root)?;
     let http = scenarios.contains(&"http");
     let wasmtime = if http { find_wasmtime(cli)? } else { None };
@@ -548,10 +697,23 @@ fn run(cli: &Cli) -> Result<(), String> {
 
     let runs: Vec<(&'static str, Vec<ServerSpec>)> = scenarios
         .iter()
-        .map(|&scenario| {
-            let specs = scenario_specs(scenario, &specs, &servers, &root, cli, wasmtime.as_deref());
+        .flat_map(|&scenario| match scenario {
+            "interactive" => vec![scenario, INTERACTIVE_ASYNC],
+            _ => vec![scenario],
+        })
+        .map(|scenario| {
+            let specs = scenario_specs(
+                scenario,
+                &specs,
+                &servers,
+                &root,
+                cli,
+                &plan,
+                wasmtime.as_deref(),
+            );
             (scenario, specs)
         })
+        .filter(|(_, specs)| !specs.is_empty())
         .collect();
     let mut rows = Vec::new();
     for (scenario, specs) in &runs {
@@ -607,6 +769,25 @@ fn run(cli: &Cli) -> Result<(), String> {
                 }
             ),
         ),
+        (
+            "interactive",
+            interactive_title(
+                "interactive",
+                &plan.interactive,
+                "default flags; native: a thread per connection",
+            ),
+        ),
+        (
+            INTERACTIVE_ASYNC,
+            interactive_title(
+                INTERACTIVE_ASYNC,
+                &plan.interactive_async,
+                &format!(
+                    "host-async alone, --max-connections {}",
+                    plan.interactive_async.clients
+                ),
+            ),
+        ),
     ];
     println!(
         "ratios are to the native baseline (http: to wasmtime serve); for \
@@ -614,7 +795,12 @@ fn run(cli: &Cli) -> Result<(), String> {
          pages counted per process), PSS splits them"
     );
     for (scenario, title) in &titles {
-        if scenarios.contains(scenario) {
+        if !runs.iter().any(|(s, _)| s == scenario) {
+            continue;
+        }
+        if matches!(*scenario, "interactive" | INTERACTIVE_ASYNC) {
+            println!("\n{}", report::interactive_table(&rows, scenario, title));
+        } else {
             println!("\n{}", report::table(&rows, scenario, title));
         }
     }
@@ -641,6 +827,8 @@ fn run(cli: &Cli) -> Result<(), String> {
             "connections": plan.held.connections,
             "hold_secs": plan.held.hold.as_secs_f64(),
         },
+        "interactive": interactive_json(&plan.interactive),
+        "interactive_async": interactive_json(&plan.interactive_async),
         "http": {
             "request": String::from_utf8_lossy(load::HTTP_REQUEST),
             "body": String::from_utf8_lossy(load::HTTP_BODY),
@@ -666,6 +854,28 @@ fn run(cli: &Cli) -> Result<(), String> {
     Ok(())
 }
 
+fn interactive_title(scenario: &str, cfg: &InteractiveConfig, servers: &str) -> String {
+    format!(
+        "{scenario}: {} clients connected at once, each: a line, its echo, {:.1} s idle, \
+         a line, its echo, close ({servers}; echo timeout {:.0} s; RSS after = {:.0} s after the last client)",
+        cfg.clients,
+        cfg.hold.as_secs_f64(),
+        cfg.echo_timeout.as_secs_f64(),
+        cfg.settle.as_secs_f64()
+    )
+}
+
+fn interactive_json(cfg: &InteractiveConfig) -> serde_json::Value {
+    json!({
+        "clients": cfg.clients,
+        "hold_secs": cfg.hold.as_secs_f64(),
+        "connects_in_flight": cfg.connects_in_flight,
+        "connect_timeout_secs": cfg.connect_timeout.as_secs_f64(),
+        "echo_timeout_secs": cfg.echo_timeout.as_secs_f64(),
+        "settle_secs": cfg.settle.as_secs_f64(),
+    })
+}
+
 /// Starts every server side by side, fresh for this scenario; drives them one
 /// at a time, in rounds whose order rotates (so a burst of outside load is
 /// spread over the servers); then reads their CPU time and memory and stops
@@ -688,6 +898,11 @@ fn run_scenario(scenario: &'static str, specs: &[ServerSpec], plan: &Plan) -> Ve
         match Server::start(spec) {
             Ok(server) => servers.push(Some(server)),
             Err(e) => {
+                eprintln!(
+                    "{scenario}: skipping {} (it did not start): {}",
+                    spec.name,
+                    e.trim_end().replace('\n', "\n    ")
+                );
                 row.failure = Some(e);
                 servers.push(None);
             }
@@ -710,7 +925,13 @@ fn run_scenario(scenario: &'static str, specs: &[ServerSpec], plan: &Plan) -> Ve
                 "short" => load::short(server.addr, &plan.short),
                 "http" => load::short(server.addr, &plan.http),
                 "stream" => load::stream(server.addr, &plan.stream),
-                _ => held::held(server.addr, &plan.held),
+                "held" => held::held(server.addr, &plan.held),
+                "interactive" => {
+                    interactive::interactive(server.addr, &plan.interactive, &|| server.usage())
+                }
+                _ => interactive::interactive(server.addr, &plan.interactive_async, &|| {
+                    server.usage()
+                }),
             };
             rows[i].measure.add_round(measure);
         }
@@ -729,7 +950,11 @@ fn run_scenario(scenario: &'static str, specs: &[ServerSpec], plan: &Plan) -> Ve
 
 fn progress(row: &Row) -> String {
     if let Some(f) = &row.failure {
+        let f = report::failure_summary(f);
         return format!("{:<7} {:<15} FAILED: {f}", row.scenario, row.server);
+    }
+    if row.scenario.starts_with("interactive") {
+        return report::interactive_progress(row);
     }
     let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
     format!(

@@ -1,7 +1,10 @@
-//! The native baseline: a std-only echo server with the shape of the host's
-//! threading strategy (one accept loop feeding a fixed pool of worker threads,
-//! a bounded queue, one connection per worker at a time) and no WebAssembly.
-//! Run as the hidden `bench native-server` subcommand so it is its own process.
+//! The native baseline: a std-only echo server and no WebAssembly, in one of
+//! two shapes. A pool (`workers > 0`): the shape of the host's threading
+//! strategy, one accept loop feeding a fixed pool of worker threads through a
+//! bounded queue, one connection per worker at a time. A thread per
+//! connection (`workers == 0`): Python's `ThreadingMixIn` without Python, the
+//! baseline of the interactive scenario. Run as the hidden `bench
+//! native-server` subcommand so it is its own process.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -17,13 +20,17 @@ const BACKLOG: i32 = 1024;
 /// The host's read chunk (CHUNK in host/src/net_stream.rs).
 const CHUNK: usize = 64 * 1024;
 
-/// Serves echo on `addr` until the process is killed.
+/// Serves echo on `addr` until the process is killed: with a pool of
+/// `workers` threads, or with a thread per connection if `workers` is 0.
 pub fn serve(addr: SocketAddr, workers: usize) -> io::Result<()> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     let listener: TcpListener = socket.into();
+    if workers == 0 {
+        return thread_per_connection(&listener);
+    }
     // One running and one queued per worker, as the host's default bound.
     let (tx, rx) = sync_channel::<TcpStream>(workers);
     let rx = Arc::new(Mutex::new(rx));
@@ -39,6 +46,27 @@ pub fn serve(addr: SocketAddr, workers: usize) -> io::Result<()> {
             Ok((stream, _)) => {
                 if tx.send(stream).is_err() {
                     return Ok(());
+                }
+            }
+            Err(e) if is_transient(&e) => thread::sleep(Duration::from_millis(1)),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Accepts forever; every connection gets a thread of its own at once.
+fn thread_per_connection(listener: &TcpListener) -> io::Result<()> {
+    eprintln!("listening on {}", listener.local_addr()?);
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let spawned = thread::Builder::new()
+                    .name("native-conn".into())
+                    .spawn(move || echo(stream, &mut vec![0u8; CHUNK]));
+                // Out of threads: this connection is dropped (closed), as
+                // ThreadingMixIn's failing start_new_thread would lose it.
+                if let Err(e) = spawned {
+                    eprintln!("cannot start a thread for a connection: {e}");
                 }
             }
             Err(e) if is_transient(&e) => thread::sleep(Duration::from_millis(1)),

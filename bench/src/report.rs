@@ -87,7 +87,7 @@ impl Row {
 }
 
 /// Nearest-rank percentile.
-fn percentile(samples: &[u64], p: f64) -> Option<u64> {
+pub fn percentile(samples: &[u64], p: f64) -> Option<u64> {
     if samples.is_empty() {
         return None;
     }
@@ -110,6 +110,18 @@ fn baseline<'a>(rows: &'a [Row], scenario: &str) -> Option<&'a Row> {
         .find(|r| r.scenario == scenario && r.server == name && r.failure.is_none())
 }
 
+/// A row's failure on one line: its first line and, if the server's log
+/// follows, the log's first line (e.g. `host-async exited before listening:
+/// error: invalid value 'async' for '--strategy <STRATEGY>'`).
+pub fn failure_summary(failure: &str) -> String {
+    let mut lines = failure.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default();
+    match lines.next() {
+        Some(second) => format!("{first} {second}"),
+        None => first.to_string(),
+    }
+}
+
 fn cell(value: Option<f64>, ratio: Option<f64>, digits: usize) -> String {
     match (value, ratio) {
         (Some(v), Some(r)) => format!("{v:.digits$} ({r:.2}x)"),
@@ -130,6 +142,7 @@ pub fn table(rows: &[Row], scenario: &'static str, title: &str) -> String {
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
     for row in rows.iter().filter(|r| r.scenario == scenario) {
         if let Some(failure) = &row.failure {
+            let failure = failure_summary(failure);
             let _ = writeln!(
                 out,
                 "| {} | failed: {failure} | | | | | | | | | |",
@@ -193,6 +206,181 @@ pub fn table(rows: &[Row], scenario: &'static str, title: &str) -> String {
     out
 }
 
+/// RSS per live connection, KiB, of an interactive row.
+fn rss_per_live_kib(row: &Row) -> Option<f64> {
+    row.measure.extra("rss_per_live_kib")
+}
+
+/// Whole-exchange seconds of an interactive row.
+fn whole_secs(row: &Row) -> Option<f64> {
+    (row.measure.attempted > 0).then_some(row.measure.elapsed.as_secs_f64())
+}
+
+/// Failures of a row that were timeouts.
+fn timeouts(row: &Row) -> u64 {
+    row.measure
+        .errors
+        .iter()
+        .filter(|(kind, _)| kind.contains("timed out"))
+        .map(|(_, n)| n)
+        .sum()
+}
+
+fn mib(kib: Option<f64>) -> Option<f64> {
+    kib.map(|k| k / 1024.0)
+}
+
+/// The table of an interactive scenario: first-echo latency, whole exchange
+/// and the server's memory before, at the peak, per live connection, and
+/// after; ratios to native where it ran.
+pub fn interactive_table(rows: &[Row], scenario: &'static str, title: &str) -> String {
+    let base = baseline(rows, scenario);
+    let mut out = String::new();
+    let _ = writeln!(out, "{title}");
+    let _ = writeln!(
+        out,
+        "| server | ok | failed (timed out) | first echo p50 ms | first echo p99 ms | second echo p99 ms | whole s | live at once | idle RSS MiB | peak RSS MiB | RSS/live conn KiB | RSS after MiB | peak PSS MiB | PSS/live conn KiB |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    let with_ratio = |row: &Row, figure: &dyn Fn(&Row) -> Option<f64>, digits: usize| {
+        cell(
+            figure(row),
+            ratio(figure(row), base.and_then(figure)),
+            digits,
+        )
+    };
+    for row in rows.iter().filter(|r| r.scenario == scenario) {
+        if let Some(failure) = &row.failure {
+            let failure = failure_summary(failure);
+            let _ = writeln!(
+                out,
+                "| {} | not run: {failure} | | | | | | | | | | | | |",
+                row.server
+            );
+            continue;
+        }
+        let m = &row.measure;
+        let plain = |name: &str, digits: usize| cell(m.extra(name), None, digits);
+        let _ = writeln!(
+            out,
+            "| {} | {}/{} | {} ({}) | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.server,
+            m.ok,
+            m.attempted,
+            m.error_count(),
+            timeouts(row),
+            with_ratio(row, &|r| r.percentile_ms(50.0), 2),
+            with_ratio(row, &|r| r.percentile_ms(99.0), 2),
+            plain("second_echo_p99_ms", 2),
+            with_ratio(row, &whole_secs, 2),
+            plain("live_peak", 0),
+            cell(mib(m.extra("idle_rss_kib")), None, 1),
+            with_ratio(row, &|r| mib(r.measure.extra("peak_rss_kib")), 1),
+            with_ratio(row, &rss_per_live_kib, 1),
+            cell(mib(m.extra("after_rss_kib")), None, 1),
+            with_ratio(row, &|r| mib(r.measure.extra("peak_pss_kib")), 1),
+            with_ratio(row, &|r| r.measure.extra("pss_per_live_kib"), 1),
+        );
+    }
+    let errors: Vec<String> = rows
+        .iter()
+        .filter(|r| r.scenario == scenario)
+        .flat_map(|r| {
+            r.measure
+                .errors
+                .iter()
+                .map(move |(k, n)| format!("  {}: {n} x {k}", r.server))
+        })
+        .collect();
+    if !errors.is_empty() {
+        let _ = writeln!(out, "errors:");
+        for e in errors {
+            let _ = writeln!(out, "{e}");
+        }
+    }
+    out
+}
+
+/// One progress line for an interactive row.
+pub fn interactive_progress(row: &Row) -> String {
+    let m = &row.measure;
+    let fmt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
+    format!(
+        "{} {:<15} ok {}/{} (timed out {})  first echo p50 {} ms p99 {} ms  whole {} s  live {}  RSS idle {} peak {} after {} MiB  {} KiB/live conn (PSS {})",
+        row.scenario,
+        row.server,
+        m.ok,
+        m.attempted,
+        timeouts(row),
+        fmt(row.percentile_ms(50.0), 2),
+        fmt(row.percentile_ms(99.0), 2),
+        fmt(whole_secs(row), 2),
+        fmt(m.extra("live_peak"), 0),
+        fmt(mib(m.extra("idle_rss_kib")), 1),
+        fmt(mib(m.extra("peak_rss_kib")), 1),
+        fmt(mib(m.extra("after_rss_kib")), 1),
+        fmt(rss_per_live_kib(row), 1),
+        fmt(m.extra("pss_per_live_kib"), 1),
+    )
+}
+
+/// Issue 19's interactive targets, reported (not asserted): (text, met),
+/// `None` when the row did not run.
+pub fn interactive_targets(rows: &[Row]) -> Vec<(String, Option<bool>)> {
+    let find = |scenario: &str, server: &str| {
+        rows.iter()
+            .find(|r| r.scenario == scenario && r.server == server && r.failure.is_none())
+    };
+    let served = |row: &Row| {
+        format!(
+            "{}/{} ok, first-echo p99 {}",
+            row.measure.ok,
+            row.measure.attempted,
+            row.percentile_ms(99.0)
+                .map_or("-".into(), |v| format!("{v:.1} ms"))
+        )
+    };
+    let all_ok = |row: &Row| row.measure.ok == row.measure.attempted;
+    let p99_under = |row: &Row, ms: f64| row.percentile_ms(99.0).is_some_and(|p| p < ms);
+    let mut out = Vec::new();
+    let text = "interactive: host-threading, default flags: every client served, first-echo p99 < 50 ms, whole exchange < hold + 1 s";
+    out.push(match find("interactive", "host-threading") {
+        None => (text.to_string(), None),
+        Some(row) => {
+            let hold = row.measure.extra("hold_secs").unwrap_or(0.0);
+            let whole = whole_secs(row).unwrap_or(f64::INFINITY);
+            (
+                format!(
+                    "{text} ({} clients, hold {hold:.1} s: {}, whole {whole:.2} s)",
+                    row.measure.attempted,
+                    served(row)
+                ),
+                Some(all_ok(row) && p99_under(row, 50.0) && whole < hold + 1.0),
+            )
+        }
+    });
+    let text = "interactive-async: host-async: every client served, first-echo p99 < 100 ms, RSS per live connection <= 64 KiB";
+    out.push(match find("interactive-async", "host-async") {
+        None => (text.to_string(), None),
+        Some(row) => {
+            let per_live = rss_per_live_kib(row);
+            (
+                format!(
+                    "{text} ({} clients: {}, {} KiB per live connection)",
+                    row.measure.attempted,
+                    served(row),
+                    per_live.map_or("-".into(), |k| format!("{k:.1}"))
+                ),
+                Some(all_ok(row) && p99_under(row, 100.0) && per_live.is_some_and(|k| k <= 64.0)),
+            )
+        }
+    });
+    out
+}
+
 /// A figure of one row relative to another row's, if both ran.
 fn relative(
     rows: &[Row],
@@ -251,6 +439,14 @@ pub fn targets_text(rows: &[Row]) -> String {
             Some(v) if v >= goal => format!("{v:.2}x  met (>= {goal}x)"),
             Some(v) => format!("{v:.2}x  MISSED (>= {goal}x)"),
             None => "not measured".into(),
+        };
+        let _ = writeln!(out, "  {text}: {verdict}");
+    }
+    for (text, met) in interactive_targets(rows) {
+        let verdict = match met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "not measured",
         };
         let _ = writeln!(out, "  {text}: {verdict}");
     }
@@ -321,11 +517,16 @@ pub fn write_json(path: &Path, machine: Value, config: Value, rows: &[Row]) -> s
                    "met": value.map(|v| v >= goal)})
         })
         .collect();
+    let interactive_targets: Vec<Value> = interactive_targets(rows)
+        .into_iter()
+        .map(|(text, met)| json!({"target": text, "met": met}))
+        .collect();
     let doc = json!({
         "machine": machine,
         "config": config,
         "results": results,
         "targets": targets,
+        "interactive_targets": interactive_targets,
     });
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;

@@ -133,6 +133,19 @@ impl Server {
         tree(self.pgid).into_iter().filter_map(cpu_secs).sum()
     }
 
+    /// The memory of the server's whole process tree now: VmRSS and Pss
+    /// summed over the server and its descendants.
+    pub fn usage(&self) -> Usage {
+        let pids = tree(self.pgid);
+        Usage {
+            rss_kib: pids.iter().filter_map(|&p| status_kib(p, "VmRSS:")).sum(),
+            pss_kib: pids
+                .iter()
+                .filter_map(|&p| proc_kib(p, "smaps_rollup", "Pss:"))
+                .sum(),
+        }
+    }
+
     /// Stops sampling and returns the memory figures. Peak RSS is the larger
     /// of the server's own VmHWM and the sampled sum of VmRSS over the server
     /// and its children (which counts pages shared after fork() once per
@@ -218,6 +231,23 @@ pub struct Memory {
     pub peak_rss_kib: u64,
     pub peak_pss_kib: u64,
     pub peak_children: u64,
+}
+
+/// The memory of a process tree at one moment, in KiB.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Usage {
+    pub rss_kib: u64,
+    pub pss_kib: u64,
+}
+
+impl Usage {
+    /// The larger of each figure (each peak on its own).
+    pub fn max(self, other: Usage) -> Usage {
+        Usage {
+            rss_kib: self.rss_kib.max(other.rss_kib),
+            pss_kib: self.pss_kib.max(other.pss_kib),
+        }
+    }
 }
 
 /// A field of /proc/PID/status in KiB.
