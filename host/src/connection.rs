@@ -649,6 +649,11 @@ async fn close(socket: &Socket, outcome: &Outcome) {
         // a reset).
         return;
     }
+    if *outcome == Outcome::IdleTimeout {
+        // The client has been silent (or not reading) for the idle
+        // timeout already: close now, not after a linger on top of it.
+        return;
+    }
     if stream.shutdown(Shutdown::Write).is_err() {
         return;
     }

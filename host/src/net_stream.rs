@@ -133,12 +133,14 @@ impl Socket {
 
     /// Sends what the dropped output stream still held, waiting as the
     /// connection's streams wait (bounded by the idle timeout and the
-    /// deadline); what cannot be sent marks the output lost. Call once the
-    /// guest is gone, before closing.
+    /// deadline); what cannot be sent marks the output lost. A connection
+    /// that already timed out (idle or not) or was aborted waits no more:
+    /// the idle timeout bounds the whole stall, not each wait after it.
+    /// Call once the guest is gone, before closing.
     pub async fn finish_output(&self) {
         let mut pending =
             std::mem::take(&mut *self.leftover.lock().unwrap_or_else(|e| e.into_inner()));
-        while !pending.is_empty() && Instant::now() < self.deadline {
+        while !pending.is_empty() && self.expiry().is_none() {
             match self.send_now(&pending) {
                 Ok(0) => {
                     if !self.wait_here(Direction::Write).await {

@@ -512,6 +512,7 @@ impl Host {
                 } else {
                     (config.max_in_flight(), String::new())
                 };
+                let limit = fit_descriptors(&config, limit);
                 Box::new(Threading::new(
                     service,
                     config.workers,
@@ -522,10 +523,12 @@ impl Host {
             }
             StrategyKind::Async => {
                 EpochClock::start_yield_ticker(service.engine())?;
+                let limit = fit_descriptors(&config, config.max_in_flight());
+                let limit = fit_map_count(&config, limit);
                 Box::new(Async::new(
                     service,
                     config.workers,
-                    config.max_in_flight(),
+                    limit,
                     shutdown.waker(),
                 )?)
             }
@@ -1017,10 +1020,10 @@ fn describe_change(old: &ServeConfig, new: &ServeConfig, handler: bool) -> Strin
 
 fn log_serving(config: &ServeConfig, service: &Service) {
     let workers = match config.strategy {
-        StrategyKind::Threading => format!("{} workers", config.workers),
+        StrategyKind::Threading => format!("{} threads kept warm", config.workers),
         StrategyKind::Forking => format!("at most {} children", config.max_children),
         StrategyKind::Prefork => format!(
-            "{} processes of {} workers",
+            "{} processes, {} threads kept warm in each",
             config.processes, config.workers
         ),
         StrategyKind::Async => format!("{} runtime threads", config.workers),
@@ -1047,6 +1050,74 @@ fn log_serving(config: &ServeConfig, service: &Service) {
             )
         }
     );
+}
+
+/// Descriptors a worker keeps for its own work (its runtime, its log, a
+/// guest's files) beyond those its connections hold.
+const RESERVED_DESCRIPTORS: usize = 32;
+
+/// The connections in flight a worker process of `tenant` can hold within
+/// its descriptor limit: each holds its socket and one descriptor per
+/// granted directory, and [`RESERVED_DESCRIPTORS`] stay free for the host's
+/// own work, so a flood of clients meets a full accept loop (and waits in
+/// the backlog) rather than a worker out of descriptors. Logs when this is
+/// fewer than `wanted`.
+fn fit_descriptors(tenant: &ServeConfig, wanted: usize) -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit with a valid struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0
+        || limit.rlim_cur == libc::RLIM_INFINITY
+    {
+        return wanted;
+    }
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    let per_connection = 1 + tenant.grants.dirs.len();
+    let budget =
+        (limit.rlim_cur as usize).saturating_sub(open + RESERVED_DESCRIPTORS) / per_connection;
+    let fits = wanted.min(budget).max(1);
+    if fits < wanted {
+        tracing::warn!(
+            "tenant {}: the descriptor limit ({}) allows {fits} connections in flight per worker process, not {wanted}; raise it (ulimit -n) to serve more at once",
+            tenant.tenant,
+            limit.rlim_cur
+        );
+    }
+    fits
+}
+
+/// Memory mappings one live async connection costs: its instance's linear
+/// memory (a guard, the copy-on-write image and the anonymous pages around
+/// it, the rest of its reservation) and its fiber's stack and guard; 7 for
+/// the Rust echo, with one to spare.
+const MAPPINGS_PER_ASYNC_CONNECTION: usize = 8;
+
+/// The async connections in flight that the kernel's limit on one process's
+/// memory mappings (`vm.max_map_count`, 65,530 by default) leaves room for:
+/// past it an instantiation fails with "Cannot allocate memory", so the
+/// accept loop stops short of it instead, and the log says how to raise it.
+fn fit_map_count(tenant: &ServeConfig, wanted: usize) -> usize {
+    let Some(max) = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|t| t.trim().parse::<usize>().ok())
+    else {
+        return wanted;
+    };
+    let mapped = std::fs::read_to_string("/proc/self/maps").map_or(0, |m| m.lines().count());
+    // Room for the runtime's threads, the log and what grows with use.
+    let spare = 1024;
+    let budget = max.saturating_sub(mapped + spare) / MAPPINGS_PER_ASYNC_CONNECTION;
+    let fits = wanted.min(budget).max(1);
+    if fits < wanted {
+        tracing::warn!(
+            "tenant {}: the kernel's limit of {max} memory mappings per process (vm.max_map_count) allows {fits} live async connections, not {wanted}; raise it (sysctl vm.max_map_count={}) to serve more at once",
+            tenant.tenant,
+            (wanted * MAPPINGS_PER_ASYNC_CONNECTION + mapped + spare).next_power_of_two()
+        );
+    }
+    fits
 }
 
 /// Raises the soft limit on open descriptors to the hard one: every

@@ -544,3 +544,162 @@ fn more_than_1024_tenants_are_refused_at_the_first_one_too_many() {
         assert_eq!(error, Some(expected.as_str()), "{what}:\n{stderr}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// Descriptor exhaustion (#1): a burst bigger than the descriptor limit allows
+// waits in the backlog; the tenant keeps serving afterwards.
+
+/// Starts the built-in echo under `strategy` with the open-file limit (soft
+/// and hard) at `nofile`, waiting for its `listening on` line.
+fn start_with_nofile(strategy: &str, nofile: u64, extra: &[&str]) -> Server {
+    use std::os::unix::process::CommandExt;
+    let mut args: Vec<std::ffi::OsString> = ["serve", "--addr", "127.0.0.1:0", "--strategy"]
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    args.push(strategy.into());
+    let mut server = Server::spawn_with(&args, extra, |command| {
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs here.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: nofile,
+                    rlim_max: nofile,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let line = server.wait_for_log(|l| l.starts_with("listening on "));
+    server.set_addr(
+        line["listening on ".len()..]
+            .split_whitespace()
+            .next()
+            .and_then(|a| a.parse().ok())
+            .expect("listening on IP:PORT"),
+    );
+    server
+}
+
+/// `ulimit -n 64`, `--max-connections 500`, and 600 clients at once reaching
+/// a fresh worker: every one is echoed (those beyond what 64 descriptors
+/// allow wait in the backlog, not in a worker out of descriptors), and the
+/// tenant serves as before afterwards. Before the fix the first connection
+/// built wasmtime-wasi's runtime out of descriptors, poisoning it: every
+/// later connection panicked and hung, and the worker was never replaced.
+fn a_burst_past_the_descriptor_limit_is_served(strategy: &str) {
+    let server = start_with_nofile(strategy, 64, &["--max-connections", "500"]);
+    let addr = server.addr();
+    let clients: Vec<_> = (0..600u64)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let data = format!("client {i}");
+                crate::support::exchange(addr, data.as_bytes()) == data.as_bytes()
+            })
+        })
+        .collect();
+    let served = clients
+        .into_iter()
+        .map(|c| c.join().unwrap_or(false))
+        .filter(|&ok| ok)
+        .count();
+    assert_eq!(served, 600, "{served} of 600 clients were echoed");
+    for i in 0..20u64 {
+        let data = format!("after {i}");
+        assert_eq!(
+            crate::support::exchange(addr, data.as_bytes()),
+            data.as_bytes()
+        );
+    }
+    let log = server.log();
+    assert!(
+        !log.iter()
+            .any(|l| l.contains("panicked") || l.contains("poisoned")),
+        "{log:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("the descriptor limit (64) allows")),
+        "no line says the limit narrows --max-connections"
+    );
+}
+
+#[test]
+fn a_burst_past_the_descriptor_limit_is_served_threading() {
+    a_burst_past_the_descriptor_limit_is_served("threading");
+}
+
+#[test]
+fn a_burst_past_the_descriptor_limit_is_served_async() {
+    a_burst_past_the_descriptor_limit_is_served("async");
+}
+
+// ---------------------------------------------------------------------------
+// The idle timeout's bound (#7): a connection is closed once it has made no
+// progress for --idle-timeout, not twice that or that plus a linger.
+
+/// A client that sends a line and then neither sends nor closes: its echo
+/// comes back and the host closes the connection one idle timeout later
+/// (before: the idle timeout plus a 2 s linger).
+#[test]
+fn a_silent_client_is_closed_after_one_idle_timeout() {
+    let server = Server::start(
+        crate::support::Strategy::Threading,
+        None,
+        &["--idle-timeout", "1s"],
+    );
+    let mut stream = server.connect();
+    stream.write_all(b"hello").unwrap();
+    let mut echo = [0u8; 5];
+    stream.read_exact(&mut echo).unwrap();
+    let silent_from = std::time::Instant::now();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    let held = silent_from.elapsed();
+    assert!(
+        held >= std::time::Duration::from_millis(900)
+            && held < std::time::Duration::from_millis(1800),
+        "a silent client was held {held:?} with --idle-timeout 1s"
+    );
+}
+
+/// A client that keeps sending and never reads: once both directions are
+/// full nothing moves, and the host closes the connection one idle timeout
+/// after that (before: twice the idle timeout).
+#[test]
+fn a_client_that_never_reads_is_closed_after_one_idle_timeout() {
+    let server = Server::start(
+        crate::support::Strategy::Threading,
+        None,
+        &["--idle-timeout", "1s"],
+    );
+    let mut stream = server.connect();
+    stream
+        .set_write_timeout(Some(std::time::Duration::from_millis(50)))
+        .unwrap();
+    let chunk = vec![b'x'; 64 * 1024];
+    let started = std::time::Instant::now();
+    // When the last write made progress, and when the host closed.
+    let mut last_progress = std::time::Instant::now();
+    let closed_at = loop {
+        assert!(started.elapsed() < PATIENCE, "the host never closed");
+        match stream.write(&chunk) {
+            Ok(_) => last_progress = std::time::Instant::now(),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break std::time::Instant::now(),
+        }
+    };
+    let stalled = closed_at - last_progress;
+    assert!(
+        stalled < std::time::Duration::from_millis(1800),
+        "closed {stalled:?} after the last progress with --idle-timeout 1s"
+    );
+    let line = server.wait_for_log(|l| l.contains(" closed "));
+    assert!(line.contains("outcome=idle-timeout"), "{line}");
+}

@@ -232,7 +232,18 @@ impl Server {
     /// names one) in its own process group, collecting its stderr as the
     /// log. Waits for nothing; `addr()` is unset until the caller sets it.
     pub fn spawn(args: &[OsString], extra: &[&str]) -> Server {
+        Server::spawn_with(args, extra, |_| {})
+    }
+
+    /// [`Server::spawn`], with `configure` applied to the command first
+    /// (e.g. a `pre_exec` that lowers a resource limit).
+    pub fn spawn_with(
+        args: &[OsString],
+        extra: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Server {
         let mut command = Command::new(host_binary());
+        configure(&mut command);
         command.args(args);
         if !extra
             .iter()
@@ -274,6 +285,12 @@ impl Server {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Sets the address `connect` and `addr` use (for a server started with
+    /// `spawn`).
+    pub fn set_addr(&mut self, addr: SocketAddr) {
+        self.addr = addr;
     }
 
     pub fn pid(&self) -> u32 {
