@@ -15,6 +15,7 @@ mod epoll;
 mod held;
 mod interactive;
 mod load;
+mod map_count;
 mod native;
 mod net;
 mod report;
@@ -718,6 +719,8 @@ fn run(cli: &Cli) -> Result<(), String> {
     let mut rows = Vec::new();
     for (scenario, specs) in &runs {
         eprintln!("running {scenario} ...");
+        let _map_count = (*scenario == INTERACTIVE_ASYNC)
+            .then(|| map_count::raise_for(plan.interactive_async.clients));
         for row in run_scenario(scenario, specs, &plan) {
             eprintln!("{}", progress(&row));
             rows.push(row);

@@ -1,12 +1,14 @@
-//! An elastic pool of threads: every job starts at once, on an idle thread
-//! if one is waiting and on a new thread otherwise (Python's
-//! `ThreadingMixIn`, with reuse). A thread that has been idle for
-//! [`KEEP_IDLE`] exits unless it is one of the `warm` threads the pool keeps
-//! however quiet it gets, so the threads alive follow the jobs live.
+//! An elastic pool of threads: every job starts at once, on a spare thread
+//! if there is one and on a new thread otherwise (Python's `ThreadingMixIn`,
+//! with reuse). A thread that has waited [`KEEP_IDLE`] for a job exits unless
+//! it is one of the `warm` threads the pool keeps however quiet it gets, so
+//! the threads alive follow the jobs live.
 //!
-//! Idle threads wait on a stack: the thread that finished last is handed the
-//! next job (its stack and caches are hot), and the threads at the bottom
-//! are the ones that time out.
+//! Jobs go through one queue. A thread that finishes a job takes the next
+//! one from the queue before it waits, and `execute` starts a thread only
+//! when the queued jobs outnumber the threads not running one (those waiting
+//! and those just finishing), outside the pool's lock: a thread start is
+//! slow, and threads finishing their jobs must not queue behind it.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -23,7 +25,9 @@ pub struct Pool {
 
 struct Shared {
     state: Mutex<State>,
-    /// Signalled when the last running job ends (for `join`).
+    /// Signalled when a job is queued (and when the pool closes).
+    work: Condvar,
+    /// Signalled when the last job ends (for `join`).
     all_idle: Condvar,
     warm: usize,
     keep_idle: Duration,
@@ -33,24 +37,15 @@ struct Shared {
 }
 
 struct State {
-    /// Idle threads, most recently idle last.
-    idle: Vec<Arc<Idle>>,
-    /// Threads alive.
+    queue: VecDeque<Job>,
+    /// Threads alive (or being started).
     threads: usize,
-    /// Jobs running.
-    running: usize,
-    /// The pool is being dropped: idle threads exit.
+    /// Threads running a job.
+    busy: usize,
+    /// Jobs queued or running.
+    jobs: usize,
+    /// The pool is being dropped: threads exit once the queue is empty.
     closing: bool,
-    /// Jobs that found no thread (only when thread creation fails), taken
-    /// by the next thread that finishes a job.
-    queued: VecDeque<Job>,
-}
-
-/// One idle thread's hand-off: a job is put here (under the pool's lock)
-/// and the thread woken.
-struct Idle {
-    job: Mutex<Option<Job>>,
-    ready: Condvar,
 }
 
 impl Pool {
@@ -70,12 +65,13 @@ impl Pool {
         let pool = Pool {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
-                    idle: Vec::new(),
+                    queue: VecDeque::new(),
                     threads: 0,
-                    running: 0,
+                    busy: 0,
+                    jobs: 0,
                     closing: false,
-                    queued: VecDeque::new(),
                 }),
+                work: Condvar::new(),
                 all_idle: Condvar::new(),
                 warm,
                 keep_idle,
@@ -84,31 +80,30 @@ impl Pool {
             }),
         };
         for _ in 0..warm {
-            let mut state = pool.shared.lock();
-            if start(&pool.shared, &mut state, None).is_err() {
+            pool.shared.lock().threads += 1;
+            if !start(&pool.shared) {
                 break;
             }
         }
         pool
     }
 
-    /// Runs `job` now: on the most recently idle thread, or on a new one.
-    /// If no thread can be started (the system is out of threads), the job
-    /// waits for the next thread that becomes idle.
+    /// Runs `job` now: on a spare thread, or on a new one. If no thread can
+    /// be started (the system is out of threads), the job waits for the
+    /// next thread that finishes one.
     pub fn execute(&self, job: impl FnOnce() + Send + 'static) {
-        let job: Job = Box::new(job);
         let mut state = self.shared.lock();
-        state.running += 1;
-        if let Some(idle) = state.idle.pop() {
-            *idle.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(job);
-            idle.ready.notify_one();
-            return;
+        state.queue.push_back(Box::new(job));
+        state.jobs += 1;
+        let spare = state.threads - state.busy;
+        let grow = state.queue.len() > spare;
+        if grow {
+            state.threads += 1;
         }
-        if let Err(job) = start(&self.shared, &mut state, Some(job)) {
-            // No new thread: queue it behind the running ones. A thread that
-            // finishes takes it before it goes idle.
+        drop(state);
+        self.shared.work.notify_one();
+        if grow && !start(&self.shared) {
             tracing::warn!("cannot start another worker thread; the connection waits for one");
-            state.queued.extend(job);
         }
     }
 
@@ -118,10 +113,10 @@ impl Pool {
         self.shared.lock().threads
     }
 
-    /// Waits until no job is running.
+    /// Waits until no job is queued or running.
     pub fn join(&self) {
         let mut state = self.shared.lock();
-        while state.running > 0 {
+        while state.jobs > 0 {
             state = self
                 .shared
                 .all_idle
@@ -133,11 +128,8 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        let mut state = self.shared.lock();
-        state.closing = true;
-        for idle in state.idle.drain(..) {
-            idle.ready.notify_one();
-        }
+        self.shared.lock().closing = true;
+        self.shared.work.notify_all();
     }
 }
 
@@ -147,13 +139,9 @@ impl Shared {
     }
 }
 
-/// Starts a thread that first runs `job` (if any); gives the job back if
-/// no thread could be started.
-fn start(shared: &Arc<Shared>, state: &mut State, job: Option<Job>) -> Result<(), Option<Job>> {
-    // The job travels in a slot the thread empties, so a failed spawn gives
-    // it back.
-    let slot = Arc::new(Mutex::new(job));
-    let theirs = slot.clone();
+/// Starts a pool thread, already counted in `threads`; uncounts it and
+/// returns false if the system would not start one.
+fn start(shared: &Arc<Shared>) -> bool {
     let pool = shared.clone();
     let spawned = std::thread::Builder::new()
         .name(shared.name.clone())
@@ -161,86 +149,53 @@ fn start(shared: &Arc<Shared>, state: &mut State, job: Option<Job>) -> Result<()
             if let Some(on_start) = &pool.on_start {
                 on_start();
             }
-            let first = theirs.lock().unwrap_or_else(|e| e.into_inner()).take();
-            work(&pool, first);
+            work(&pool);
         });
-    match spawned {
-        Ok(_) => {
-            state.threads += 1;
-            Ok(())
-        }
-        Err(_) => Err(slot.lock().unwrap_or_else(|e| e.into_inner()).take()),
+    if spawned.is_err() {
+        shared.lock().threads -= 1;
+        return false;
     }
+    true
 }
 
-/// A pool thread: runs its job, then waits on the idle stack for the next
-/// one, and exits after [`KEEP_IDLE`] without one (unless warm ones would be
-/// missing) or when the pool closes.
-fn work(shared: &Shared, mut job: Option<Job>) {
+/// A pool thread: takes jobs from the queue, waits for one when it is
+/// empty, and exits after [`KEEP_IDLE`] without one (unless warm threads
+/// would be missing) or when the pool closes.
+fn work(shared: &Shared) {
+    let mut state = shared.lock();
     loop {
-        if let Some(run) = job.take() {
+        if let Some(job) = state.queue.pop_front() {
+            state.busy += 1;
+            drop(state);
             // A panicking job must not take the thread's count with it: the
-            // job itself catches what it must report; this keeps the pool
-            // consistent.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run));
-            let mut state = shared.lock();
-            state.running -= 1;
-            if state.running == 0 {
+            // job itself reports what it must.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+            state = shared.lock();
+            state.busy -= 1;
+            state.jobs -= 1;
+            if state.jobs == 0 {
                 shared.all_idle.notify_all();
             }
-            if let Some(queued) = state.queued.pop_front() {
-                job = Some(queued);
-                continue;
-            }
+            continue;
         }
-        let idle = Arc::new(Idle {
-            job: Mutex::new(None),
-            ready: Condvar::new(),
-        });
-        let mut state = shared.lock();
         if state.closing {
             state.threads -= 1;
             return;
         }
-        state.idle.push(idle.clone());
-        drop(state);
-        let mut slot = idle.job.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if let Some(next) = slot.take() {
-                job = Some(next);
-                break;
-            }
-            let (guard, waited) = idle
-                .ready
-                .wait_timeout(slot, shared.keep_idle)
-                .unwrap_or_else(|e| e.into_inner());
-            slot = guard;
-            if slot.is_some() {
-                continue;
-            }
-            // Retire if still on the stack (not claimed meanwhile) and more
-            // than the warm threads are alive, or the pool is closing. The
-            // pool's lock comes first, as in `execute`.
-            drop(slot);
-            let mut state = shared.lock();
-            let position = state.idle.iter().position(|i| Arc::ptr_eq(i, &idle));
-            let retire = state.closing || (waited.timed_out() && state.threads > shared.warm);
-            match position {
-                Some(at) if retire => {
-                    state.idle.remove(at);
-                    state.threads -= 1;
-                    let last_of_a_burst = state.threads == shared.warm;
-                    drop(state);
-                    if last_of_a_burst {
-                        // What the exited threads' arenas held goes back.
-                        super::trim_allocator();
-                    }
-                    return;
-                }
-                _ => {}
-            }
+        let (guard, waited) = shared
+            .work
+            .wait_timeout(state, shared.keep_idle)
+            .unwrap_or_else(|e| e.into_inner());
+        state = guard;
+        if waited.timed_out() && state.queue.is_empty() && state.threads > shared.warm {
+            state.threads -= 1;
+            let last_of_a_burst = state.threads == shared.warm;
             drop(state);
-            slot = idle.job.lock().unwrap_or_else(|e| e.into_inner());
+            if last_of_a_burst {
+                // What the exited threads' arenas held goes back.
+                super::trim_allocator();
+            }
+            return;
         }
     }
 }
@@ -304,5 +259,41 @@ mod tests {
         pool.execute(move || tx.send(7).unwrap());
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(7));
         pool.join();
+    }
+}
+
+#[cfg(test)]
+mod stress {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// As the accept loop submits: never more than 32 jobs in flight. The
+    /// pool then never needs more than 32 threads, however many jobs pass.
+    #[test]
+    fn threads_stay_within_the_jobs_in_flight() {
+        let pool = Pool::new(8, "stress", None);
+        let in_flight = Arc::new((Mutex::new(0usize), Condvar::new()));
+        let done = Arc::new(AtomicUsize::new(0));
+        for _ in 0..50_000 {
+            {
+                let (count, freed) = &*in_flight;
+                let mut count = count.lock().unwrap();
+                while *count >= 32 {
+                    count = freed.wait(count).unwrap();
+                }
+                *count += 1;
+            }
+            let in_flight = in_flight.clone();
+            let done = done.clone();
+            pool.execute(move || {
+                done.fetch_add(1, Ordering::Relaxed);
+                let (count, freed) = &*in_flight;
+                *count.lock().unwrap() -= 1;
+                freed.notify_one();
+            });
+        }
+        pool.join();
+        assert_eq!(done.load(Ordering::Relaxed), 50_000);
+        assert!(pool.threads() <= 64, "{} threads", pool.threads());
     }
 }
