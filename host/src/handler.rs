@@ -120,22 +120,13 @@ pub(crate) fn link(
     source: &HandlerSource,
     component: &Component,
 ) -> Result<HandlerPre<ConnState>> {
-    let mut linker = Linker::<ConnState>::new(engine);
-    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
-        .map_err(|e| anyhow!("cannot link WASI: {}", one_line(&e)))?;
-    crate::guest_clock::add_to_linker(&mut linker)?;
-    let pre = linker.instantiate_pre(component).map_err(|e| {
-        anyhow!(
-            "handler {source} needs imports the host does not provide: {}",
-            one_line(&e)
-        )
-    })?;
-    HandlerPre::new(pre).map_err(|e| {
-        anyhow!(
-            "handler {source} does not export `handle` of the host:handler/handler@0.1.0 world: {}",
-            one_line(&e)
-        )
-    })
+    let pre = instantiate_pre(
+        engine,
+        source,
+        component,
+        wasmtime_wasi::p2::add_to_linker_sync,
+    )?;
+    HandlerPre::new(pre).map_err(|e| not_a_handler(source, &e))
 }
 
 /// [`link`] with WASI's async host functions, for `call_async` on a fiber.
@@ -144,22 +135,39 @@ fn link_async(
     source: &HandlerSource,
     component: &Component,
 ) -> Result<HandlerPreAsync<ConnState>> {
+    let pre = instantiate_pre(
+        engine,
+        source,
+        component,
+        wasmtime_wasi::p2::add_to_linker_async,
+    )?;
+    HandlerPreAsync::new(pre).map_err(|e| not_a_handler(source, &e))
+}
+
+/// `component` pre-instantiated with WASI as `add_wasi` links it, and the
+/// guest clock's capped sleeps.
+fn instantiate_pre(
+    engine: &Engine,
+    source: &HandlerSource,
+    component: &Component,
+    add_wasi: fn(&mut Linker<ConnState>) -> wasmtime::Result<()>,
+) -> Result<wasmtime::component::InstancePre<ConnState>> {
     let mut linker = Linker::<ConnState>::new(engine);
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-        .map_err(|e| anyhow!("cannot link WASI: {}", one_line(&e)))?;
+    add_wasi(&mut linker).map_err(|e| anyhow!("cannot link WASI: {}", one_line(&e)))?;
     crate::guest_clock::add_to_linker(&mut linker)?;
-    let pre = linker.instantiate_pre(component).map_err(|e| {
+    linker.instantiate_pre(component).map_err(|e| {
         anyhow!(
             "handler {source} needs imports the host does not provide: {}",
             one_line(&e)
         )
-    })?;
-    HandlerPreAsync::new(pre).map_err(|e| {
-        anyhow!(
-            "handler {source} does not export `handle` of the host:handler/handler@0.1.0 world: {}",
-            one_line(&e)
-        )
     })
+}
+
+fn not_a_handler(source: &HandlerSource, e: &wasmtime::Error) -> anyhow::Error {
+    anyhow!(
+        "handler {source} does not export `handle` of the host:handler/handler@0.1.0 world: {}",
+        one_line(e)
+    )
 }
 
 /// The largest handler file the host reads: far beyond any real component
