@@ -245,9 +245,10 @@ pub const DEFAULT_IDLE_TIMEOUT: &str = "10s";
 pub const DEFAULT_DRAIN_TIMEOUT: &str = "10s";
 /// Child processes alive at once under forking. socketserver's
 /// `ForkingMixIn` stops at 40, which turns the 41st live client away until
-/// one leaves; a live child costs about 1-2 MiB (its dirtied pages, its
-/// instance and its kernel structures), so 256 bound the worst case near
-/// half a GiB while long-lived clients are served at once.
+/// one leaves; a live child costs about 300 KiB of its own (its dirtied pages, its
+/// instance and its kernel structures; the rest it shares with its
+/// parent), so 256 bound the worst case under 100 MiB while long-lived
+/// clients are served at once.
 pub const DEFAULT_MAX_CHILDREN: usize = 256;
 /// The largest `--workers`.
 pub const MAX_WORKERS: u32 = 4096;

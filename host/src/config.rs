@@ -187,7 +187,7 @@ impl Grants {
 /// unless `--max-connections` says otherwise: every one of them runs at once
 /// on a thread of its own, so this is a bound that protects the machine,
 /// not a pool size. A live connection costs its thread's stack and its
-/// instance's dirtied memory (about 70 KiB for the Rust echo), so 1,024
+/// instance's dirtied memory (about 80 KiB for the Rust echo), so 1,024
 /// cost tens of MiB, not the host's whole memory.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
