@@ -13,8 +13,8 @@ use crate::handler::one_line;
 const TICK: Duration = Duration::from_millis(10);
 /// The async strategy's tick: how long a guest runs before it gives the
 /// runtime thread to the other connections (so 20 spinning guests delay an
-/// echo by about 20 ms).
-const ASYNC_TICK: Duration = Duration::from_millis(1);
+/// echo by about 10 ms per turn it needs).
+const ASYNC_TICK: Duration = Duration::from_micros(500);
 
 /// Builds the engine for `strategy`, with room for `instances` instances of
 /// at most `max_memory` bytes at once.

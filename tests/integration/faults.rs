@@ -646,6 +646,7 @@ fn a_burst_past_the_descriptor_limit_is_served_async() {
 /// (before: the idle timeout plus a 2 s linger).
 #[test]
 fn a_silent_client_is_closed_after_one_idle_timeout() {
+    let _alone = crate::support::alone();
     let server = Server::start(
         crate::support::Strategy::Threading,
         None,
@@ -672,6 +673,7 @@ fn a_silent_client_is_closed_after_one_idle_timeout() {
 /// after that (before: twice the idle timeout).
 #[test]
 fn a_client_that_never_reads_is_closed_after_one_idle_timeout() {
+    let _alone = crate::support::alone();
     let server = Server::start(
         crate::support::Strategy::Threading,
         None,

@@ -26,6 +26,7 @@ fn echo_line(stream: &TcpStream, line: &[u8]) {
 /// first echo arrives within 2 s (before, the 8-worker pool served 16 and
 /// left the rest waiting for seconds), then each talks again and closes.
 fn two_hundred_interactive_clients_are_served_at_once(strategy: Strategy) {
+    let _alone = crate::support::alone();
     let server = Server::start(strategy, None, &[]);
     let streams: Vec<TcpStream> = (0..200).map(|_| server.connect()).collect();
     let started = Instant::now();
@@ -118,6 +119,7 @@ fn async_holds_two_thousand_live_connections_on_its_runtime_threads() {
 /// at their timeout.
 #[test]
 fn async_spinning_guests_do_not_starve_the_others() {
+    let _alone = crate::support::alone();
     let server = Server::start(
         Strategy::Async,
         Some(&crate::support::guest("test-guest")),

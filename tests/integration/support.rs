@@ -195,6 +195,83 @@ pub struct Server {
     child: Child,
     addr: SocketAddr,
     log: Arc<(Mutex<Log>, Condvar)>,
+    /// Counts this server among the running ones (see [`alone`]); `None`
+    /// for the server of a test that runs alone.
+    _running: Option<Running>,
+}
+
+/// The servers running now, and whether a test has the machine to itself.
+struct Machine {
+    running: usize,
+    alone: bool,
+}
+
+static MACHINE: Mutex<Machine> = Mutex::new(Machine {
+    running: 0,
+    alone: false,
+});
+static MACHINE_CHANGED: Condvar = Condvar::new();
+
+thread_local! {
+    /// This thread's test runs alone: its servers do not wait for it.
+    static ALONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn machine() -> std::sync::MutexGuard<'static, Machine> {
+    MACHINE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One running server of a test that does not run alone.
+struct Running;
+
+impl Running {
+    fn start() -> Option<Running> {
+        if ALONE.with(|a| a.get()) {
+            return None;
+        }
+        let mut machine = machine();
+        while machine.alone {
+            machine = MACHINE_CHANGED
+                .wait(machine)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        machine.running += 1;
+        Some(Running)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        machine().running -= 1;
+        MACHINE_CHANGED.notify_all();
+    }
+}
+
+/// Held by a test whose assertion is a latency bound (the issue states one):
+/// no other test's server runs while it lives, so the 2 shared cores are not
+/// taken by, say, a soak of 256 forking children. Waits for the servers
+/// running now to end; servers started meanwhile by other tests wait for
+/// this to drop.
+pub struct Alone;
+
+pub fn alone() -> Alone {
+    let mut machine = machine();
+    while machine.alone || machine.running > 0 {
+        machine = MACHINE_CHANGED
+            .wait(machine)
+            .unwrap_or_else(|e| e.into_inner());
+    }
+    machine.alone = true;
+    ALONE.with(|a| a.set(true));
+    Alone
+}
+
+impl Drop for Alone {
+    fn drop(&mut self) {
+        ALONE.with(|a| a.set(false));
+        machine().alone = false;
+        MACHINE_CHANGED.notify_all();
+    }
 }
 
 /// What the host has written to stderr so far.
@@ -242,6 +319,7 @@ impl Server {
         extra: &[&str],
         configure: impl FnOnce(&mut Command),
     ) -> Server {
+        let running = Running::start();
         let mut command = Command::new(host_binary());
         configure(&mut command);
         command.args(args);
@@ -280,6 +358,7 @@ impl Server {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
             log,
+            _running: running,
         }
     }
 

@@ -4,7 +4,7 @@
 //! refused with its file, line and column.
 
 use std::collections::BTreeMap;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -15,8 +15,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    connect, connect_from, exchange, fields, guest, pattern, run_host, send_and_read, stable_line,
-    test_cache_dir, toml_path, toml_string, ConfigServer, Server, Strategy, TempDir, PATIENCE,
+    connect, connect_from, exchange, fields, guest, pattern, read_to_end, run_host, send_and_read,
+    stable_line, test_cache_dir, toml_path, toml_string, ConfigServer, Server, Strategy, TempDir,
+    PATIENCE,
 };
 
 // ---------------------------------------------------------------------------
@@ -271,6 +272,46 @@ fn a_live_unix_socket_is_an_error() {
     drop(live);
 }
 
+/// One config file may mix the four strategies: each tenant is served by
+/// its own, with its own name, and an async tenant beside the others keeps
+/// a connection open and live while theirs come and go.
+#[test]
+fn a_config_file_mixes_async_tenants_with_the_others() {
+    let dir = TempDir::new("mixed");
+    copy_guest(dir.path(), "test-guest", "guest.wasm");
+    let tenants = [
+        ("t", Strategy::Threading),
+        ("f", Strategy::Forking),
+        ("p", Strategy::Prefork),
+        ("a", Strategy::Async),
+    ];
+    let mut toml = "[defaults]\nhandler = \"guest.wasm\"\n".to_string();
+    for (name, strategy) in tenants {
+        toml.push_str(&format!(
+            "\n[tenants.{name}]\nlisten = [\"127.0.0.1:0\"]\nstrategy = \"{}\"\n",
+            strategy.name()
+        ));
+    }
+    let server = ConfigServer::start_in(dir, &toml, &[]);
+    // A call held open in the async tenant while the others serve.
+    let held = TcpStream::connect(server.addr("a")).unwrap();
+    (&held).write_all(b"hold\n").unwrap();
+    let mut worker = String::new();
+    BufReader::new(&held).read_line(&mut worker).unwrap();
+    assert!(Strategy::Async.is_worker_name(worker.trim()), "{worker}");
+    for (name, strategy) in tenants {
+        for _ in 0..3 {
+            let (reply, line) = served(&server, server.addr(name), None, b"info\n");
+            let info = fields(&text(reply));
+            assert_eq!(info["tenant"], name);
+            assert!(strategy.is_worker_name(&info["worker"]), "{name}: {info:?}");
+            assert!(line.contains(&format!(" tenant={name} ")), "{line}");
+        }
+    }
+    held.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(read_to_end(held), b"");
+}
+
 // ---------------------------------------------------------------------------
 // 2. A noisy neighbour.
 
@@ -282,6 +323,11 @@ fn a_flooded_threading_tenant_does_not_slow_its_neighbour() {
 #[test]
 fn a_flooded_forking_tenant_does_not_slow_its_neighbour() {
     noisy_neighbour(Strategy::Forking)
+}
+
+#[test]
+fn a_flooded_async_tenant_does_not_slow_its_neighbour() {
+    noisy_neighbour(Strategy::Async)
 }
 
 /// Tenant `noisy` spins in every connection (4 at once, 2s each) and is sent
@@ -424,6 +470,11 @@ fn threading_tenants_refuse_denied_peers() {
 #[test]
 fn forking_tenants_refuse_denied_peers() {
     allow_and_deny(Strategy::Forking)
+}
+
+#[test]
+fn async_tenants_refuse_denied_peers() {
+    allow_and_deny(Strategy::Async)
 }
 
 fn allow_and_deny(strategy: Strategy) {
@@ -626,6 +677,11 @@ fn a_forking_tenant_reloads_under_load() {
     reload_under_load(Strategy::Forking)
 }
 
+#[test]
+fn an_async_tenant_reloads_under_load() {
+    reload_under_load(Strategy::Async)
+}
+
 fn reload_under_load(strategy: Strategy) {
     let echo = toml_path(&guest("echo"));
     let hello = toml_path(&guest("hello"));
@@ -680,11 +736,12 @@ fn reload_under_load(strategy: Strategy) {
         .expect("the held connection finishes");
     assert_eq!(rest, b"");
     let marker = format!(" peer={held_peer} ");
-    let line = server.wait_for_log(|l| l.contains(" closed ") && l.contains(&marker));
-    assert!(
-        line.contains(" tenant=gone ") && line.contains("outcome=ok"),
-        "{line}"
-    );
+    // The tenant too: a client of tenant a (another address) may have had
+    // the same source port.
+    let line = server.wait_for_log(|l| {
+        l.contains(" closed ") && l.contains(&marker) && l.contains(" tenant=gone ")
+    });
+    assert!(line.contains("outcome=ok"), "{line}");
 
     // Once a's old worker has drained, every reply is hello's.
     server.wait_for_log_since(mark, |l| {
@@ -908,6 +965,11 @@ fn threading_metrics_count_every_connection() {
 #[test]
 fn forking_metrics_count_every_connection() {
     metrics_count_every_connection(Strategy::Forking)
+}
+
+#[test]
+fn async_metrics_count_every_connection() {
+    metrics_count_every_connection(Strategy::Async)
 }
 
 fn metrics_count_every_connection(strategy: Strategy) {

@@ -40,7 +40,7 @@ impl Async {
     pub fn new(service: Arc<Service>, threads: usize, limit: usize, wake: Wake) -> Result<Async> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
-            // A guest that spins runs a whole epoch tick (1 ms) per poll:
+            // A guest that spins runs a whole epoch tick (0.5 ms) per poll:
             // look at new connections (the inject queue) and at the
             // sockets (the I/O driver) every few polls, not every 61, or a
             // new client waits behind 61 ticks of spinning guests.
