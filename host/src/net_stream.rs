@@ -182,15 +182,20 @@ impl Socket {
             if self.ready_now(Direction::Read) {
                 return true;
             }
-            let Some(reactor) = self.reactor() else {
-                let left = until.saturating_duration_since(Instant::now());
-                return poll_fd(self.fd(), libc::POLLIN, Some(left)).unwrap_or(false);
-            };
             let left = until.saturating_duration_since(Instant::now());
-            let readable = async { reactor.readable().await.map(|mut g| g.clear_ready()) };
-            match tokio::time::timeout(left, readable).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => return self.ready_now(Direction::Read),
+            if left.is_zero() {
+                return false;
+            }
+            match self.reactor() {
+                Some(reactor) => {
+                    let readable = async { reactor.readable().await.map(|mut g| g.clear_ready()) };
+                    match tokio::time::timeout(left, readable).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) | Err(_) => return self.ready_now(Direction::Read),
+                    }
+                }
+                // Never block a runtime thread (see `wait_without_reactor`).
+                None => tokio::time::sleep(left.min(Duration::from_millis(5))).await,
             }
         }
     }
@@ -265,8 +270,7 @@ impl Socket {
                 return true;
             }
             let Some(reactor) = self.reactor() else {
-                // No reactor could be had: fall back to blocking this thread.
-                return self.wait_blocking(direction, deadline);
+                return self.wait_without_reactor(direction, deadline).await;
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
             let readiness = async {
@@ -279,12 +283,33 @@ impl Socket {
                 // Readiness is re-checked with poll(2) at the top of the loop;
                 // clearing tokio's cached readiness first means no edge is lost.
                 Ok(Ok(())) => {}
-                Ok(Err(_)) => return self.wait_blocking(direction, deadline),
+                Ok(Err(_)) => return self.wait_without_reactor(direction, deadline).await,
                 Err(_elapsed) => {
                     self.expired(deadline);
                     return false;
                 }
             }
+        }
+    }
+
+    /// A wait when the socket cannot be registered with the reactor (the
+    /// system is out of epoll watches or memory): a worker thread blocks in
+    /// poll(2); under async, which must never block a runtime thread, the
+    /// socket is looked at again every few milliseconds until `deadline`.
+    async fn wait_without_reactor(&self, direction: Direction, deadline: Instant) -> bool {
+        if self.waits == Waits::Blocking {
+            return self.wait_blocking(direction, deadline);
+        }
+        loop {
+            if self.ready_now(direction) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                self.expired(deadline);
+                return false;
+            }
+            tokio::time::sleep((deadline - now).min(Duration::from_millis(5))).await;
         }
     }
 
@@ -629,22 +654,35 @@ impl OutputStream for SocketOutput {
 }
 
 impl Drop for SocketOutput {
-    /// What the socket takes now is sent; the rest goes to the socket, which
-    /// sends it once the guest is gone ([`Socket::finish_output`]): a drop
-    /// cannot wait, and must not block an async runtime's thread.
+    /// What the socket takes now is sent, and the rest goes to the socket
+    /// ([`Socket::finish_output`]). On a worker thread it is sent at once,
+    /// waiting as the stream waits (the guest may wait for the client's
+    /// answer to it next). Under async a drop must not block the runtime's
+    /// thread: the rest is sent once `handle` returns, so an async guest
+    /// flushes what it wants read before it waits for an answer. Nothing is
+    /// sent after the connection's deadline, an abort or an idle timeout.
     fn drop(&mut self) {
         if self.closed || self.pending.is_empty() {
+            return;
+        }
+        if self.socket.expiry().is_some() {
+            self.socket
+                .traffic
+                .output_lost
+                .store(true, Ordering::Relaxed);
             return;
         }
         if self.push_pending().is_err() || self.pending.is_empty() {
             return;
         }
-        let mut leftover = self
-            .socket
+        self.socket
             .leftover
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        leftover.extend_from_slice(&self.pending);
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(&self.pending);
+        if self.socket.waits == Waits::Blocking {
+            block_on(self.socket.finish_output());
+        }
     }
 }
 

@@ -22,6 +22,9 @@ pub(crate) struct Slots {
     wake: Wake,
     /// The most connections in flight since the allocator was last trimmed.
     peak: AtomicUsize,
+    /// Connections end on an async runtime's threads: trim on its blocking
+    /// pool, not on a thread that runs guests.
+    trim_off_thread: bool,
 }
 
 /// A burst this large leaves the allocator's free lists worth trimming once
@@ -29,13 +32,15 @@ pub(crate) struct Slots {
 const TRIM_AFTER: usize = 64;
 
 impl Slots {
-    pub(crate) fn new(limit: usize, wake: Wake) -> Arc<Slots> {
+    /// `trim_off_thread`: connections end on an async runtime's threads.
+    pub(crate) fn new(limit: usize, wake: Wake, trim_off_thread: bool) -> Arc<Slots> {
         Arc::new(Slots {
             in_flight: AtomicUsize::new(0),
             limit,
             draining: AtomicBool::new(false),
             wake,
             peak: AtomicUsize::new(0),
+            trim_off_thread,
         })
     }
 
@@ -80,7 +85,12 @@ impl Drop for Slot {
         }
         if was == 1 && slots.peak.load(Ordering::Relaxed) >= TRIM_AFTER {
             slots.peak.store(0, Ordering::Relaxed);
-            super::trim_allocator();
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) if slots.trim_off_thread => {
+                    runtime.spawn_blocking(super::trim_allocator);
+                }
+                _ => super::trim_allocator(),
+            }
         }
     }
 }

@@ -25,6 +25,9 @@ use super::Strategy;
 use crate::connection::{Accepted, Service};
 use crate::server::Wake;
 
+/// How long `finish` waits for the tasks that `abort` ended.
+const FINISH_BOUND: Duration = Duration::from_secs(5);
+
 pub struct Async {
     service: Arc<Service>,
     slots: Arc<Slots>,
@@ -47,12 +50,14 @@ impl Async {
             .global_queue_interval(4)
             .event_interval(4)
             .thread_name("host-async")
+            // The blocking pool only trims the allocator after a burst.
+            .thread_keep_alive(Duration::from_secs(2))
             .enable_all()
             .build()
             .context("cannot start the async runtime")?;
         Ok(Async {
             service,
-            slots: Slots::new(limit, wake),
+            slots: Slots::new(limit, wake, true),
             worker: format!("pid-{}/async", std::process::id()).into(),
             runtime: Some(runtime),
         })
@@ -101,9 +106,19 @@ impl Strategy for Async {
 
     fn finish(&mut self) {
         // Every task ends soon after `abort`: guests trap at their next
-        // tick and every wait ends with its socket.
-        while self.slots.in_flight() > 0 {
+        // tick and every wait ends with its socket. One stuck in a host call
+        // that never returns (a guest's file read on a hung filesystem) is
+        // not waited for beyond a bound: the runtime is shut down under it.
+        let deadline = std::time::Instant::now() + FINISH_BOUND;
+        while self.slots.in_flight() > 0 && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
+        }
+        if self.slots.in_flight() > 0 {
+            tracing::warn!(
+                "tenant {}: {} connection(s) still running {FINISH_BOUND:?} after the drain; stopping the runtime under them",
+                self.service.tenant(),
+                self.slots.in_flight()
+            );
         }
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_timeout(Duration::from_secs(1));

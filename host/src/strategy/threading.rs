@@ -71,7 +71,7 @@ impl Threading {
             name_prefix: name_prefix.into(),
             service,
             pool: Pool::new(warm, "host-worker", Some(enter)),
-            slots: Slots::new(limit, wake),
+            slots: Slots::new(limit, wake, false),
             _runtime: runtime,
         })
     }
