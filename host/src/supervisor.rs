@@ -115,7 +115,7 @@ struct Host {
     /// The doorbell's descriptors, which no worker keeps.
     doorbell: Vec<RawFd>,
     /// What `--watch` last saw of each watched file.
-    watched: Vec<(PathBuf, Option<SystemTime>)>,
+    watched: Vec<(PathBuf, Option<FileStamp>)>,
     shutting_down: bool,
 }
 
@@ -164,7 +164,9 @@ fn start(config: HostConfig, shutdown: &Shutdown, options: &Options) -> Result<(
         metrics_tx: None,
         ids: ConnectionIds::new()?,
         doorbell: shutdown.descriptors().to_vec(),
-        watched: Vec::new(),
+        // Taken before the handlers are read, so an edit made at any
+        // moment after that (even before `listening on`) is seen.
+        watched: watch_list(&config),
         shutting_down: false,
     };
     let mut services = Vec::new();
@@ -226,9 +228,6 @@ impl Host {
             self.spawn_tenant(name);
         }
         self.spawn_metrics();
-        if options.watch {
-            self.watched = self.watch_list();
-        }
         while !shutdown.is_triggered() {
             let mut wake = self.pending.iter().map(|p| p.0).min();
             if options.watch {
@@ -240,17 +239,26 @@ impl Host {
             self.respawn_due();
             let mut reload = shutdown.take_reload();
             if options.watch && !reload {
-                let now = self.watch_list();
+                let now = watch_list(&self.config);
                 if now != self.watched {
                     tracing::info!("a watched file changed; reloading");
                     reload = true;
                 }
             }
             if reload && !shutdown.is_triggered() {
+                // Stamped before the files are read: an edit made while
+                // the reload reads them differs from this and reloads again.
+                let before = watch_list(&self.config);
                 self.reload(options);
-                if options.watch {
-                    self.watched = self.watch_list();
-                }
+                self.watched = watch_list(&self.config)
+                    .into_iter()
+                    .map(
+                        |(path, stamp)| match before.iter().find(|(p, _)| *p == path) {
+                            Some((_, seen)) => (path, seen.clone()),
+                            None => (path, stamp),
+                        },
+                    )
+                    .collect();
             }
         }
         self.stop(shutdown)
@@ -732,24 +740,6 @@ impl Host {
         }
     }
 
-    /// The files `--watch` looks at, with their modification times.
-    fn watch_list(&self) -> Vec<(PathBuf, Option<SystemTime>)> {
-        let mut paths: BTreeSet<PathBuf> = BTreeSet::new();
-        paths.extend(self.config.file.clone());
-        for tenant in &self.config.tenants {
-            if let HandlerSource::File(path) = &tenant.handler {
-                paths.insert(path.clone());
-            }
-        }
-        paths
-            .into_iter()
-            .map(|p| {
-                let modified = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
-                (p, modified)
-            })
-            .collect()
-    }
-
     /// Re-reads the config (or, without a file, the handlers) and switches
     /// each changed tenant, or changes nothing and says why.
     fn reload(&mut self, options: &Options) {
@@ -1154,4 +1144,42 @@ pub(crate) fn open_cache(dir: Option<&std::path::Path>) -> Option<CompileCache> 
             None
         }
     }
+}
+
+/// What `--watch` compares: a file's identity, size and times. The inode
+/// catches a file replaced by a rename even within one tick of the
+/// file-system clock, which modification times alone would miss.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    modified: Option<SystemTime>,
+    ctime: (i64, i64),
+}
+
+/// The files `--watch` looks at in `config`, with their stamps (`None`:
+/// missing or unreadable).
+fn watch_list(config: &HostConfig) -> Vec<(PathBuf, Option<FileStamp>)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut paths: BTreeSet<PathBuf> = BTreeSet::new();
+    paths.extend(config.file.clone());
+    for tenant in &config.tenants {
+        if let HandlerSource::File(path) = &tenant.handler {
+            paths.insert(path.clone());
+        }
+    }
+    paths
+        .into_iter()
+        .map(|p| {
+            let stamp = std::fs::metadata(&p).ok().map(|m| FileStamp {
+                dev: m.dev(),
+                ino: m.ino(),
+                len: m.len(),
+                modified: m.modified().ok(),
+                ctime: (m.ctime(), m.ctime_nsec()),
+            });
+            (p, stamp)
+        })
+        .collect()
 }
