@@ -23,6 +23,7 @@ mod net_stream;
 pub mod server;
 pub mod strategy;
 pub mod supervisor;
+mod sys;
 
 use std::path::Path;
 

@@ -1,0 +1,6 @@
+//! The host's system calls: every `libc` call and every `unsafe` block that
+//! talks to the kernel lives under here, each with its `SAFETY:` line, behind
+//! a safe function named for what it does. The rest of the crate calls these
+//! and never `libc` directly.
+//!
+//! One submodule per concern, so each reads on its own.
