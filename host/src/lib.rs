@@ -20,10 +20,12 @@ pub mod listener;
 pub mod logging;
 pub mod metrics;
 mod net_stream;
-pub mod server;
-pub mod strategy;
+mod server;
+pub mod shutdown;
+mod strategy;
 pub mod supervisor;
 mod sys;
+mod worker;
 
 use std::path::Path;
 
@@ -31,7 +33,7 @@ use anyhow::{Context as _, Result};
 
 use crate::config::{HostConfig, StrategyKind};
 use crate::handler::HandlerSource;
-use crate::server::Shutdown;
+use crate::shutdown::Shutdown;
 
 /// `host serve`: compile every tenant's handler, bind every listener, print
 /// a `listening on ADDR tenant=NAME` line for each, then serve until

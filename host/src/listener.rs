@@ -119,6 +119,17 @@ impl Listener {
 
     /// Stops listening for every process sharing this socket at once: their
     /// `accept` fails with EINVAL, and new clients are refused.
+    /// Another descriptor for the same socket (a worker's copy). It never
+    /// removes the Unix socket file: only the listener that bound it does.
+    pub(crate) fn duplicate(&self) -> io::Result<Listener> {
+        Ok(Listener {
+            socket: self.socket.try_clone()?,
+            configured: self.configured.clone(),
+            local: self.local.clone(),
+            unix_file: None,
+        })
+    }
+
     pub fn shut_down(&self) {
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
     }
@@ -227,15 +238,8 @@ fn probe_unix(path: &Path) -> Probe {
         };
         let in_progress = error.raw_os_error() == Some(libc::EINPROGRESS);
         if in_progress {
-            let mut fd = libc::pollfd {
-                fd: socket.as_raw_fd(),
-                events: libc::POLLOUT,
-                revents: 0,
-            };
-            let ms = PROBE_TIMEOUT.as_millis() as libc::c_int;
-            // SAFETY: poll on one valid pollfd for a bounded time.
-            let ready = unsafe { libc::poll(&mut fd, 1, ms) };
-            if ready <= 0 {
+            let ready = crate::sys::poll::writable_within(socket.as_raw_fd(), PROBE_TIMEOUT);
+            if !ready {
                 return Ok(Probe::Busy);
             }
             return Ok(match socket.take_error()? {

@@ -61,17 +61,7 @@ struct Stderr;
 
 impl std::io::Write for Stderr {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        loop {
-            // SAFETY: writing from a valid buffer to descriptor 2.
-            let n = unsafe { libc::write(2, buf.as_ptr().cast(), buf.len()) };
-            if n >= 0 {
-                return Ok(n as usize);
-            }
-            let err = std::io::Error::last_os_error();
-            if err.kind() != std::io::ErrorKind::Interrupted {
-                return Err(err);
-            }
-        }
+        crate::sys::pipe::write(2, buf)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {

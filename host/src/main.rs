@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use host::cli::{Cli, Command, ConfigCommand, LogFormat};
-use host::server::Shutdown;
+use host::shutdown::Shutdown;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -17,25 +17,27 @@
 //! close may take.
 
 use std::collections::HashMap;
-use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use wasmtime::Engine;
 
-use super::{Reaped, Strategy};
+use super::Strategy;
 use crate::connection::{Accepted, Service, LINGER};
 use crate::listener::Peer;
-use crate::server::Shutdown;
+use crate::shutdown::Shutdown;
+use crate::sys::process::{self, Exit, Forked, Pid, Reaped};
+use crate::sys::signals;
 
-pub struct Forking {
+pub(crate) struct Forking {
     service: Arc<Service>,
     limit: usize,
-    children: HashMap<libc::pid_t, Child>,
-    /// The parent's descriptors a child closes first (listener, doorbell).
-    close_in_child: Vec<RawFd>,
+    children: HashMap<Pid, Child>,
+    /// The descriptors a child keeps besides its connection's socket: those
+    /// of the compiled handler (its image file, the engine's).
+    inherit: Vec<RawFd>,
     /// How long after its start the parent kills a child.
     backstop: Duration,
     /// After a failed fork, no accepting until then.
@@ -63,17 +65,15 @@ extern "C" fn on_alarm(_signal: libc::c_int) {
 }
 
 impl Forking {
-    pub fn new(
+    pub(crate) fn new(
         service: Arc<Service>,
         limit: usize,
         shutdown: &Shutdown,
-        listeners: &[RawFd],
+        inherit: Vec<RawFd>,
     ) -> Result<Forking> {
         // Every exiting child rings the doorbell, so it is reaped at once.
         // The worker process's own handler (see `ring_on_signal_directly`).
         shutdown.ring_on_signal_directly(libc::SIGCHLD)?;
-        let mut close_in_child = shutdown.descriptors().to_vec();
-        close_in_child.extend_from_slice(listeners);
         let limits = service.limits();
         // A child's guest stops at `timeout`; its output may then take an
         // idle timeout to flush and its close a linger.
@@ -82,7 +82,7 @@ impl Forking {
             service,
             limit,
             children: HashMap::new(),
-            close_in_child,
+            inherit,
             backstop,
             paused_until: None,
         })
@@ -90,20 +90,7 @@ impl Forking {
 
     /// The child's side of `fork()`: serve, then exit without running the
     /// parent's destructors or exit handlers.
-    fn run_child(&self, conn: Accepted, parent: libc::pid_t) -> ! {
-        super::leave_parent(&self.close_in_child);
-        // A connection must not outlive its worker process (SIGKILLed, say):
-        // outside it, nothing bounds it by `max_children` or reaps it. The
-        // kernel kills it when the worker dies (the worker is single-threaded,
-        // so "the thread that forked it" is the worker); a worker that died
-        // before this line was reached shows as a changed parent.
-        // SAFETY: prctl and getppid on this process.
-        unsafe {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
-        }
+    fn run_child(&self, conn: Accepted) -> ! {
         arm_alarm(self.service.engine(), self.service.limits().timeout);
         let worker = format!("pid-{}", std::process::id());
         let id = conn.id;
@@ -117,18 +104,17 @@ impl Forking {
                 101
             }
         };
-        // SAFETY: ends this child process immediately.
-        unsafe { libc::_exit(code) }
+        process::exit_now(code)
     }
 
     /// Reaps every child that has exited; with `block`, waits for one first.
     fn reap(&mut self, mut block: bool) {
         loop {
-            match super::reap_one(block) {
-                Reaped::Child(pid, status) => {
+            match process::reap_one(block) {
+                Reaped::Child(pid, exit) => {
                     block = false;
                     if let Some(child) = self.children.remove(&pid) {
-                        let outcome = report_exit(pid, &child, status, self.service.tenant());
+                        let outcome = report_exit(pid, &child, exit, self.service.tenant());
                         self.ended(outcome);
                     }
                 }
@@ -166,8 +152,7 @@ impl Forking {
                 continue;
             }
             child.killed = Some(why);
-            // SAFETY: signalling our own, not yet reaped, child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            process::signal_child(pid, libc::SIGKILL);
         }
     }
 }
@@ -175,52 +160,29 @@ impl Forking {
 /// Arms the one-shot `--timeout` alarm in a child.
 fn arm_alarm(engine: &Engine, timeout: Duration) {
     let _ = ALARM_ENGINE.set(engine.clone());
-    // SAFETY: installs a handler that only performs an atomic increment, and
-    // a one-shot real-time timer for this process.
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = on_alarm as *const () as usize;
-        action.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut action.sa_mask);
-        libc::sigaction(libc::SIGALRM, &action, std::ptr::null_mut());
-        let timer = libc::itimerval {
-            it_interval: libc::timeval {
-                tv_sec: 0,
-                tv_usec: 0,
-            },
-            it_value: libc::timeval {
-                tv_sec: timeout.as_secs() as libc::time_t,
-                tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-            },
-        };
-        libc::setitimer(libc::ITIMER_REAL, &timer, std::ptr::null_mut());
+    if let Err(e) = signals::alarm_after(timeout, on_alarm) {
+        // The parent's backstop still ends the child.
+        tracing::warn!("cannot arm the timeout alarm: {e}");
     }
 }
 
 /// A child that did not exit normally never wrote its connection's line:
 /// the parent writes it, and returns the outcome it logged.
-fn report_exit(
-    pid: libc::pid_t,
-    child: &Child,
-    status: libc::c_int,
-    tenant: &str,
-) -> Option<&'static str> {
+fn report_exit(pid: Pid, child: &Child, exit: Exit, tenant: &str) -> Option<&'static str> {
     let (outcome, cause) = if let Some(why) = child.killed {
         (why, format!("the worker process was killed ({why})"))
-    } else if libc::WIFSIGNALED(status) {
-        let signal = libc::WTERMSIG(status);
-        (
-            "host-error",
-            format!("the worker process was killed by signal {signal}"),
-        )
-    } else if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) != 0 {
-        let code = libc::WEXITSTATUS(status);
-        (
-            "host-error",
-            format!("the worker process exited with status {code}"),
-        )
     } else {
-        return None;
+        match exit {
+            Exit::Signal(signal) => (
+                "host-error",
+                format!("the worker process was killed by signal {signal}"),
+            ),
+            Exit::Code(code) if code != 0 => (
+                "host-error",
+                format!("the worker process exited with status {code}"),
+            ),
+            Exit::Code(_) => return None,
+        }
     };
     tracing::warn!(
         "connection {} closed peer={} worker=pid-{pid} tenant={tenant} duration={:.3}ms outcome={outcome} error={cause:?}",
@@ -237,16 +199,21 @@ impl Strategy for Forking {
     }
 
     fn dispatch(&mut self, conn: Accepted) {
-        // SAFETY: getpid has no preconditions.
-        let parent = unsafe { libc::getpid() };
-        // SAFETY: the parent is single-threaded (see the module invariant),
-        // so the child starts with consistent memory.
-        match unsafe { libc::fork() } {
-            -1 => {
+        let mut keep = self.inherit.clone();
+        keep.push(conn.stream.as_raw_fd());
+        // A connection must not outlive its worker process (SIGKILLed, say):
+        // outside it, nothing bounds it by `max_children` or reaps it. The
+        // kernel kills it when the worker dies (the worker is single-threaded,
+        // so "the thread that forked it" is the worker).
+        let child = process::Child {
+            keep: &keep,
+            on_parent_death: libc::SIGKILL,
+        };
+        match process::fork(&child) {
+            Err(err) => {
                 // Out of processes or memory: this connection is lost, but
                 // the rest wait in the backlog until a child exits or the
                 // pause ends, instead of being accepted and dropped.
-                let err = io::Error::last_os_error();
                 tracing::error!(
                     "connection {} closed peer={} tenant={} outcome=host-error error=\"fork failed: {err}\"",
                     conn.id,
@@ -258,8 +225,8 @@ impl Strategy for Forking {
                 }
                 self.paused_until = Some(Instant::now() + FORK_RETRY);
             }
-            0 => self.run_child(conn, parent),
-            pid => {
+            Ok(Forked::Child) => self.run_child(conn),
+            Ok(Forked::Parent(pid)) => {
                 if let Some(metrics) = self.service.metrics() {
                     metrics.connection_started();
                 }

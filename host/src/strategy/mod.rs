@@ -12,12 +12,12 @@ use std::time::Instant;
 
 use crate::connection::{Accepted, Service};
 
-pub use forking::Forking;
-pub use tasks::Async;
-pub use threading::Threading;
+pub(crate) use forking::Forking;
+pub(crate) use tasks::Async;
+pub(crate) use threading::Threading;
 
 /// Runs accepted connections somewhere, within a bound.
-pub trait Strategy {
+pub(crate) trait Strategy {
     /// Whether another connection may be dispatched now. While this is false
     /// the accept loop leaves new connections in the kernel's backlog until
     /// its doorbell rings.
@@ -51,73 +51,4 @@ pub trait Strategy {
 
     /// Waits until every connection has ended and every worker is gone.
     fn finish(&mut self);
-}
-
-/// Returns the allocator's free memory (every thread's arena) to the
-/// system: after a burst of connections, or once the threads that served it
-/// have exited.
-pub(crate) fn trim_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory of glibc's allocator.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-/// What one `waitpid(-1)` found.
-pub(crate) enum Reaped {
-    /// A child exited: its pid and wait status.
-    Child(libc::pid_t, libc::c_int),
-    /// None has exited yet (only without `block`).
-    Nothing,
-    /// There are no children left at all (ECHILD).
-    NoChildren,
-}
-
-/// Reaps one exited child of this process; with `block`, waits for one.
-/// EINTR is retried.
-pub(crate) fn reap_one(block: bool) -> Reaped {
-    let flags = if block { 0 } else { libc::WNOHANG };
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid with a valid status pointer.
-        let pid = unsafe { libc::waitpid(-1, &mut status, flags) };
-        match pid {
-            0 => return Reaped::Nothing,
-            pid if pid > 0 => return Reaped::Child(pid, status),
-            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
-            _ => return Reaped::NoChildren,
-        }
-    }
-}
-
-/// First thing in a forked child (forking's per-connection child, prefork's
-/// worker): restore default signal dispositions, since the parent's handlers
-/// write to descriptors that are closed here and whose numbers may be reused;
-/// ignore SIGINT and SIGTERM, since a terminal's Ctrl-C and a service
-/// manager's stop reach the whole process group and the parent decides
-/// (it drains, then kills); ignore SIGHUP, which asks the host process to
-/// reload, and a closing terminal sends to the whole group; and close the
-/// parent's descriptors.
-pub(crate) fn leave_parent(close: &[std::os::fd::RawFd]) {
-    // SAFETY: async-signal-safe calls only, on a fresh single-threaded child.
-    unsafe {
-        for signal in [libc::SIGCHLD, libc::SIGQUIT] {
-            libc::signal(signal, libc::SIG_DFL);
-        }
-        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::signal(signal, libc::SIG_IGN);
-        }
-        // The parent's orders to its workers stay pending until a worker
-        // installs its own handlers (`stop_on_signal_directly` unblocks
-        // them); a forked connection never takes them.
-        let mut orders: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut orders);
-        libc::sigaddset(&mut orders, crate::server::DRAIN_SIGNAL);
-        libc::sigaddset(&mut orders, crate::server::END_NOW_SIGNAL);
-        libc::sigprocmask(libc::SIG_BLOCK, &orders, std::ptr::null_mut());
-        for &fd in close {
-            libc::close(fd);
-        }
-    }
 }

@@ -19,7 +19,7 @@ pub const KEEP_IDLE: Duration = Duration::from_secs(5);
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
-pub struct Pool {
+pub(crate) struct Pool {
     shared: Arc<Shared>,
 }
 
@@ -51,12 +51,16 @@ struct State {
 impl Pool {
     /// A pool that keeps `warm` threads (started now) and grows without
     /// bound; the caller bounds the jobs it submits.
-    pub fn new(warm: usize, name: &str, on_start: Option<Arc<dyn Fn() + Send + Sync>>) -> Pool {
+    pub(crate) fn new(
+        warm: usize,
+        name: &str,
+        on_start: Option<Arc<dyn Fn() + Send + Sync>>,
+    ) -> Pool {
         Pool::with_keep_idle(warm, KEEP_IDLE, name, on_start)
     }
 
     /// [`Pool::new`] with threads beyond the warm ones kept `keep_idle`.
-    pub fn with_keep_idle(
+    pub(crate) fn with_keep_idle(
         warm: usize,
         keep_idle: Duration,
         name: &str,
@@ -91,7 +95,7 @@ impl Pool {
     /// Runs `job` now: on a spare thread, or on a new one. If no thread can
     /// be started (the system is out of threads), the job waits for the
     /// next thread that finishes one.
-    pub fn execute(&self, job: impl FnOnce() + Send + 'static) {
+    pub(crate) fn execute(&self, job: impl FnOnce() + Send + 'static) {
         let mut state = self.shared.lock();
         state.queue.push_back(Box::new(job));
         state.jobs += 1;
@@ -109,12 +113,12 @@ impl Pool {
 
     /// Threads alive now.
     #[cfg(test)]
-    pub fn threads(&self) -> usize {
+    pub(crate) fn threads(&self) -> usize {
         self.shared.lock().threads
     }
 
     /// Waits until no job is queued or running.
-    pub fn join(&self) {
+    pub(crate) fn join(&self) {
         let mut state = self.shared.lock();
         while state.jobs > 0 {
             state = self
@@ -193,7 +197,7 @@ fn work(shared: &Shared) {
             drop(state);
             if last_of_a_burst {
                 // What the exited threads' arenas held goes back.
-                super::trim_allocator();
+                crate::sys::resources::trim_allocator();
             }
             return;
         }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::connection::Service;
-use crate::server::Wake;
+use crate::shutdown::Wake;
 
 /// Connections in flight, shared with whatever serves them.
 pub(crate) struct Slots {
@@ -87,9 +87,9 @@ impl Drop for Slot {
             slots.peak.store(0, Ordering::Relaxed);
             match tokio::runtime::Handle::try_current() {
                 Ok(runtime) if slots.trim_off_thread => {
-                    runtime.spawn_blocking(super::trim_allocator);
+                    runtime.spawn_blocking(crate::sys::resources::trim_allocator);
                 }
-                _ => super::trim_allocator(),
+                _ => crate::sys::resources::trim_allocator(),
             }
         }
     }

@@ -23,12 +23,12 @@ use anyhow::{Context as _, Result};
 use super::slots::Slots;
 use super::Strategy;
 use crate::connection::{Accepted, Service};
-use crate::server::Wake;
+use crate::shutdown::Wake;
 
 /// How long `finish` waits for the tasks that `abort` ended.
 const FINISH_BOUND: Duration = Duration::from_secs(5);
 
-pub struct Async {
+pub(crate) struct Async {
     service: Arc<Service>,
     slots: Arc<Slots>,
     /// `connection-info.worker` of every connection: `pid-4711/async`.
@@ -40,7 +40,12 @@ impl Async {
     /// A runtime of `threads` threads serving at most `limit` connections at
     /// once. Made before the accept loop starts: a worker that cannot have
     /// its runtime ends, and its supervisor replaces it.
-    pub fn new(service: Arc<Service>, threads: usize, limit: usize, wake: Wake) -> Result<Async> {
+    pub(crate) fn new(
+        service: Arc<Service>,
+        threads: usize,
+        limit: usize,
+        wake: Wake,
+    ) -> Result<Async> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             // A guest that spins runs a whole epoch tick (0.5 ms) per poll:

@@ -13,9 +13,9 @@ use super::pool::Pool;
 use super::slots::Slots;
 use super::Strategy;
 use crate::connection::{Accepted, Service};
-use crate::server::Wake;
+use crate::shutdown::Wake;
 
-pub struct Threading {
+pub(crate) struct Threading {
     service: Arc<Service>,
     pool: Pool,
     slots: Arc<Slots>,
@@ -49,7 +49,7 @@ impl Threading {
     /// its own lazily at the first connection, and a failure then (out of
     /// descriptors) would poison it for the life of the process; here a
     /// failure ends the worker, and its supervisor replaces it.
-    pub fn new(
+    pub(crate) fn new(
         service: Arc<Service>,
         warm: usize,
         limit: usize,

@@ -4,3 +4,9 @@
 //! and never `libc` directly.
 //!
 //! One submodule per concern, so each reads on its own.
+
+pub(crate) mod pipe;
+pub(crate) mod poll;
+pub(crate) mod process;
+pub(crate) mod resources;
+pub(crate) mod signals;

@@ -1,0 +1,278 @@
+//! Processes: the one way the host forks a child, reaping, signalling and
+//! ending processes.
+//!
+//! Invariant: every child the host forks (a prefork or per-tenant worker,
+//! forking's per-connection child, the metrics process) is made by [`fork`],
+//! which refuses to fork a process running more than one thread, and in the
+//! child closes every descriptor it is not given (stdin, stdout and stderr
+//! stay). A descriptor added to the host process so never leaks into a
+//! child unnoticed: the child must be handed it.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use super::signals;
+
+/// A process id.
+pub(crate) type Pid = libc::pid_t;
+
+/// What a child inherits and how it ends with its parent.
+pub(crate) struct Child<'a> {
+    /// The descriptors the child keeps (besides 0, 1 and 2). Everything
+    /// else is closed in the child before [`fork`] returns there.
+    pub keep: &'a [RawFd],
+    /// Sent to the child by the kernel when its parent dies.
+    pub on_parent_death: libc::c_int,
+}
+
+/// Which side of [`fork`] this is.
+pub(crate) enum Forked {
+    /// The new process. It has left its parent: default signal handling
+    /// (the parent's handlers write to descriptors that are closed here),
+    /// SIGINT, SIGTERM and SIGHUP ignored (a terminal's Ctrl-C and a
+    /// service manager's stop reach the whole process group, and the parent
+    /// decides), the worker orders ([`signals::DRAIN_SIGNAL`],
+    /// [`signals::END_NOW_SIGNAL`]) blocked until it takes them, and only
+    /// the descriptors it was given open. Its parent was still alive after
+    /// the death signal was set, so it can never be missed.
+    Child,
+    /// The parent, with the child's pid.
+    Parent(Pid),
+}
+
+/// Forks a child as [`Child`] says. Fails without forking if this process
+/// runs more than one thread: threads do not survive `fork()`, and a lock
+/// one of them held would stay locked in the child forever.
+pub(crate) fn fork(child: &Child) -> io::Result<Forked> {
+    match thread_count() {
+        Some(1) | None => {}
+        Some(n) => {
+            return Err(io::Error::other(format!(
+                "refusing to fork a process that runs {n} threads"
+            )))
+        }
+    }
+    let parent = std::process::id();
+    // SAFETY: this process runs one thread (checked above), so the child
+    // starts with consistent memory.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => {
+            leave_parent(child.keep);
+            // SAFETY: prctl and getppid on this process.
+            unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, child.on_parent_death);
+                if libc::getppid() as u32 != parent {
+                    // The parent died before the line above: nothing to do.
+                    libc::_exit(0);
+                }
+            }
+            Ok(Forked::Child)
+        }
+        pid => Ok(Forked::Parent(pid)),
+    }
+}
+
+/// The child's first steps (see [`Forked::Child`]).
+fn leave_parent(keep: &[RawFd]) {
+    // SAFETY: plain calls on a fresh single-threaded child.
+    unsafe {
+        for signal in [libc::SIGCHLD, libc::SIGQUIT] {
+            libc::signal(signal, libc::SIG_DFL);
+        }
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::signal(signal, libc::SIG_IGN);
+        }
+    }
+    signals::block(&[signals::DRAIN_SIGNAL, signals::END_NOW_SIGNAL]);
+    close_all_but(keep);
+}
+
+/// Closes every descriptor from 3 up except those in `keep`.
+fn close_all_but(keep: &[RawFd]) {
+    for (first, last) in ranges_to_close(keep) {
+        close_range(first, last);
+    }
+}
+
+/// The ranges of descriptors, from 3 up, that are not in `keep`.
+fn ranges_to_close(keep: &[RawFd]) -> Vec<(u32, u32)> {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter(|&&fd| fd > 2)
+        .map(|&fd| fd as u32)
+        .collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut ranges = Vec::with_capacity(keep.len() + 1);
+    let mut first = 3;
+    for fd in keep {
+        if fd > first {
+            ranges.push((first, fd - 1));
+        }
+        first = fd + 1;
+    }
+    ranges.push((first, u32::MAX));
+    ranges
+}
+
+/// Closes the descriptors `first..=last` that are open.
+fn close_range(first: u32, last: u32) {
+    // SAFETY: close_range(2) closes descriptors only; none of those in the
+    // range is used by anything in this (single-threaded) child.
+    let closed = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+    if closed == 0 {
+        return;
+    }
+    // Before Linux 5.9: close the open ones one by one.
+    let open: Vec<u32> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(dir) => dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|fd| (first..=last).contains(fd))
+            .collect(),
+        Err(_) => return,
+    };
+    for fd in open {
+        // SAFETY: as above; closing a descriptor that is open.
+        unsafe { libc::close(fd as RawFd) };
+    }
+}
+
+/// The number of threads this process runs, if /proc says.
+pub(crate) fn thread_count() -> Option<usize> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The fields after the command (which may hold spaces), in parentheses;
+    // the number of threads is field 20, the 18th after it.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(17)?.parse().ok()
+}
+
+/// The descriptors this process has open, from /proc (leaving out the one
+/// that reads /proc).
+pub(crate) fn open_descriptors() -> Vec<RawFd> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    let listed: Vec<RawFd> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    // The directory's own descriptor was open while it was read, and is
+    // closed now: what is still open is what counts.
+    let mut fds: Vec<RawFd> = listed.into_iter().filter(|&fd| is_open(fd)).collect();
+    fds.sort_unstable();
+    fds
+}
+
+/// Whether `fd` is an open descriptor of this process.
+fn is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only reads the descriptor's flags; a closed one fails
+    // with EBADF.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+}
+
+/// Runs `f` and returns, with its result, the descriptors it left open:
+/// the ones a child that uses what `f` made must keep (a compiled
+/// handler's image file, say). Only meaningful while this process runs
+/// one thread, so that nothing else opens a descriptor meanwhile.
+pub(crate) fn descriptors_opened_by<T>(f: impl FnOnce() -> T) -> (T, Vec<RawFd>) {
+    let before = open_descriptors();
+    let value = f();
+    let after = open_descriptors();
+    let new = after
+        .into_iter()
+        .filter(|fd| before.binary_search(fd).is_err())
+        .collect();
+    (value, new)
+}
+
+/// Ends this process at once, without running destructors or exit
+/// handlers: a forked child's exit, which must not flush or free what its
+/// parent owns.
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit has no preconditions.
+    unsafe { libc::_exit(code) }
+}
+
+/// Sends `signal` to `pid`, one of this process's own children that was
+/// not reaped yet (so the pid cannot have been reused).
+pub(crate) fn signal_child(pid: Pid, signal: libc::c_int) {
+    // SAFETY: kill(2) on our own, not yet reaped, child.
+    unsafe { libc::kill(pid, signal) };
+}
+
+/// Makes this process the reaper of its descendants' orphans.
+pub(crate) fn become_subreaper() -> io::Result<()> {
+    // SAFETY: prctl on this process.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// How a child ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Exit {
+    /// It exited with this status.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+}
+
+impl Exit {
+    fn of(status: libc::c_int) -> Exit {
+        if libc::WIFSIGNALED(status) {
+            Exit::Signal(libc::WTERMSIG(status))
+        } else {
+            Exit::Code(libc::WEXITSTATUS(status))
+        }
+    }
+}
+
+/// What one `waitpid(-1)` found.
+pub(crate) enum Reaped {
+    /// A child exited: its pid and how.
+    Child(Pid, Exit),
+    /// None has exited yet (only without `block`).
+    Nothing,
+    /// There are no children left at all (ECHILD).
+    NoChildren,
+}
+
+/// Reaps one exited child of this process; with `block`, waits for one.
+/// EINTR is retried.
+pub(crate) fn reap_one(block: bool) -> Reaped {
+    let flags = if block { 0 } else { libc::WNOHANG };
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid status pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, flags) };
+        match pid {
+            0 => return Reaped::Nothing,
+            pid if pid > 0 => return Reaped::Child(pid, Exit::of(status)),
+            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+            _ => return Reaped::NoChildren,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_this_process_threads() {
+        // Seen from a thread of its own: the main thread and this one.
+        let spawned = std::thread::spawn(thread_count);
+        assert!(spawned.join().unwrap().expect("/proc/self/stat") >= 2);
+    }
+
+    #[test]
+    fn closes_everything_but_what_is_kept() {
+        assert_eq!(ranges_to_close(&[]), [(3, u32::MAX)]);
+        assert_eq!(
+            ranges_to_close(&[9, 0, 4, 3, 9, 2]),
+            [(5, 8), (10, u32::MAX)]
+        );
+        assert_eq!(ranges_to_close(&[5, 6]), [(3, 4), (7, u32::MAX)]);
+    }
+}
