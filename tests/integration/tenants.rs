@@ -15,9 +15,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    connect, connect_from, exchange, fields, guest, pattern, read_to_end, run_host, send_and_read,
-    stable_line, test_cache_dir, toml_path, toml_string, ConfigServer, Server, Strategy, TempDir,
-    PATIENCE,
+    connect, connect_from, eventually, exchange, fields, guest, pattern, read_to_end, run_host,
+    send_and_read, stable_line, test_cache_dir, toml_path, toml_string, ConfigServer, Server,
+    Strategy, TempDir, PATIENCE,
 };
 
 // ---------------------------------------------------------------------------
@@ -83,11 +83,13 @@ fn refused(addr: SocketAddr) -> bool {
 
 /// Polls `done` until it holds; fails naming `what` after [`PATIENCE`].
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(10));
-    }
+    eventually(PATIENCE, || {
+        if done() {
+            Ok(())
+        } else {
+            Err(format!("timed out waiting until {what}"))
+        }
+    })
 }
 
 /// Copies a guest into `dir` under `name`, so a config can name it relative
@@ -1048,21 +1050,19 @@ deny = ["127.0.0.3/32"]
     assert_eq!(bytes("host_sent_bytes_total", "b"), Some(0.0), "{context}");
     // The gauge: back to 0 once every connection is over (it may lag the
     // connection's log line a little, so poll briefly).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    eventually(Duration::from_secs(5), || {
         let page = server.metrics();
         let now = samples(&page);
         let in_flight =
             |tenant: &str| metric(&now, "host_connections_in_flight", &[("tenant", tenant)]);
         if in_flight("a") == Some(0.0) && in_flight("b") == Some(0.0) {
-            break;
+            Ok(())
+        } else {
+            Err(format!(
+                "connections are still in flight after every connection ended; the page:\n{page}"
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "connections are still in flight 5s after every connection ended; the page:\n{page}"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    });
     assert!(
         all.iter()
             .any(|s| s.name == "host_connection_duration_seconds_count"),
