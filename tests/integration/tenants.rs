@@ -14,11 +14,21 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::for_each_strategy;
 use crate::support::{
     connect, connect_from, eventually, exchange, fields, guest, pattern, read_to_end, run_host,
     send_and_read, stable_line, test_cache_dir, toml_path, toml_string, ConfigServer, Server,
     Strategy, TempDir, PATIENCE,
 };
+
+// The scenarios a tenant of each strategy goes through; the others name
+// their strategies in their config files.
+for_each_strategy!(
+    a_flooded_tenant_does_not_slow_its_neighbour,
+    tenants_refuse_denied_peers,
+    a_tenant_reloads_under_load,
+    metrics_count_every_connection,
+);
 
 // ---------------------------------------------------------------------------
 // Small clients.
@@ -317,24 +327,9 @@ fn a_config_file_mixes_async_tenants_with_the_others() {
 // ---------------------------------------------------------------------------
 // 2. A noisy neighbour.
 
-#[test]
-fn a_flooded_threading_tenant_does_not_slow_its_neighbour() {
-    noisy_neighbour(Strategy::Threading)
-}
-
-#[test]
-fn a_flooded_forking_tenant_does_not_slow_its_neighbour() {
-    noisy_neighbour(Strategy::Forking)
-}
-
-#[test]
-fn a_flooded_async_tenant_does_not_slow_its_neighbour() {
-    noisy_neighbour(Strategy::Async)
-}
-
 /// Tenant `noisy` spins in every connection (4 at once, 2s each) and is sent
 /// 40; meanwhile 200 clients of tenant `quiet` all get their bytes back.
-fn noisy_neighbour(strategy: Strategy) {
+fn a_flooded_tenant_does_not_slow_its_neighbour(strategy: Strategy) {
     let toml = format!(
         r#"
 [tenants.noisy]
@@ -464,22 +459,7 @@ fn read_all(mut stream: TcpStream) -> Vec<u8> {
 // ---------------------------------------------------------------------------
 // 3. allow / deny.
 
-#[test]
-fn threading_tenants_refuse_denied_peers() {
-    allow_and_deny(Strategy::Threading)
-}
-
-#[test]
-fn forking_tenants_refuse_denied_peers() {
-    allow_and_deny(Strategy::Forking)
-}
-
-#[test]
-fn async_tenants_refuse_denied_peers() {
-    allow_and_deny(Strategy::Async)
-}
-
-fn allow_and_deny(strategy: Strategy) {
+fn tenants_refuse_denied_peers(strategy: Strategy) {
     let toml = format!(
         r#"
 [defaults]
@@ -669,22 +649,7 @@ fn assert_whole_listening_lines(server: &Server) {
     );
 }
 
-#[test]
-fn a_threading_tenant_reloads_under_load() {
-    reload_under_load(Strategy::Threading)
-}
-
-#[test]
-fn a_forking_tenant_reloads_under_load() {
-    reload_under_load(Strategy::Forking)
-}
-
-#[test]
-fn an_async_tenant_reloads_under_load() {
-    reload_under_load(Strategy::Async)
-}
-
-fn reload_under_load(strategy: Strategy) {
+fn a_tenant_reloads_under_load(strategy: Strategy) {
     let echo = toml_path(&guest("echo"));
     let hello = toml_path(&guest("hello"));
     let gone = format!(
@@ -957,21 +922,6 @@ fn promtool_check(page: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-#[test]
-fn threading_metrics_count_every_connection() {
-    metrics_count_every_connection(Strategy::Threading)
-}
-
-#[test]
-fn forking_metrics_count_every_connection() {
-    metrics_count_every_connection(Strategy::Forking)
-}
-
-#[test]
-fn async_metrics_count_every_connection() {
-    metrics_count_every_connection(Strategy::Async)
 }
 
 fn metrics_count_every_connection(strategy: Strategy) {
