@@ -14,9 +14,9 @@ pub(crate) struct Log {
 }
 
 struct State {
-    /// The first `keep` lines of the log; later ones are read and dropped.
+    /// The first lines of the log (as many as [`Log::follow`] was told to
+    /// keep); later ones are read and dropped.
     lines: Vec<String>,
-    keep: usize,
     /// The stream has ended: the child closed it, usually by exiting.
     ended: bool,
 }
@@ -51,7 +51,6 @@ impl Log {
         let log = Arc::new(Log {
             state: Mutex::new(State {
                 lines: Vec::new(),
-                keep,
                 ended: false,
             }),
             changed: Condvar::new(),
@@ -60,6 +59,7 @@ impl Log {
         thread::spawn(move || {
             let mut reader = BufReader::new(stream);
             let mut line = Vec::new();
+            let mut kept = 0;
             // Until the end or a read error; a line that is not UTF-8 is kept
             // with replacement characters rather than ending the log.
             while matches!(reader.read_until(b'\n', &mut line), Ok(n) if n > 0) {
@@ -69,14 +69,13 @@ impl Log {
                         line.pop();
                     }
                 }
-                let text = String::from_utf8_lossy(&line).into_owned();
-                line.clear();
-                let mut state = sink.lock();
-                if state.lines.len() < state.keep {
-                    state.lines.push(text);
-                    drop(state);
+                if kept < keep {
+                    kept += 1;
+                    let text = String::from_utf8_lossy(&line).into_owned();
+                    sink.lock().lines.push(text);
                     sink.changed.notify_all();
                 }
+                line.clear();
             }
             sink.lock().ended = true;
             sink.changed.notify_all();
