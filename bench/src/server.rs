@@ -1,22 +1,29 @@
-//! The servers under test as child processes: start one, read its
-//! `listening on IP:PORT` line (`wasmtime serve`: `Serving HTTP on
-//! http://IP:PORT/`), drain its log, sample its memory (summing
-//! forked children), read its CPU time, and kill its whole process group when
-//! dropped, on panic, or on SIGINT/SIGTERM of the bench.
+//! The servers under test as child processes: start one (through the
+//! `harness` crate the tests use too), read its `listening on IP:PORT` line
+//! (`wasmtime serve`: `Serving HTTP on http://IP:PORT/`), drain its log,
+//! sample its memory (summing forked children), read its CPU time, and kill
+//! its whole process group when dropped, on panic, or on SIGINT/SIGTERM of
+//! the bench.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use harness::{Launch, Process};
+
 /// How long a server may take to print its address.
 const START_PATIENCE: Duration = Duration::from_secs(120);
+/// The log lines kept for a server that exits before listening; the rest
+/// (a line per connection, under load) are read and dropped.
+const KEEP_LINES: usize = 200;
+/// How long a stopped server's group may take to be gone (a forking
+/// server's children are re-parented to init; nothing here can wait for
+/// them).
+const SETTLE: Duration = Duration::from_secs(1);
 /// How often a forking server's process tree is sampled.
 const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 
@@ -78,7 +85,7 @@ pub fn install_signal_handlers() {
 /// A running server; dropping it kills its process group.
 pub struct Server {
     pub addr: SocketAddr,
-    child: Child,
+    process: Process,
     pgid: i32,
     sampler: Option<Sampler>,
 }
@@ -92,30 +99,34 @@ impl Server {
             // for a backtrace on every request (~15% of its connections/s):
             // a developer's shell setting, not how a server is run.
             .env_remove("RUST_BACKTRACE")
-            .env_remove("RUST_LIB_BACKTRACE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .env_remove("RUST_LIB_BACKTRACE");
+        let process = Launch::new(command)
             // Its own group, so one kill reaches forked children too.
-            .process_group(0);
-        let mut child = command
+            .own_group()
+            .keep_lines(KEEP_LINES)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", spec.program.display()))?;
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let pgid = child.id() as i32;
+        let pgid = process.pid() as i32;
         register(pgid);
         // From here on, dropping `server` kills the group, whatever happens.
         let mut server = Server {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            child,
+            process,
             pgid,
             sampler: None,
         };
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || drain_log(stderr, tx));
-        match rx.recv_timeout(START_PATIENCE) {
-            Ok(Ok(addr)) => server.addr = addr,
-            Ok(Err(log)) => return Err(format!("{} exited before listening:\n{log}", spec.name)),
+        match server
+            .process
+            .wait_for_line(0, START_PATIENCE, |l| announced(l).is_some())
+        {
+            Ok(line) => server.addr = announced(&line).expect("an announcement"),
+            Err(missing) if missing.ended => {
+                return Err(format!(
+                    "{} exited before listening:\n{}",
+                    spec.name,
+                    missing.lines.join("\n")
+                ))
+            }
             Err(_) => {
                 return Err(format!(
                     "{} did not print `listening on` (or `Serving HTTP on`) in time",
@@ -166,19 +177,8 @@ impl Drop for Server {
         if let Some(sampler) = self.sampler.take() {
             sampler.stop();
         }
-        // SAFETY: kill(2) on the group this bench created for the server.
-        unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
-        let _ = self.child.wait();
+        self.process.stop(SETTLE);
         unregister(self.pgid);
-        // Reap what the group left behind (a forking server's children are
-        // re-parented to init; nothing here can wait for them). Bounded.
-        for _ in 0..100 {
-            // SAFETY: kill with signal 0 only checks whether the group exists.
-            if unsafe { libc::kill(-self.pgid, 0) } != 0 {
-                break;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
     }
 }
 
@@ -186,43 +186,11 @@ impl Drop for Server {
 /// IP:PORT ...` (the host, the native and the Python servers) or `Serving HTTP
 /// on http://IP:PORT/` (`wasmtime serve`).
 fn announced(line: &str) -> Option<SocketAddr> {
-    let line = line.trim();
-    if let Some(rest) = line.strip_prefix("listening on ") {
-        return rest.split_whitespace().next()?.parse().ok();
+    if let Some(addr) = harness::listening_addr(line) {
+        return Some(addr);
     }
-    let rest = line.strip_prefix("Serving HTTP on http://")?;
+    let rest = line.trim().strip_prefix("Serving HTTP on http://")?;
     rest.trim_end_matches('/').parse().ok()
-}
-
-/// Sends the address of the `listening on` (or `Serving HTTP on`) line, or
-/// the log so far if the server exits first; then drains the log until the
-/// server closes it.
-fn drain_log(stderr: std::process::ChildStderr, tx: mpsc::Sender<Result<SocketAddr, String>>) {
-    let mut reader = BufReader::new(stderr);
-    let mut seen = String::new();
-    let mut line = String::new();
-    let mut sent = false;
-    loop {
-        line.clear();
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        if sent {
-            continue;
-        }
-        if let Some(addr) = announced(&line) {
-            let _ = tx.send(Ok(addr));
-            sent = true;
-            continue;
-        }
-        if seen.len() < 8192 {
-            seen.push_str(&line);
-        }
-    }
-    if !sent {
-        let _ = tx.send(Err(seen));
-    }
 }
 
 /// Peak memory of a server and its children, in KiB.
@@ -278,27 +246,12 @@ fn cpu_secs(pid: i32) -> Option<f64> {
     Some(ticks as f64 / hz)
 }
 
-/// A process and all its descendants (each forks from its main thread).
+/// A process and all its descendants.
 fn tree(pid: i32) -> Vec<i32> {
-    let mut pids = vec![pid];
-    let mut i = 0;
-    while i < pids.len() {
-        let more = children(pids[i]);
-        pids.extend(more);
-        i += 1;
-    }
-    pids
-}
-
-/// The direct children of a process, forked by its main thread.
-fn children(pid: i32) -> Vec<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .map(|s| {
-            s.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
+    harness::proc::tree(pid as u32)
+        .into_iter()
+        .map(|p| p as i32)
+        .collect()
 }
 
 /// Samples the sums of VmRSS and Pss over a server and its children.

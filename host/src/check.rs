@@ -3,15 +3,15 @@
 //! standard echo scenarios against it (the conformance kit).
 
 use std::fmt;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _, Result};
+use harness::{Launch, Process};
 use wasmtime::component::types::ComponentItem;
 use wasmtime::{Engine, Precompiled};
 
@@ -376,23 +376,20 @@ fn classify_import(name: &str) -> (ImportVerdict, &'static str) {
     }
 }
 
-/// A `host serve` of the handler, for the conformance run.
-struct Served {
-    child: Child,
-    addr: SocketAddr,
-    log: mpsc::Receiver<String>,
-}
+/// How long `host serve` may take to print its `listening on` line.
+const START_PATIENCE: Duration = Duration::from_secs(120);
 
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A `host serve` of the handler, for the conformance run; killed when
+/// dropped. In the caller's process group, so a Ctrl-C reaches it too.
+struct Served {
+    process: Process,
+    addr: SocketAddr,
 }
 
 fn serve(path: &Path, strategy: StrategyKind) -> Result<Served> {
     let exe = std::env::current_exe().context("cannot find the host binary")?;
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .args([
             "serve",
             "--addr",
@@ -401,45 +398,17 @@ fn serve(path: &Path, strategy: StrategyKind) -> Result<Served> {
             strategy.name(),
             "--handler",
         ])
-        .arg(path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .arg(path);
+    // From here on the guard kills the server on every path.
+    let process = Launch::new(command)
         .spawn()
         .context("cannot start `host serve`")?;
-    let stderr = child.stderr.take().expect("piped stderr");
-    let (lines, log) = mpsc::channel();
-    // From here on the guard kills the server on every path.
-    let mut served = Served {
-        child,
-        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        log,
-    };
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if lines.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match served.log.recv_timeout(left) {
-            Ok(line) => {
-                if let Some(rest) = line.strip_prefix("listening on ") {
-                    served.addr = rest
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .parse()
-                        .context("a `listening on` line without an address")?;
-                    return Ok(served);
-                }
-            }
-            Err(_) => return Err(anyhow!("`host serve` did not start listening")),
-        }
-    }
+    let line = process
+        .wait_for_line(0, START_PATIENCE, |l| l.starts_with("listening on "))
+        .map_err(|_| anyhow!("`host serve` did not start listening"))?;
+    let addr =
+        harness::listening_addr(&line).context("a `listening on` line without an address")?;
+    Ok(Served { process, addr })
 }
 
 fn exchange(addr: SocketAddr, data: &[u8]) -> Result<Vec<u8>> {
@@ -549,19 +518,23 @@ fn conformance(path: &Path, strategy: StrategyKind) -> Result<bool> {
     }
     // Every connection ran in its own store and instance: the host logs one
     // `closed` line per instance it created; all must have ended ok.
-    let deadline = Instant::now() + SCENARIO_PATIENCE;
-    let (mut closed, mut failed) = (0u64, Vec::new());
-    while closed < connections && Instant::now() < deadline {
-        match served.log.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) if line.contains(" closed ") => {
-                closed += 1;
-                if !line.contains("outcome=ok") {
-                    failed.push(line);
-                }
-            }
-            _ => {}
-        }
-    }
+    let is_closed = |line: &str| line.contains(" closed ");
+    // Short of them (at the deadline, or the server died), the count says so.
+    let _ = served
+        .process
+        .wait_for_count(connections as usize, SCENARIO_PATIENCE, is_closed);
+    let closed_lines: Vec<String> = served
+        .process
+        .log()
+        .into_iter()
+        .filter(|l| is_closed(l))
+        .take(connections as usize)
+        .collect();
+    let closed = closed_lines.len() as u64;
+    let failed: Vec<String> = closed_lines
+        .into_iter()
+        .filter(|l| !l.contains("outcome=ok"))
+        .collect();
     if passed && closed == connections && failed.is_empty() {
         println!("  PASS  one instance per connection ({connections} connections, {closed} instances, all ok)");
     } else {

@@ -1082,7 +1082,9 @@ mod tests {
         assert!(page.contains(r#"tenant="we\"ird\\name\n""#), "{page}");
     }
 
-    /// `promtool check metrics` on a page, if promtool is installed.
+    /// `promtool check metrics` on a page, if promtool is installed; in CI
+    /// (`CI` set, as `.ci/run` runs), whose `handlers/install-toolchains.sh`
+    /// installs it, a missing promtool fails the test.
     fn promtool(page: &str) -> Option<(bool, String)> {
         use std::process::{Command, Stdio};
         let mut child = match Command::new("promtool")
@@ -1094,6 +1096,10 @@ mod tests {
         {
             Ok(child) => child,
             Err(e) => {
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "promtool not run ({e}); CI installs it: handlers/install-toolchains.sh promtool"
+                );
                 eprintln!("promtool not run ({e}); install the `prometheus` package");
                 return None;
             }

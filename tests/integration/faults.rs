@@ -8,7 +8,7 @@ use std::path::Path;
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use crate::support::{guest, Server, TempDir, PATIENCE};
+use crate::support::{eventually, guest, Server, TempDir, PATIENCE};
 
 // ---------------------------------------------------------------------------
 // Forged log lines (#3): whatever a client or a guest controls is one line.
@@ -330,18 +330,6 @@ fn a_reload_to_a_fifo_handler_fails_and_the_host_goes_on() {
 // ---------------------------------------------------------------------------
 // A forking worker's children die with it (#4).
 
-/// Waits until `done` holds; false if it did not within `limit`.
-fn within(limit: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + limit;
-    while !done() {
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    true
-}
-
 /// A connection the test guest holds open (`hold`): the pid of the child
 /// serving it (from the worker name it replies), and the client's stream.
 fn hold(server: &Server) -> (u32, std::net::TcpStream) {
@@ -368,11 +356,14 @@ fn a_killed_forking_worker_takes_its_connections_children_with_it() {
     let limits = ["--timeout", "5m", "--idle-timeout", "5m"];
     let mut server = Server::start(crate::support::Strategy::Forking, Some(&handler), &limits);
     // The worker is forked right after the `listening on` line.
-    let mut workers = Vec::new();
-    assert!(within(PATIENCE, || {
-        workers = crate::support::children_of(server.pid());
-        !workers.is_empty()
-    }));
+    let workers = eventually(PATIENCE, || {
+        let workers = crate::support::children_of(server.pid());
+        if workers.is_empty() {
+            Err("the host has no worker process")
+        } else {
+            Ok(workers)
+        }
+    });
     assert_eq!(workers.len(), 1, "one worker process: {workers:?}");
     let worker = workers[0];
 
@@ -390,12 +381,15 @@ fn a_killed_forking_worker_takes_its_connections_children_with_it() {
     // SAFETY: killing the host's worker process, which this test started.
     unsafe { libc::kill(worker as libc::pid_t, libc::SIGKILL) };
     for (child, stream) in &mut held {
-        assert!(
-            within(std::time::Duration::from_secs(5), || {
-                !crate::support::process_exists(*child)
-            }),
-            "the connection's child pid-{child} outlived its killed worker by 5 s"
-        );
+        eventually(std::time::Duration::from_secs(5), || {
+            if crate::support::process_exists(*child) {
+                Err(format!(
+                    "the connection's child pid-{child} outlived its killed worker"
+                ))
+            } else {
+                Ok(())
+            }
+        });
         // Its client sees the end of the connection.
         let mut rest = Vec::new();
         let _ = stream.read_to_end(&mut rest);

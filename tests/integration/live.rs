@@ -8,7 +8,7 @@ use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::for_each_strategy;
-use crate::support::{read_to_end, Server, Strategy};
+use crate::support::{eventually, read_to_end, Server, Strategy};
 
 for_each_strategy!(two_hundred_interactive_clients_are_served_at_once);
 
@@ -110,11 +110,16 @@ fn async_holds_two_thousand_live_connections_on_its_runtime_threads() {
     );
     // The burst's end trims the allocator on one of the runtime's blocking
     // threads, which exits after its keep-alive (2 s).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while threads_of(worker) != idle_threads && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(threads_of(worker), idle_threads);
+    eventually(Duration::from_secs(20), || {
+        let threads = threads_of(worker);
+        if threads == idle_threads {
+            Ok(())
+        } else {
+            Err(format!(
+                "the async worker has {threads} threads, {idle_threads} when idle"
+            ))
+        }
+    });
 }
 
 /// Fairness under async: 20 guests spin without ever calling the host, on a

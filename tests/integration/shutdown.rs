@@ -7,7 +7,10 @@ use std::net::{Shutdown, TcpStream};
 use std::thread;
 
 use crate::for_each_strategy;
-use crate::support::{children_of, guest, pattern, process_exists, Server, Strategy};
+use crate::support::{
+    children_of, eventually, guest, pattern, process_exists, process_running, Server, Strategy,
+    PATIENCE,
+};
 
 for_each_strategy!(
     sigterm_drains_50_streams_then_exits_0,
@@ -161,40 +164,25 @@ fn sigterm_to_the_whole_process_group_still_drains(strategy: Strategy) {
 fn killing_the_prefork_parent_ends_its_workers() {
     let server = Server::start(Strategy::Prefork, None, &[]);
     // `listening on` comes before the workers are forked: wait for them.
-    let deadline = std::time::Instant::now() + crate::support::PATIENCE;
-    let workers = loop {
+    let workers = eventually(PATIENCE, || {
         let workers = children_of(server.pid());
         if workers.len() == Strategy::Prefork.idle_children() {
-            break workers;
+            Ok(workers)
+        } else {
+            Err(format!("prefork started {workers:?}"))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "prefork started {workers:?}"
-        );
-        thread::sleep(std::time::Duration::from_millis(20));
-    };
+    });
     server.signal(libc::SIGKILL);
     // The kernel sends each orphaned worker the drain signal; with nothing
     // in flight it exits at once (a zombie awaiting its new parent is gone
     // for good, so it counts as exited).
     for pid in workers {
-        while process_running(pid) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "worker {pid} outlived its parent"
-            );
-            thread::sleep(std::time::Duration::from_millis(20));
-        }
-    }
-}
-
-/// Whether `pid` exists and is not a zombie.
-fn process_running(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
+        eventually(PATIENCE, || {
+            if process_running(pid) {
+                Err(format!("worker {pid} outlived its parent"))
+            } else {
+                Ok(())
+            }
+        });
     }
 }

@@ -8,10 +8,10 @@ use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::for_each_strategy;
-use crate::support::{connect_from, Resources, Server, Strategy, PATIENCE};
+use crate::support::{connect_from, eventually, Resources, Server, Strategy, PATIENCE};
 
 for_each_strategy!(a_hundred_thousand_short_connections);
 
@@ -61,34 +61,28 @@ fn short_connections(server: &Server, count: u64, clients: u64) -> Vec<String> {
 
 /// The host's resources once it has exactly `children` descendants.
 fn idle_resources(server: &Server, children: usize) -> Resources {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
+    eventually(PATIENCE, || {
         let now = server.resources();
         if now.children == children {
-            return now;
+            Ok(now)
+        } else {
+            Err(format!(
+                "the host kept {now:?}, not {children} descendant(s)"
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "the host kept {now:?}, not {children} descendant(s)"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    })
 }
 
 /// Waits until the host's resources are back to `baseline`.
 fn settles_to(server: &Server, baseline: Resources) {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
+    eventually(PATIENCE, || {
         let now = server.resources();
         if now == baseline {
-            return;
+            Ok(())
+        } else {
+            Err(format!("resources {now:?} did not return to {baseline:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "resources {now:?} did not return to {baseline:?}"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    })
 }
 
 fn a_hundred_thousand_short_connections(strategy: Strategy) {

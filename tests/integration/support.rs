@@ -1,17 +1,38 @@
 //! Test support: the guests (built once per run), a real `host serve` process
-//! on port 0 whose log the tests can read, and small TCP clients.
+//! on port 0 whose log the tests can read (started and stopped by the
+//! `harness` crate, which `host check --run` and the bench use too), small
+//! TCP clients, and [`eventually`] for waits with no log line to wait on.
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::fmt::Display;
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use harness::{Launch, Missing, Process};
+
+pub use harness::proc::{
+    children as children_of, exists as process_exists, running as process_running,
+};
 
 /// How long any single wait in a test may take before it fails.
 pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Tries `probe` until it returns `Ok`, and returns that value; fails the
+/// test with its last `Err` (which says what it saw) once `within` has
+/// passed. The tests' one wait for what has no log line to wait on (a count
+/// in /proc, a metrics page, a process's end).
+#[track_caller]
+pub fn eventually<T, E: Display>(within: Duration, probe: impl FnMut() -> Result<T, E>) -> T {
+    match harness::poll(within, probe) {
+        Ok(value) => value,
+        Err(last) => panic!("not within {within:?}: {last}"),
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Strategy {
@@ -192,9 +213,9 @@ impl Drop for TempDir {
 
 /// A running `host serve --addr 127.0.0.1:0`, killed when dropped.
 pub struct Server {
-    child: Child,
+    /// Killed with its whole process group when dropped.
+    process: Process,
     addr: SocketAddr,
-    log: Arc<(Mutex<Log>, Condvar)>,
     /// Counts this server among the running ones (see [`alone`]); `None`
     /// for the server of a test that runs alone.
     _running: Option<Running>,
@@ -274,14 +295,6 @@ impl Drop for Alone {
     }
 }
 
-/// What the host has written to stderr so far.
-#[derive(Default)]
-struct Log {
-    lines: Vec<String>,
-    /// stderr is closed: the host has exited.
-    ended: bool,
-}
-
 impl Server {
     /// Starts the host with `handler` (None: the built-in echo) and waits for
     /// its `listening on` line.
@@ -297,11 +310,7 @@ impl Server {
         }
         let mut server = Server::spawn(&args, extra);
         let line = server.wait_for_log(|l| l.starts_with("listening on "));
-        server.addr = line["listening on ".len()..]
-            .split_whitespace()
-            .next()
-            .and_then(|addr| addr.parse().ok())
-            .expect("listening on IP:PORT tenant=NAME");
+        server.addr = harness::listening_addr(&line).expect("listening on IP:PORT tenant=NAME");
         server
     }
 
@@ -333,31 +342,13 @@ impl Server {
         command.args(extra);
         // Its own process group, so a test can signal it as a service
         // manager would: the host and all its children at once.
-        use std::os::unix::process::CommandExt;
-        let mut child = command
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+        let process = Launch::new(command)
+            .own_group()
             .spawn()
             .expect("cannot start the host");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new((Mutex::new(Log::default()), Condvar::new()));
-        let sink = log.clone();
-        thread::spawn(move || {
-            let (log, changed) = &*sink;
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                log.lock().unwrap().lines.push(line);
-                changed.notify_all();
-            }
-            log.lock().unwrap().ended = true;
-            changed.notify_all();
-        });
         Server {
-            child,
+            process,
             addr: "0.0.0.0:0".parse().unwrap(),
-            log,
             _running: running,
         }
     }
@@ -373,49 +364,26 @@ impl Server {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// Waits until a log line satisfies `matches` and returns it.
     pub fn wait_for_log(&self, matches: impl Fn(&str) -> bool) -> String {
-        let (log, changed) = &*self.log;
-        let deadline = Instant::now() + PATIENCE;
-        let mut guard = log.lock().unwrap();
-        loop {
-            if let Some(line) = guard.lines.iter().find(|l| matches(l)) {
-                return line.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            let why = if guard.ended {
-                "the host exited"
-            } else {
-                "timed out"
-            };
-            assert!(
-                !left.is_zero() && !guard.ended,
-                "no such log line ({why}); the log so far:\n{}",
-                guard.lines.join("\n")
-            );
-            guard = changed.wait_timeout(guard, left).unwrap().0;
-        }
+        self.process
+            .wait_for_line(0, PATIENCE, matches)
+            .unwrap_or_else(|missing| {
+                panic!(
+                    "no such log line ({}); the log so far:\n{}",
+                    missing.why("the host"),
+                    missing.lines.join("\n")
+                )
+            })
     }
 
     /// Waits until at least `count` log lines satisfy `matches`.
     pub fn wait_for_log_count(&self, matches: impl Fn(&str) -> bool, count: usize) {
-        let (log, changed) = &*self.log;
-        let deadline = Instant::now() + PATIENCE;
-        let mut guard = log.lock().unwrap();
-        loop {
-            let seen = guard.lines.iter().filter(|l| matches(l)).count();
-            if seen >= count {
-                return;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero() && !guard.ended,
-                "only {seen} of {count} matching log lines"
-            );
-            guard = changed.wait_timeout(guard, left).unwrap().0;
+        if let Err(Missing { seen, .. }) = self.process.wait_for_count(count, PATIENCE, matches) {
+            panic!("only {seen} of {count} matching log lines");
         }
     }
 
@@ -426,7 +394,7 @@ impl Server {
     }
 
     pub fn log(&self) -> Vec<String> {
-        self.log.0.lock().unwrap().lines.clone()
+        self.process.log()
     }
 
     pub fn connect(&self) -> TcpStream {
@@ -435,32 +403,23 @@ impl Server {
 
     /// Sends `signal` to the host process.
     pub fn signal(&self, signal: libc::c_int) {
-        // SAFETY: signalling our own child process.
-        assert_eq!(
-            unsafe { libc::kill(self.child.id() as libc::pid_t, signal) },
-            0
-        );
+        if let Err(e) = self.process.signal(signal) {
+            panic!("cannot signal the host: {e}");
+        }
     }
 
     /// Sends `signal` to the host's whole process group (its children too).
     pub fn signal_group(&self, signal: libc::c_int) {
-        // SAFETY: signalling the process group our child leads.
-        assert_eq!(
-            unsafe { libc::killpg(self.child.id() as libc::pid_t, signal) },
-            0
-        );
+        if let Err(e) = self.process.signal_group(signal) {
+            panic!("cannot signal the host's process group: {e}");
+        }
     }
 
     /// Waits for the host to exit by itself and returns its status.
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the host did not exit");
-            thread::sleep(Duration::from_millis(20));
-        }
+        self.process
+            .wait_exit(PATIENCE)
+            .expect("the host did not exit")
     }
 
     /// The pids of worker processes named in connection log lines.
@@ -476,13 +435,7 @@ impl Server {
     /// processes (the host process, its workers, forked connections), and
     /// how many descendants there are.
     pub fn resources(&self) -> Resources {
-        let mut tree = vec![self.child.id()];
-        let mut i = 0;
-        while i < tree.len() {
-            let children = children_of(tree[i]);
-            tree.extend(children);
-            i += 1;
-        }
+        let tree = harness::proc::tree(self.pid());
         let mut resources = Resources {
             fds: 0,
             threads: 0,
@@ -511,36 +464,6 @@ pub struct Resources {
     pub children: usize,
 }
 
-/// The pids of the processes whose parent is `pid` (zombies included).
-pub fn children_of(pid: u32) -> Vec<u32> {
-    let mut children = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        let ppid = rest
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(pid) {
-            children.push(child);
-        }
-    }
-    children
-}
-
-/// Whether a process with this pid exists (a zombie counts).
-pub fn process_exists(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
-
 /// Connects from the source address 127.0.0.`n` (2..=250), so that many
 /// short connections do not exhaust one address's ephemeral ports.
 pub fn connect_from(addr: SocketAddr, n: u8) -> std::io::Result<TcpStream> {
@@ -553,16 +476,6 @@ pub fn connect_from(addr: SocketAddr, n: u8) -> std::io::Result<TcpStream> {
     stream.set_read_timeout(Some(PATIENCE))?;
     stream.set_write_timeout(Some(PATIENCE))?;
     Ok(stream)
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // The whole group: prefork's workers and forking's children too.
-        // SAFETY: signalling the process group our child leads.
-        unsafe { libc::killpg(self.child.id() as libc::pid_t, libc::SIGKILL) };
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 pub fn connect(addr: SocketAddr) -> TcpStream {
@@ -687,13 +600,9 @@ pub fn run_host_in(dir: &Path, args: &[&str]) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("cannot start the host");
-    let deadline = Instant::now() + PATIENCE;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("host {args:?} did not exit");
-        }
-        thread::sleep(Duration::from_millis(20));
+    if harness::poll(PATIENCE, || child.try_wait().unwrap().ok_or(())).is_err() {
+        let _ = child.kill();
+        panic!("host {args:?} did not exit");
     }
     child.wait_with_output().unwrap()
 }
@@ -710,38 +619,26 @@ impl Server {
     /// How many log lines the host has written so far: a mark for
     /// [`Server::wait_for_log_since`].
     pub fn log_len(&self) -> usize {
-        self.log.0.lock().unwrap().lines.len()
+        self.process.log_len()
     }
 
     /// The host's exit status, if it has exited.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().unwrap()
+        self.process.try_wait().unwrap()
     }
 
     /// Waits until a log line written after the first `since` lines
     /// satisfies `matches` and returns it.
     pub fn wait_for_log_since(&self, since: usize, matches: impl Fn(&str) -> bool) -> String {
-        let (log, changed) = &*self.log;
-        let deadline = Instant::now() + PATIENCE;
-        let mut guard = log.lock().unwrap();
-        loop {
-            if let Some(line) = guard.lines.iter().skip(since).find(|l| matches(l)) {
-                return line.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || guard.ended {
-                let why = if guard.ended {
-                    "the host exited"
-                } else {
-                    "timed out"
-                };
-                let lines = guard.lines.join("\n");
-                // Not while holding the lock: the log reader goes on.
-                drop(guard);
-                panic!("no such log line after line {since} ({why}); the log so far:\n{lines}");
-            }
-            guard = changed.wait_timeout(guard, left).unwrap().0;
-        }
+        self.process
+            .wait_for_line(since, PATIENCE, matches)
+            .unwrap_or_else(|missing| {
+                panic!(
+                    "no such log line after line {since} ({}); the log so far:\n{}",
+                    missing.why("the host"),
+                    missing.lines.join("\n")
+                )
+            })
     }
 }
 

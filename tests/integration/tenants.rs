@@ -14,11 +14,21 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::for_each_strategy;
 use crate::support::{
-    connect, connect_from, exchange, fields, guest, pattern, read_to_end, run_host, send_and_read,
-    stable_line, test_cache_dir, toml_path, toml_string, ConfigServer, Server, Strategy, TempDir,
-    PATIENCE,
+    connect, connect_from, eventually, exchange, fields, guest, pattern, read_to_end, run_host,
+    send_and_read, stable_line, test_cache_dir, toml_path, toml_string, ConfigServer, Server,
+    Strategy, TempDir, PATIENCE,
 };
+
+// The scenarios a tenant of each strategy goes through; the others name
+// their strategies in their config files.
+for_each_strategy!(
+    a_flooded_tenant_does_not_slow_its_neighbour,
+    tenants_refuse_denied_peers,
+    a_tenant_reloads_under_load,
+    metrics_count_every_connection,
+);
 
 // ---------------------------------------------------------------------------
 // Small clients.
@@ -83,11 +93,13 @@ fn refused(addr: SocketAddr) -> bool {
 
 /// Polls `done` until it holds; fails naming `what` after [`PATIENCE`].
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(10));
-    }
+    eventually(PATIENCE, || {
+        if done() {
+            Ok(())
+        } else {
+            Err(format!("timed out waiting until {what}"))
+        }
+    })
 }
 
 /// Copies a guest into `dir` under `name`, so a config can name it relative
@@ -315,24 +327,9 @@ fn a_config_file_mixes_async_tenants_with_the_others() {
 // ---------------------------------------------------------------------------
 // 2. A noisy neighbour.
 
-#[test]
-fn a_flooded_threading_tenant_does_not_slow_its_neighbour() {
-    noisy_neighbour(Strategy::Threading)
-}
-
-#[test]
-fn a_flooded_forking_tenant_does_not_slow_its_neighbour() {
-    noisy_neighbour(Strategy::Forking)
-}
-
-#[test]
-fn a_flooded_async_tenant_does_not_slow_its_neighbour() {
-    noisy_neighbour(Strategy::Async)
-}
-
 /// Tenant `noisy` spins in every connection (4 at once, 2s each) and is sent
 /// 40; meanwhile 200 clients of tenant `quiet` all get their bytes back.
-fn noisy_neighbour(strategy: Strategy) {
+fn a_flooded_tenant_does_not_slow_its_neighbour(strategy: Strategy) {
     let toml = format!(
         r#"
 [tenants.noisy]
@@ -462,22 +459,7 @@ fn read_all(mut stream: TcpStream) -> Vec<u8> {
 // ---------------------------------------------------------------------------
 // 3. allow / deny.
 
-#[test]
-fn threading_tenants_refuse_denied_peers() {
-    allow_and_deny(Strategy::Threading)
-}
-
-#[test]
-fn forking_tenants_refuse_denied_peers() {
-    allow_and_deny(Strategy::Forking)
-}
-
-#[test]
-fn async_tenants_refuse_denied_peers() {
-    allow_and_deny(Strategy::Async)
-}
-
-fn allow_and_deny(strategy: Strategy) {
+fn tenants_refuse_denied_peers(strategy: Strategy) {
     let toml = format!(
         r#"
 [defaults]
@@ -667,22 +649,7 @@ fn assert_whole_listening_lines(server: &Server) {
     );
 }
 
-#[test]
-fn a_threading_tenant_reloads_under_load() {
-    reload_under_load(Strategy::Threading)
-}
-
-#[test]
-fn a_forking_tenant_reloads_under_load() {
-    reload_under_load(Strategy::Forking)
-}
-
-#[test]
-fn an_async_tenant_reloads_under_load() {
-    reload_under_load(Strategy::Async)
-}
-
-fn reload_under_load(strategy: Strategy) {
+fn a_tenant_reloads_under_load(strategy: Strategy) {
     let echo = toml_path(&guest("echo"));
     let hello = toml_path(&guest("hello"));
     let gone = format!(
@@ -957,21 +924,6 @@ fn promtool_check(page: &str) {
     );
 }
 
-#[test]
-fn threading_metrics_count_every_connection() {
-    metrics_count_every_connection(Strategy::Threading)
-}
-
-#[test]
-fn forking_metrics_count_every_connection() {
-    metrics_count_every_connection(Strategy::Forking)
-}
-
-#[test]
-fn async_metrics_count_every_connection() {
-    metrics_count_every_connection(Strategy::Async)
-}
-
 fn metrics_count_every_connection(strategy: Strategy) {
     let toml = format!(
         r#"
@@ -1048,21 +1000,19 @@ deny = ["127.0.0.3/32"]
     assert_eq!(bytes("host_sent_bytes_total", "b"), Some(0.0), "{context}");
     // The gauge: back to 0 once every connection is over (it may lag the
     // connection's log line a little, so poll briefly).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    eventually(Duration::from_secs(5), || {
         let page = server.metrics();
         let now = samples(&page);
         let in_flight =
             |tenant: &str| metric(&now, "host_connections_in_flight", &[("tenant", tenant)]);
         if in_flight("a") == Some(0.0) && in_flight("b") == Some(0.0) {
-            break;
+            Ok(())
+        } else {
+            Err(format!(
+                "connections are still in flight after every connection ended; the page:\n{page}"
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "connections are still in flight 5s after every connection ended; the page:\n{page}"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    });
     assert!(
         all.iter()
             .any(|s| s.name == "host_connection_duration_seconds_count"),
