@@ -18,8 +18,8 @@ use wasmtime::{Engine, Precompiled};
 use crate::cli::{Given, TenantOptions};
 use crate::config::{ServeConfig, StrategyKind};
 use crate::connection::{Outcome, Service};
-use crate::engine::{self, EpochClock};
-use crate::handler::{self, Handler, HandlerSource};
+use crate::wasm::engine::{self, EpochClock};
+use crate::wasm::handler::{self, Handler, HandlerSource};
 
 /// The most runs each timing (instantiate; instantiate + call) is taken
 /// over, after one unmeasured warm-up run.
@@ -43,7 +43,10 @@ pub fn check(path: &Path, run: bool, strategy: StrategyKind) -> Result<bool> {
         "size:        {}",
         bytesize::ByteSize(bytes.len() as u64).display().iec()
     );
-    println!("sha256:      {}", crate::compile_cache::digest(&bytes));
+    println!(
+        "sha256:      {}",
+        crate::wasm::compile_cache::digest(&bytes)
+    );
     let verdict = |ok: bool, why: &str| {
         if ok {
             println!("verdict:     can be served");
@@ -147,7 +150,7 @@ pub fn check(path: &Path, run: bool, strategy: StrategyKind) -> Result<bool> {
     };
     println!("handle:      exported with the type of host:handler/handler@0.1.0");
 
-    let digest = crate::compile_cache::digest(&bytes);
+    let digest = crate::wasm::compile_cache::digest(&bytes);
     let service = service(&config, Handler::from_parts(source, digest, pre))?;
     let instantiate = match time_instantiation(&service, INSTANTIATE_BUDGET, RUNS) {
         Ok(spread) => spread,

@@ -17,14 +17,14 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream};
 
 use crate::config::{Access, Grants, Limits};
-use crate::engine::EpochClock;
-use crate::guest_clock::GuestClock;
 use crate::guest_log::GuestOutput;
-use crate::handler::{one_line, ConnState, ConnectionInfo, Handler};
-use crate::limits::InstanceLimiter;
 use crate::listener::{local_of, Peer};
 use crate::metrics::TenantMetrics;
 use crate::net_stream::{block_on, Socket, SocketInput, SocketOutput, Waits};
+use crate::wasm::engine::EpochClock;
+use crate::wasm::guest_clock::GuestClock;
+use crate::wasm::handler::{one_line, ConnState, ConnectionInfo, Handler};
+use crate::wasm::limits::InstanceLimiter;
 
 /// After `handle` returns, the host reads and drops what the client still
 /// sends for at most this long (and at most [`LINGER_BYTES`]), so that closing

@@ -7,15 +7,10 @@
 
 pub mod check;
 pub mod cli;
-mod compile_cache;
 pub mod config;
 pub mod config_file;
 pub mod connection;
-mod engine;
-mod guest_clock;
 mod guest_log;
-pub mod handler;
-mod limits;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
@@ -24,14 +19,16 @@ pub mod server;
 pub mod strategy;
 pub mod supervisor;
 mod sys;
+pub(crate) mod wasm;
 
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
 
 use crate::config::{HostConfig, StrategyKind};
-use crate::handler::HandlerSource;
 use crate::server::Shutdown;
+use crate::wasm::handler::HandlerSource;
+use crate::wasm::{engine, handler};
 
 /// `host serve`: compile every tenant's handler, bind every listener, print
 /// a `listening on ADDR tenant=NAME` line for each, then serve until

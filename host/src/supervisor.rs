@@ -31,15 +31,15 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{anyhow, bail, Context as _, Result};
 use wasmtime::Engine;
 
-use crate::compile_cache::CompileCache;
 use crate::config::{HostConfig, ListenAddr, ServeConfig, StrategyKind, MAX_TENANTS};
 use crate::connection::{Service, LINGER};
-use crate::engine::{self, EpochClock};
-use crate::handler::{Handler, HandlerSource, LoadOptions};
 use crate::listener::Listener;
 use crate::metrics::{Metrics, TenantInfo};
 use crate::server::{self, ConnectionIds, Shutdown};
 use crate::strategy::{self, Async, Forking, Strategy, Threading};
+use crate::wasm::compile_cache::CompileCache;
+use crate::wasm::engine::{self, EpochClock};
+use crate::wasm::handler::{Handler, HandlerSource, LoadOptions};
 
 /// A worker that dies sooner than this after its start is replaced only
 /// after [`RESPAWN_DELAY`], so a crashing worker cannot become a fork loop.
@@ -802,8 +802,8 @@ impl Host {
             let old = self.tenants.get(&tenant.tenant);
             let same_settings = old.is_some_and(|old| old.config == *tenant);
             let digest = match &tenant.handler {
-                HandlerSource::File(_) => crate::compile_cache::digest(
-                    &crate::handler::read(&tenant.handler)
+                HandlerSource::File(_) => crate::wasm::compile_cache::digest(
+                    &crate::wasm::handler::read(&tenant.handler)
                         .with_context(|| format!("tenant {}", tenant.tenant))?,
                 ),
                 HandlerSource::BuiltinEcho => String::new(),

@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, Precompiled};
 
-use crate::compile_cache::CompileCache;
+use crate::wasm::compile_cache::CompileCache;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 mod bindings {
@@ -76,9 +76,9 @@ impl fmt::Display for HandlerSource {
 pub struct ConnState {
     pub wasi: WasiCtx,
     pub table: ResourceTable,
-    pub limiter: crate::limits::InstanceLimiter,
+    pub limiter: crate::wasm::limits::InstanceLimiter,
     /// The guest's monotonic clock.
-    pub clock: crate::guest_clock::GuestClock,
+    pub clock: crate::wasm::guest_clock::GuestClock,
     /// The connection: its deadline ends guest sleeps too.
     pub socket: std::sync::Arc<crate::net_stream::Socket>,
 }
@@ -154,7 +154,7 @@ fn instantiate_pre(
 ) -> Result<wasmtime::component::InstancePre<ConnState>> {
     let mut linker = Linker::<ConnState>::new(engine);
     add_wasi(&mut linker).map_err(|e| anyhow!("cannot link WASI: {}", one_line(&e)))?;
-    crate::guest_clock::add_to_linker(&mut linker)?;
+    crate::wasm::guest_clock::add_to_linker(&mut linker)?;
     linker.instantiate_pre(component).map_err(|e| {
         anyhow!(
             "handler {source} needs imports the host does not provide: {}",
@@ -323,7 +323,7 @@ impl Handler {
     /// pre-instantiates the handler.
     pub fn load(engine: &Engine, source: &HandlerSource, options: &LoadOptions) -> Result<Handler> {
         let bytes = read(source)?;
-        let digest = crate::compile_cache::digest(&bytes);
+        let digest = crate::wasm::compile_cache::digest(&bytes);
         let component = match Engine::detect_precompiled(&bytes) {
             Some(Precompiled::Component) => load_precompiled(engine, source, &bytes, options)?,
             Some(Precompiled::Module) => {

@@ -15,8 +15,8 @@ use wasmtime::StoreContextMut;
 use wasmtime_wasi::clocks::HostMonotonicClock;
 use wasmtime_wasi_io::poll::{subscribe, DynPollable, Pollable};
 
-use crate::handler::ConnState;
 use crate::net_stream::Socket;
+use crate::wasm::handler::ConnState;
 
 /// The `wasi:clocks` interface whose subscriptions are replaced.
 const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";

@@ -106,7 +106,7 @@ impl CompileCache {
                 tracing::warn!(
                     "ignoring the unusable cache entry {}: {}",
                     path.display(),
-                    crate::handler::one_line(&e)
+                    crate::wasm::handler::one_line(&e)
                 );
                 let _ = fs::remove_file(&path);
                 None
@@ -119,9 +119,9 @@ impl CompileCache {
     /// an entry.
     pub fn store(&self, engine: &Engine, digest: &str, component: &Component) -> Result<PathBuf> {
         let path = self.entry(engine, digest);
-        let bytes = component
-            .serialize()
-            .map_err(|e| anyhow::anyhow!("cannot serialize: {}", crate::handler::one_line(&e)))?;
+        let bytes = component.serialize().map_err(|e| {
+            anyhow::anyhow!("cannot serialize: {}", crate::wasm::handler::one_line(&e))
+        })?;
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let write = || -> std::io::Result<()> {
             let mut file = fs::File::create(&tmp)?;

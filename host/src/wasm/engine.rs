@@ -7,7 +7,7 @@ use anyhow::{anyhow, Result};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::config::{ServeConfig, StrategyKind};
-use crate::handler::one_line;
+use crate::wasm::handler::one_line;
 
 /// The epoch ticker's period: the precision of `--timeout` under threading.
 const TICK: Duration = Duration::from_millis(10);
