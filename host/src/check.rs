@@ -17,7 +17,7 @@ use wasmtime::{Engine, Precompiled};
 
 use crate::cli::{Given, TenantOptions};
 use crate::config::{ServeConfig, StrategyKind};
-use crate::connection::{Outcome, Service};
+use crate::conn::service::{Outcome, Service};
 use crate::wasm::engine::{self, EpochClock};
 use crate::wasm::handler::{self, Handler, HandlerSource};
 

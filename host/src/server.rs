@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 
-use crate::connection::Accepted;
+use crate::conn::service::Accepted;
 use crate::listener::Listener;
 use crate::strategy::Strategy;
 

@@ -32,7 +32,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use wasmtime::Engine;
 
 use crate::config::{HostConfig, ListenAddr, ServeConfig, StrategyKind, MAX_TENANTS};
-use crate::connection::{Service, LINGER};
+use crate::conn::service::{Service, LINGER};
 use crate::listener::Listener;
 use crate::metrics::{Metrics, TenantInfo};
 use crate::server::{self, ConnectionIds, Shutdown};

@@ -26,7 +26,7 @@ use anyhow::Result;
 use wasmtime::Engine;
 
 use super::{Reaped, Strategy};
-use crate::connection::{Accepted, Service, LINGER};
+use crate::conn::service::{Accepted, Service, LINGER};
 use crate::listener::Peer;
 use crate::server::Shutdown;
 

@@ -10,7 +10,7 @@ mod threading;
 
 use std::time::Instant;
 
-use crate::connection::{Accepted, Service};
+use crate::conn::service::{Accepted, Service};
 
 pub use forking::Forking;
 pub use tasks::Async;

@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::connection::Service;
+use crate::conn::service::Service;
 use crate::server::Wake;
 
 /// Connections in flight, shared with whatever serves them.

@@ -15,7 +15,7 @@ use wasmtime::StoreContextMut;
 use wasmtime_wasi::clocks::HostMonotonicClock;
 use wasmtime_wasi_io::poll::{subscribe, DynPollable, Pollable};
 
-use crate::net_stream::Socket;
+use crate::conn::socket::Socket;
 use crate::wasm::handler::ConnState;
 
 /// The `wasi:clocks` interface whose subscriptions are replaced.

@@ -80,7 +80,7 @@ pub struct ConnState {
     /// The guest's monotonic clock.
     pub clock: crate::wasm::guest_clock::GuestClock,
     /// The connection: its deadline ends guest sleeps too.
-    pub socket: std::sync::Arc<crate::net_stream::Socket>,
+    pub socket: std::sync::Arc<crate::conn::socket::Socket>,
 }
 
 impl WasiView for ConnState {

@@ -186,7 +186,7 @@ impl OutputStream for GuestLog {
     }
 
     fn check_write(&mut self) -> StreamResult<usize> {
-        Ok(crate::net_stream::CHUNK)
+        Ok(crate::conn::socket::CHUNK)
     }
 }
 

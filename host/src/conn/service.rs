@@ -17,10 +17,10 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream};
 
 use crate::config::{Access, Grants, Limits};
-use crate::guest_log::GuestOutput;
+use crate::conn::guest_log::GuestOutput;
+use crate::conn::socket::{block_on, Socket, SocketInput, SocketOutput, Waits};
 use crate::listener::{local_of, Peer};
 use crate::metrics::TenantMetrics;
-use crate::net_stream::{block_on, Socket, SocketInput, SocketOutput, Waits};
 use crate::wasm::engine::EpochClock;
 use crate::wasm::guest_clock::GuestClock;
 use crate::wasm::handler::{one_line, ConnState, ConnectionInfo, Handler};
