@@ -12,7 +12,7 @@ pub mod config_file;
 pub(crate) mod conn;
 pub mod listener;
 pub mod logging;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod server;
 pub mod strategy;
 pub mod supervisor;
