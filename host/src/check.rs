@@ -17,7 +17,9 @@ use wasmtime::{Engine, Precompiled};
 
 use crate::cli::{Given, TenantOptions};
 use crate::config::{ServeConfig, StrategyKind};
-use crate::conn::service::{Outcome, Service};
+use crate::conn::report::Ending;
+use crate::conn::service::Service;
+use crate::outcome::Outcome;
 use crate::wasm::engine::{self, EpochClock};
 use crate::wasm::handler::{self, Handler, HandlerSource};
 
@@ -151,7 +153,7 @@ pub fn check(path: &Path, run: bool, strategy: StrategyKind) -> Result<bool> {
     println!("handle:      exported with the type of host:handler/handler@0.1.0");
 
     let digest = crate::wasm::compile_cache::digest(&bytes);
-    let service = service(&config, Handler::from_parts(source, digest, pre))?;
+    let service = service(&config, Handler::from_parts(digest, pre))?;
     let instantiate = match time_instantiation(&service, INSTANTIATE_BUDGET, RUNS) {
         Ok(spread) => spread,
         Err(e) => return Ok(verdict(false, &format!("{e:#}"))),
@@ -279,7 +281,7 @@ struct Calls {
     /// Runs that ended with outcome `ok`.
     ok: usize,
     /// The first outcome other than `ok`.
-    failure: Option<Outcome>,
+    failure: Option<Ending>,
 }
 
 impl Calls {
@@ -332,11 +334,14 @@ fn time_calls(service: &Service, budget: Duration, runs: usize) -> Result<Calls>
     Ok(Calls {
         spread,
         echoed: replies.iter().filter(|(echoed, _)| *echoed).count(),
-        ok: replies.iter().filter(|(_, o)| *o == Outcome::Ok).count(),
+        ok: replies
+            .iter()
+            .filter(|(_, o)| o.outcome == Outcome::Ok)
+            .count(),
         failure: replies
             .into_iter()
-            .map(|(_, outcome)| outcome)
-            .find(|o| *o != Outcome::Ok),
+            .map(|(_, ending)| ending)
+            .find(|o| o.outcome != Outcome::Ok),
     })
 }
 

@@ -13,6 +13,7 @@ pub(crate) mod conn;
 pub mod listener;
 pub mod logging;
 pub(crate) mod metrics;
+pub(crate) mod outcome;
 pub mod server;
 pub mod strategy;
 pub mod supervisor;

@@ -14,7 +14,7 @@ use wasmtime_wasi_io::streams::{OutputStream, StreamResult};
 
 /// Bytes of guest output logged per connection (stdout and stderr together);
 /// the rest is counted and dropped.
-pub const LOG_BUDGET: usize = 64 * 1024;
+pub(crate) const LOG_BUDGET: usize = 64 * 1024;
 /// A longer line is logged in pieces of this size.
 const MAX_LINE: usize = 4096;
 /// What each logged line costs the budget beyond its text: the log line's
@@ -22,7 +22,7 @@ const MAX_LINE: usize = 4096;
 const LINE_COST: usize = 64;
 
 /// One connection's output budget, shared by its stdout and stderr.
-pub struct GuestOutput {
+pub(crate) struct GuestOutput {
     connection_id: u64,
     budget: Mutex<Budget>,
 }
@@ -33,7 +33,7 @@ struct Budget {
 }
 
 impl GuestOutput {
-    pub fn new(connection_id: u64) -> Arc<GuestOutput> {
+    pub(crate) fn new(connection_id: u64) -> Arc<GuestOutput> {
         Arc::new(GuestOutput {
             connection_id,
             budget: Mutex::new(Budget {
@@ -44,7 +44,7 @@ impl GuestOutput {
     }
 
     /// The `StdoutStream` for the guest's stdout (`"stdout"`) or stderr.
-    pub fn stream(self: &Arc<Self>, name: &'static str) -> GuestLog {
+    pub(crate) fn stream(self: &Arc<Self>, name: &'static str) -> GuestLog {
         GuestLog {
             shared: Arc::new(Mutex::new(LineBuffer {
                 output: self.clone(),
@@ -141,7 +141,7 @@ impl Drop for LineBuffer {
 
 /// A guest's stdout or stderr, as given to `WasiCtxBuilder::stdout`.
 #[derive(Clone)]
-pub struct GuestLog {
+pub(crate) struct GuestLog {
     shared: Arc<Mutex<LineBuffer>>,
 }
 

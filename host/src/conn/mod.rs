@@ -1,8 +1,10 @@
 //! The connection layer: one connection, start to end, whatever strategy
-//! runs it. `service` is the path itself (`Service::serve`); `socket` is the
-//! accepted socket as the guest's `wasi:io` streams; `guest_log` turns the
-//! guest's stdout and stderr into log lines.
+//! runs it. `service` is the path itself (`Service::serve`); `report` names
+//! how it ended and writes its `closed` line; `socket` is the accepted socket
+//! as the guest's `wasi:io` streams; `guest_log` turns the guest's stdout and
+//! stderr into log lines.
 
 pub(crate) mod guest_log;
+pub(crate) mod report;
 pub(crate) mod service;
 pub(crate) mod socket;

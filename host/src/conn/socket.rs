@@ -33,11 +33,11 @@ use wasmtime_wasi_io::streams::{InputStream, OutputStream, StreamError, StreamRe
 
 /// The most one read hands the guest, and the most the output stream buffers
 /// before `check-write` asks the guest to wait.
-pub const CHUNK: usize = 64 * 1024;
+pub(crate) const CHUNK: usize = 64 * 1024;
 
 /// How a stream waits for its socket when the guest asks it to block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Waits {
+pub(crate) enum Waits {
     /// In poll(2), blocking the calling thread (threading, prefork, forking).
     Blocking,
     /// On the tokio reactor, suspending the guest's fiber (async).
@@ -45,7 +45,7 @@ pub enum Waits {
 }
 
 /// The accepted socket, shared by the connection's two streams and the host.
-pub struct Socket {
+pub(crate) struct Socket {
     /// Registered with the tokio reactor the first time a stream must wait.
     /// Declared before `stream`: it must be dropped (deregistered) before the
     /// descriptor closes.
@@ -59,27 +59,27 @@ pub struct Socket {
     waits: Waits,
     /// What the output stream still held when it was dropped.
     leftover: std::sync::Mutex<BytesMut>,
-    pub traffic: Traffic,
+    pub(crate) traffic: Traffic,
 }
 
 /// What happened on a connection, read by the host once `handle` returns.
 #[derive(Default)]
-pub struct Traffic {
-    pub bytes_in: AtomicU64,
-    pub bytes_out: AtomicU64,
+pub(crate) struct Traffic {
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
     /// A wait saw no progress for the idle timeout.
-    pub idle_timed_out: AtomicBool,
+    pub(crate) idle_timed_out: AtomicBool,
     /// A wait reached the connection's deadline.
-    pub timed_out: AtomicBool,
+    pub(crate) timed_out: AtomicBool,
     /// The host ended the connection early (shutdown).
-    pub aborted: AtomicBool,
+    pub(crate) aborted: AtomicBool,
     /// Output the guest wrote was dropped unsent.
-    pub output_lost: AtomicBool,
+    pub(crate) output_lost: AtomicBool,
     /// The client reset the connection or stopped reading for good.
-    pub client_reset: AtomicBool,
+    pub(crate) client_reset: AtomicBool,
     /// The guest read the client's end of input (FIN): nothing the client
     /// sent is left unread.
-    pub input_ended: AtomicBool,
+    pub(crate) input_ended: AtomicBool,
 }
 
 /// Lets `AsyncFd` watch the socket's descriptor without owning it.
@@ -107,7 +107,7 @@ impl Direction {
 }
 
 impl Socket {
-    pub fn new(
+    pub(crate) fn new(
         stream: socket2::Socket,
         idle_timeout: Duration,
         deadline: Instant,
@@ -127,7 +127,7 @@ impl Socket {
 
     /// Whether the connection was aborted (shutdown) or ran past its
     /// deadline: a guest running wasm must stop.
-    pub fn must_stop(&self) -> bool {
+    pub(crate) fn must_stop(&self) -> bool {
         self.traffic.aborted.load(Ordering::SeqCst) || Instant::now() >= self.deadline
     }
 
@@ -137,7 +137,7 @@ impl Socket {
     /// that already timed out (idle or not) or was aborted waits no more:
     /// the idle timeout bounds the whole stall, not each wait after it.
     /// Call once the guest is gone, before closing.
-    pub async fn finish_output(&self) {
+    pub(crate) async fn finish_output(&self) {
         let mut pending =
             std::mem::take(&mut *self.leftover.lock().unwrap_or_else(|e| e.into_inner()));
         while !pending.is_empty() && self.expiry().is_none() {
@@ -173,7 +173,7 @@ impl Socket {
 
     /// Waits up to `limit` for the client to send something (or close):
     /// true if the socket became readable.
-    pub async fn readable_within(&self, limit: Duration) -> bool {
+    pub(crate) async fn readable_within(&self, limit: Duration) -> bool {
         let until = Instant::now() + limit;
         if self.waits == Waits::Blocking {
             return poll_fd(self.fd(), libc::POLLIN, Some(limit)).unwrap_or(false);
@@ -201,11 +201,11 @@ impl Socket {
     }
 
     /// When the connection's `--timeout` runs out.
-    pub fn deadline(&self) -> Instant {
+    pub(crate) fn deadline(&self) -> Instant {
         self.deadline
     }
 
-    pub fn stream(&self) -> &socket2::Socket {
+    pub(crate) fn stream(&self) -> &socket2::Socket {
         &self.stream
     }
 
@@ -221,14 +221,14 @@ impl Socket {
 
     /// Ends the connection from the host's side: both directions are shut
     /// down, so a guest waiting on the socket wakes up to an error.
-    pub fn abort(&self) {
+    pub(crate) fn abort(&self) {
         self.traffic.aborted.store(true, Ordering::SeqCst);
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
         self.abort_notify.notify_waiters();
     }
 
     /// Resolves once the connection is aborted.
-    pub async fn aborted(&self) {
+    pub(crate) async fn aborted(&self) {
         let notified = self.abort_notify.notified();
         let mut notified = std::pin::pin!(notified);
         // Registered before the flag is read, so no abort is missed.
@@ -246,7 +246,7 @@ impl Socket {
     }
 
     /// Records that the connection ran into its `--timeout`.
-    pub fn mark_timed_out(&self) {
+    pub(crate) fn mark_timed_out(&self) {
         self.traffic.timed_out.store(true, Ordering::Relaxed);
     }
 
@@ -427,7 +427,11 @@ fn stream_failure(why: &'static str) -> StreamError {
 
 /// poll(2) on one descriptor. `Ok(false)` when `timeout` passes first;
 /// `None` waits forever.
-pub fn poll_fd(fd: RawFd, events: libc::c_short, timeout: Option<Duration>) -> io::Result<bool> {
+pub(crate) fn poll_fd(
+    fd: RawFd,
+    events: libc::c_short,
+    timeout: Option<Duration>,
+) -> io::Result<bool> {
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
         let millis = match deadline {
@@ -462,13 +466,13 @@ pub fn poll_fd(fd: RawFd, events: libc::c_short, timeout: Option<Duration>) -> i
 }
 
 /// The `input-stream` a handler reads the client's bytes from.
-pub struct SocketInput {
+pub(crate) struct SocketInput {
     socket: Arc<Socket>,
     at_end: bool,
 }
 
 impl SocketInput {
-    pub fn new(socket: Arc<Socket>) -> Self {
+    pub(crate) fn new(socket: Arc<Socket>) -> Self {
         SocketInput {
             socket,
             at_end: false,
@@ -536,7 +540,7 @@ impl InputStream for SocketInput {
 /// The `output-stream` a handler writes the client's reply to. Bytes the
 /// socket cannot take at once wait in a buffer of at most [`CHUNK`] bytes; a
 /// dropped stream sends what is left before it goes (within the idle timeout).
-pub struct SocketOutput {
+pub(crate) struct SocketOutput {
     socket: Arc<Socket>,
     pending: BytesMut,
     /// A flush is under way: `check-write` answers 0 until `pending` is sent.
@@ -545,7 +549,7 @@ pub struct SocketOutput {
 }
 
 impl SocketOutput {
-    pub fn new(socket: Arc<Socket>) -> Self {
+    pub(crate) fn new(socket: Arc<Socket>) -> Self {
         SocketOutput {
             socket,
             pending: BytesMut::new(),
@@ -689,7 +693,7 @@ impl Drop for SocketOutput {
 /// Runs `future` to its end on this thread. For a [`Waits::Blocking`]
 /// socket's futures, which wait in poll(2) and are ready at their first
 /// poll; anything else parks the thread until woken.
-pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
     struct Unpark(std::thread::Thread);
     impl std::task::Wake for Unpark {
         fn wake(self: Arc<Self>) {

@@ -36,7 +36,7 @@ type Render = dyn Fn() -> String + Send + Sync;
 /// 8 KiB for its request line and headers, 2 s to send them and 5 s to
 /// take the response. HTTP/1.0 and 1.1, one request per connection
 /// (`Connection: close`). Returns only if the listener itself fails.
-pub fn serve_http(
+pub(crate) fn serve_http(
     listener: TcpListener,
     render: impl Fn() -> String + Send + Sync + 'static,
 ) -> Result<()> {

@@ -21,4 +21,4 @@ mod page;
 mod shared;
 
 pub(crate) use http::serve_http;
-pub(crate) use shared::{Metrics, TenantInfo, TenantMetrics};
+pub(crate) use shared::{InFlight, Metrics, TenantInfo, TenantMetrics};

@@ -9,15 +9,16 @@ use prometheus_client::encoding::{prometheus_text, DescriptorEncoder, NoLabelSet
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
-use super::shared::{Metrics, Slot, TenantInfo, DURATION_BOUNDS_US, MEMORY_BOUNDS, OUTCOMES};
+use super::shared::{Metrics, Slot, TenantInfo, DURATION_BOUNDS_US, MEMORY_BOUNDS};
+use crate::outcome::Outcome;
 
 /// The `Content-Type` of the page [`Metrics::render`] writes.
-pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+pub(crate) const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 impl Metrics {
     /// The whole page in the text format, for the given tenants (only these
     /// are shown; one whose slot is out of range is left out).
-    pub fn render(&self, tenants: &[TenantInfo]) -> String {
+    pub(crate) fn render(&self, tenants: &[TenantInfo]) -> String {
         let header = self.map.header();
         let page = Page {
             reloads: [
@@ -45,7 +46,7 @@ impl Metrics {
 /// One tenant's counters, read at render time.
 #[derive(Debug)]
 struct Snapshot {
-    outcomes: [u64; OUTCOMES.len()],
+    outcomes: [u64; Outcome::ALL.len()],
     in_flight: i64,
     received: u64,
     sent: u64,
@@ -134,8 +135,8 @@ impl Collector for Page {
                 MetricType::Counter,
             )?;
             for (info, snapshot) in &self.tenants {
-                for (outcome, count) in OUTCOMES.iter().zip(snapshot.outcomes) {
-                    let labels = [("tenant", info.name.as_str()), ("outcome", *outcome)];
+                for (outcome, count) in Outcome::ALL.iter().zip(snapshot.outcomes) {
+                    let labels = [("tenant", info.name.as_str()), ("outcome", outcome.name())];
                     metric
                         .encode_family(&labels)?
                         .encode_counter::<NoLabelSet, _, u64>(&count, None)?;
@@ -302,11 +303,12 @@ mod tests {
                 let tenant = tenant.clone();
                 fork_child(move || {
                     for _ in 0..1000 {
-                        tenant.connection_started();
-                        tenant.record("ok", 3, 5, 2 * MS, Some(100 << 10));
-                        tenant.connection_ended();
+                        let in_flight = tenant.in_flight();
+                        tenant.record(Outcome::Ok, 3, 5, 2 * MS, Some(100 << 10));
+                        drop(in_flight);
                     }
-                    tenant.connection_started();
+                    // Still in flight when the child exits.
+                    std::mem::forget(tenant.in_flight());
                 })
             })
             .collect();
@@ -350,17 +352,19 @@ mod tests {
         let b = metrics.tenant(3);
         let hidden = metrics.tenant(1);
         for _ in 0..3 {
-            a.record("ok", 10, 20, MS, Some(1 << 20));
+            a.record(Outcome::Ok, 10, 20, MS, Some(1 << 20));
         }
-        a.record("trap", 1, 0, MS, Some(1 << 20));
-        a.record("no-such-outcome", 0, 0, MS, Some(1 << 20));
-        b.record("denied", 0, 0, Duration::ZERO, None);
-        b.record("timeout", 7, 0, 5 * MS, Some(64 << 10));
-        b.record("host-error", 0, 0, MS, None);
-        hidden.record("ok", 1, 1, MS, None);
-        a.connection_started();
-        a.connection_started();
-        a.connection_ended();
+        a.record(Outcome::Trap, 1, 0, MS, Some(1 << 20));
+        // (Outcomes are no longer strings, so none is unknown: the host-error
+        // an unknown one counted as is recorded as one.)
+        a.record(Outcome::HostError, 0, 0, MS, Some(1 << 20));
+        b.record(Outcome::Denied, 0, 0, Duration::ZERO, None);
+        b.record(Outcome::Timeout, 7, 0, 5 * MS, Some(64 << 10));
+        b.record(Outcome::HostError, 0, 0, MS, None);
+        hidden.record(Outcome::Ok, 1, 1, MS, None);
+        let first = a.in_flight();
+        let _second = a.in_flight();
+        drop(first);
         metrics.reloaded(true);
         metrics.reloaded(false);
         metrics.reloaded(false);
@@ -371,7 +375,7 @@ mod tests {
         let expected_a = [3, 0, 1, 0, 0, 0, 0, 0, 1, 0];
         let expected_b = [0, 0, 0, 0, 1, 0, 0, 0, 1, 1];
         for (tenant, expected) in [("a", expected_a), ("b", expected_b)] {
-            for (outcome, count) in OUTCOMES.iter().zip(expected) {
+            for (outcome, count) in Outcome::ALL.iter().map(|o| o.name()).zip(expected) {
                 assert_eq!(
                     get(&format!(
                         r#"host_connections_total{{tenant="{tenant}",outcome="{outcome}"}}"#
@@ -419,17 +423,17 @@ mod tests {
         let t = metrics.tenant(0);
         // Durations: on a bound (inclusive), just above it, in the middle,
         // and above every bound.
-        t.record("ok", 0, 0, MS, Some(64 << 10));
+        t.record(Outcome::Ok, 0, 0, MS, Some(64 << 10));
         t.record(
-            "ok",
+            Outcome::Ok,
             0,
             0,
             MS + Duration::from_nanos(1),
             Some((64 << 10) + 1),
         );
-        t.record("ok", 0, 0, Duration::from_millis(300), Some(4 << 30));
-        t.record("ok", 0, 0, Duration::from_secs(90), Some(5 << 30));
-        t.record("denied", 0, 0, Duration::from_micros(500), None);
+        t.record(Outcome::Ok, 0, 0, Duration::from_millis(300), Some(4 << 30));
+        t.record(Outcome::Ok, 0, 0, Duration::from_secs(90), Some(5 << 30));
+        t.record(Outcome::Denied, 0, 0, Duration::from_micros(500), None);
 
         let samples = samples(&metrics.render(&[info("h", 0)]));
         let get = |series: &str| value(&samples, series);
@@ -484,7 +488,7 @@ mod tests {
     #[test]
     fn label_values_are_escaped() {
         let metrics = Metrics::new(1).unwrap();
-        metrics.tenant(0).record("ok", 1, 1, MS, None);
+        metrics.tenant(0).record(Outcome::Ok, 1, 1, MS, None);
         let page = metrics.render(&[info("we\"ird\\name\n", 0)]);
         assert!(page.contains(r#"tenant="we\"ird\\name\n""#), "{page}");
     }
@@ -520,8 +524,10 @@ mod tests {
     #[test]
     fn page_passes_promtool() {
         let metrics = Metrics::new(3).unwrap();
-        metrics.tenant(0).record("ok", 5, 5, 3 * MS, Some(1 << 20));
-        metrics.tenant(2).record("denied", 0, 0, MS, None);
+        metrics
+            .tenant(0)
+            .record(Outcome::Ok, 5, 5, 3 * MS, Some(1 << 20));
+        metrics.tenant(2).record(Outcome::Denied, 0, 0, MS, None);
         metrics.reloaded(false);
         let tenants = [
             info("a", 0),

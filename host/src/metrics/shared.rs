@@ -12,23 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 
-/// The outcomes a connection can end with, in label order.
-pub const OUTCOMES: [&str; 10] = [
-    "ok",
-    "handler-error",
-    "trap",
-    "memory-limit",
-    "timeout",
-    "idle-timeout",
-    "client-reset",
-    "shutdown",
-    "host-error",
-    "denied",
-];
-
-/// Where an unknown outcome is counted.
-const HOST_ERROR: usize = 8;
-const _: () = assert!(matches!(OUTCOMES[HOST_ERROR].as_bytes(), b"host-error"));
+use crate::outcome::Outcome;
 
 /// Upper bounds of the connection duration buckets, in microseconds
 /// (0.001 s to 60 s).
@@ -64,7 +48,7 @@ pub(super) struct Header {
 /// the sum of its buckets, so `_count` always equals the `+Inf` bucket.
 #[repr(C, align(64))]
 pub(super) struct Slot {
-    pub(super) outcomes: [AtomicU64; OUTCOMES.len()],
+    pub(super) outcomes: [AtomicU64; Outcome::ALL.len()],
     pub(super) in_flight: AtomicI64,
     pub(super) received: AtomicU64,
     pub(super) sent: AtomicU64,
@@ -157,7 +141,7 @@ impl Drop for Mapping {
 /// `fork()`; clones (and copies inherited by forked children) share the same
 /// counters.
 #[derive(Clone)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     pub(super) map: Arc<Mapping>,
 }
 
@@ -171,18 +155,18 @@ impl fmt::Debug for Metrics {
 
 /// A tenant as the page names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TenantInfo {
-    pub name: String,
+pub(crate) struct TenantInfo {
+    pub(crate) name: String,
     /// Its slot in [`Metrics`].
-    pub slot: usize,
+    pub(crate) slot: usize,
     /// The handler's SHA-256 in hex, or `builtin-echo`.
-    pub digest: String,
-    pub strategy: String,
+    pub(crate) digest: String,
+    pub(crate) strategy: String,
 }
 
 /// The counters of one tenant slot.
 #[derive(Clone)]
-pub struct TenantMetrics {
+pub(crate) struct TenantMetrics {
     map: Arc<Mapping>,
     slot: usize,
 }
@@ -197,18 +181,18 @@ impl fmt::Debug for TenantMetrics {
 
 impl Metrics {
     /// A fresh zeroed mapping with room for `max_tenants` tenant slots.
-    pub fn new(max_tenants: usize) -> Result<Metrics> {
+    pub(crate) fn new(max_tenants: usize) -> Result<Metrics> {
         Ok(Metrics {
             map: Arc::new(Mapping::new(max_tenants)?),
         })
     }
 
-    pub fn max_tenants(&self) -> usize {
+    pub(crate) fn max_tenants(&self) -> usize {
         self.map.max_tenants
     }
 
     /// The counters of tenant slot `slot` (< max_tenants, else panic).
-    pub fn tenant(&self, slot: usize) -> TenantMetrics {
+    pub(crate) fn tenant(&self, slot: usize) -> TenantMetrics {
         self.map.slot(slot);
         TenantMetrics {
             map: Arc::clone(&self.map),
@@ -217,7 +201,7 @@ impl Metrics {
     }
 
     /// Counts one reload attempt (host-wide), by result.
-    pub fn reloaded(&self, ok: bool) {
+    pub(crate) fn reloaded(&self, ok: bool) {
         let index = if ok { 0 } else { 1 };
         self.map.header().reloads[index].fetch_add(1, Ordering::Relaxed);
     }
@@ -228,36 +212,28 @@ impl TenantMetrics {
         self.map.slot(self.slot)
     }
 
-    /// A connection was accepted and handed to a worker (in-flight gauge +1).
-    pub fn connection_started(&self) {
+    /// A connection was accepted and handed to a worker: the in-flight
+    /// gauge counts it until the returned guard is dropped.
+    pub(crate) fn in_flight(&self) -> InFlight {
         self.slot().in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
     }
 
-    /// That connection is over (in-flight gauge -1).
-    pub fn connection_ended(&self) {
-        self.slot().in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    /// How one connection ended. `outcome` is one of [`OUTCOMES`] (an unknown
-    /// one counts as `host-error`). `peak_memory` is the instance's peak
-    /// memory in bytes (None when no instance was created, e.g. denied).
+    /// How one connection ended. `peak_memory` is the instance's peak memory
+    /// in bytes (None when no instance was created, e.g. denied).
     ///
     /// Does not allocate: safe in a child forked from a multi-threaded
     /// process.
-    pub fn record(
+    pub(crate) fn record(
         &self,
-        outcome: &str,
+        outcome: Outcome,
         bytes_in: u64,
         bytes_out: u64,
         duration: Duration,
         peak_memory: Option<u64>,
     ) {
         let slot = self.slot();
-        let outcome = OUTCOMES
-            .iter()
-            .position(|known| *known == outcome)
-            .unwrap_or(HOST_ERROR);
-        slot.outcomes[outcome].fetch_add(1, Ordering::Relaxed);
+        slot.outcomes[outcome.index()].fetch_add(1, Ordering::Relaxed);
         slot.received.fetch_add(bytes_in, Ordering::Relaxed);
         slot.sent.fetch_add(bytes_out, Ordering::Relaxed);
 
@@ -280,6 +256,17 @@ impl TenantMetrics {
             slot.memory_buckets[bucket].fetch_add(1, Ordering::Relaxed);
             slot.memory_sum.fetch_add(peak, Ordering::Relaxed);
         }
+    }
+}
+
+/// One connection in its tenant's in-flight gauge: taken when the connection
+/// is handed to whatever serves it, dropped when it is over (its thread or
+/// task ends, or the forking parent reaps its child), however that happens.
+pub(crate) struct InFlight(TenantMetrics);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.slot().in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

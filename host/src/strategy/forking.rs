@@ -26,8 +26,11 @@ use anyhow::Result;
 use wasmtime::Engine;
 
 use super::{Reaped, Strategy};
+use crate::conn::report::{log_closed, Closed, Level};
 use crate::conn::service::{Accepted, Service, LINGER};
 use crate::listener::Peer;
+use crate::metrics::InFlight;
+use crate::outcome::Outcome;
 use crate::server::Shutdown;
 
 pub struct Forking {
@@ -47,7 +50,9 @@ struct Child {
     peer: Peer,
     started: Instant,
     /// Why the parent killed it, if it did.
-    killed: Option<&'static str>,
+    killed: Option<Outcome>,
+    /// Its connection's place in the in-flight gauge, left when it is reaped.
+    _in_flight: Option<InFlight>,
 }
 
 /// How long accepting pauses after a failed fork.
@@ -129,6 +134,7 @@ impl Forking {
                     block = false;
                     if let Some(child) = self.children.remove(&pid) {
                         let outcome = report_exit(pid, &child, status, self.service.tenant());
+                        drop(child);
                         self.ended(outcome);
                     }
                 }
@@ -140,7 +146,6 @@ impl Forking {
                             "connection {} worker=pid-{pid}: the worker process vanished",
                             child.id
                         );
-                        self.ended(None);
                     }
                     return;
                 }
@@ -148,18 +153,15 @@ impl Forking {
         }
     }
 
-    /// A child is gone: the in-flight gauge drops, and an outcome the child
-    /// could not count itself is counted here.
-    fn ended(&self, outcome: Option<&'static str>) {
-        if let Some(metrics) = self.service.metrics() {
-            metrics.connection_ended();
-            if let Some(outcome) = outcome {
-                metrics.record(outcome, 0, 0, Duration::ZERO, None);
-            }
+    /// A child is gone (and with it its place in the in-flight gauge): an
+    /// outcome the child could not count itself is counted here.
+    fn ended(&self, outcome: Option<Outcome>) {
+        if let (Some(metrics), Some(outcome)) = (self.service.metrics(), outcome) {
+            metrics.record(outcome, 0, 0, Duration::ZERO, None);
         }
     }
 
-    fn kill_children(&mut self, why: &'static str, only_overdue: bool) {
+    fn kill_children(&mut self, why: Outcome, only_overdue: bool) {
         let now = Instant::now();
         for (&pid, child) in &mut self.children {
             if child.killed.is_some() || (only_overdue && now < child.started + self.backstop) {
@@ -204,30 +206,38 @@ fn report_exit(
     child: &Child,
     status: libc::c_int,
     tenant: &str,
-) -> Option<&'static str> {
+) -> Option<Outcome> {
     let (outcome, cause) = if let Some(why) = child.killed {
-        (why, format!("the worker process was killed ({why})"))
+        (
+            why,
+            format!("the worker process was killed ({})", why.name()),
+        )
     } else if libc::WIFSIGNALED(status) {
         let signal = libc::WTERMSIG(status);
         (
-            "host-error",
+            Outcome::HostError,
             format!("the worker process was killed by signal {signal}"),
         )
     } else if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) != 0 {
         let code = libc::WEXITSTATUS(status);
         (
-            "host-error",
+            Outcome::HostError,
             format!("the worker process exited with status {code}"),
         )
     } else {
         return None;
     };
-    tracing::warn!(
-        "connection {} closed peer={} worker=pid-{pid} tenant={tenant} duration={:.3}ms outcome={outcome} error={cause:?}",
-        child.id,
-        child.peer,
-        child.started.elapsed().as_secs_f64() * 1000.0,
-    );
+    log_closed(&Closed {
+        id: child.id,
+        peer: &child.peer,
+        worker: Some(&format!("pid-{pid}")),
+        tenant,
+        usage: None,
+        duration: Some(child.started.elapsed()),
+        outcome,
+        error: Some(&cause),
+        level: Level::Warn,
+    });
     Some(outcome)
 }
 
@@ -247,22 +257,24 @@ impl Strategy for Forking {
                 // the rest wait in the backlog until a child exits or the
                 // pause ends, instead of being accepted and dropped.
                 let err = io::Error::last_os_error();
-                tracing::error!(
-                    "connection {} closed peer={} tenant={} outcome=host-error error=\"fork failed: {err}\"",
-                    conn.id,
-                    conn.peer,
-                    self.service.tenant(),
-                );
+                log_closed(&Closed {
+                    id: conn.id,
+                    peer: &conn.peer,
+                    worker: None,
+                    tenant: self.service.tenant(),
+                    usage: None,
+                    duration: None,
+                    outcome: Outcome::HostError,
+                    error: Some(&format!("fork failed: {err}")),
+                    level: Level::Error,
+                });
                 if let Some(metrics) = self.service.metrics() {
-                    metrics.record("host-error", 0, 0, Duration::ZERO, None);
+                    metrics.record(Outcome::HostError, 0, 0, Duration::ZERO, None);
                 }
                 self.paused_until = Some(Instant::now() + FORK_RETRY);
             }
             0 => self.run_child(conn, parent),
             pid => {
-                if let Some(metrics) = self.service.metrics() {
-                    metrics.connection_started();
-                }
                 self.children.insert(
                     pid,
                     Child {
@@ -270,6 +282,7 @@ impl Strategy for Forking {
                         peer: conn.peer.clone(),
                         started: Instant::now(),
                         killed: None,
+                        _in_flight: self.service.in_flight(),
                     },
                 );
                 // The child has its own copy of the socket; this one closes.
@@ -288,7 +301,7 @@ impl Strategy for Forking {
         if self.paused_until.is_some_and(|t| Instant::now() >= t) || self.children.len() < before {
             self.paused_until = None;
         }
-        self.kill_children("timeout", true);
+        self.kill_children(Outcome::Timeout, true);
     }
 
     fn in_flight(&self) -> usize {
@@ -307,7 +320,7 @@ impl Strategy for Forking {
     fn stop_accepting(&mut self) {}
 
     fn abort(&mut self) {
-        self.kill_children("shutdown", false);
+        self.kill_children(Outcome::Shutdown, false);
     }
 
     fn finish(&mut self) {

@@ -23,8 +23,8 @@ const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
 
 /// Nanoseconds since the connection's store was created.
 #[derive(Clone, Copy)]
-pub struct GuestClock {
-    pub base: Instant,
+pub(crate) struct GuestClock {
+    pub(crate) base: Instant,
 }
 
 impl GuestClock {
@@ -76,7 +76,7 @@ impl Pollable for Sleep {
 /// Replaces wasmtime-wasi's `subscribe-duration` and `subscribe-instant` with
 /// versions capped at the store's deadline. Call after
 /// `wasmtime_wasi::p2::add_to_linker_sync`.
-pub fn add_to_linker(linker: &mut Linker<ConnState>) -> Result<()> {
+pub(crate) fn add_to_linker(linker: &mut Linker<ConnState>) -> Result<()> {
     linker.allow_shadowing(true);
     let mut clock = linker.instance(MONOTONIC_CLOCK)?;
     clock.func_wrap(

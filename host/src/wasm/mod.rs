@@ -12,3 +12,13 @@ pub(crate) mod engine;
 pub(crate) mod guest_clock;
 pub(crate) mod handler;
 pub(crate) mod limits;
+
+/// An error and its causes on one line.
+pub(crate) fn one_line(e: &wasmtime::Error) -> String {
+    let text = format!("{e:#}");
+    text.split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
