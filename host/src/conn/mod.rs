@@ -2,9 +2,11 @@
 //! runs it. `service` is the path itself (`Service::serve`); `report` names
 //! how it ended and writes its `closed` line; `socket` is the accepted socket
 //! as the guest's `wasi:io` streams; `guest_log` turns the guest's stdout and
-//! stderr into log lines.
+//! stderr into log lines; `timing` is `host check`'s measurements of the
+//! same path.
 
 pub(crate) mod guest_log;
 pub(crate) mod report;
 pub(crate) mod service;
 pub(crate) mod socket;
+pub(crate) mod timing;

@@ -248,67 +248,13 @@ impl Service {
         self.clock.expire_all(self.engine(), self.limits.timeout);
     }
 
-    /// `host check`'s instantiation figure: a fresh store, made as every
-    /// connection's is ([`Service::new_store`]), over `stream`, and the time
-    /// `instantiate` alone takes in it. The socket is not read or written,
-    /// so one connection serves any number of these.
-    pub(crate) fn time_instantiate(&self, stream: &socket2::Socket) -> anyhow::Result<Duration> {
-        let socket = Socket::new(
-            stream.try_clone()?,
-            self.limits.idle_timeout,
-            Instant::now() + self.limits.timeout,
-            Waits::Blocking,
-        );
-        let mut store = self
-            .new_store(0, &socket, Waits::Blocking)
-            .map_err(anyhow::Error::msg)?;
-        let started = Instant::now();
-        self.handler
-            .pre()
-            .instantiate(&mut store)
-            .map_err(|e| anyhow::anyhow!("instantiation failed: {}", one_line(&e)))?;
-        Ok(started.elapsed())
-    }
-
-    /// `host check`'s instantiate + call figure: serves the accepted `stream`
-    /// as [`Service::serve`] does, without its log line and counters, and
-    /// returns how long [`Service::run_guest`] took (the fresh store, the
-    /// streams, the instance, the whole `handle` call, and the store's drop,
-    /// which sends what the output still buffers and frees the instance) and
-    /// how the connection ended. The connection is closed, as `serve` closes
-    /// it, before this returns.
-    pub(crate) fn time_call(&self, stream: socket2::Socket, id: u64) -> (Duration, Ending) {
-        let _ = stream.set_tcp_nodelay(true);
-        let peer = stream.peer_addr().ok().and_then(|a| a.as_socket());
-        let info = ConnectionInfo {
-            peer_address: peer.map_or_else(|| "unknown".into(), |a| a.to_string()),
-            local_address: local_of(&stream),
-            connection_id: id,
-            worker: "check".to_string(),
-            tenant: self.tenant.clone(),
-        };
-        let socket = Socket::new(
-            stream,
-            self.limits.idle_timeout,
-            Instant::now() + self.limits.timeout,
-            Waits::Blocking,
-        );
-        let started = Instant::now();
-        let (result, limiter) = self.run_guest(&socket, &info);
-        block_on(socket.finish_output());
-        let took = started.elapsed();
-        let ending = classify(result, &socket, limiter.as_ref());
-        block_on(close(&socket, ending.outcome));
-        (took, ending)
-    }
-
     fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Socket>>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Instantiates the handler in a fresh store and calls `handle`. The
     /// store, and with it every guest resource, is gone when this returns.
-    fn run_guest(
+    pub(super) fn run_guest(
         &self,
         socket: &Arc<Socket>,
         info: &ConnectionInfo,
@@ -377,7 +323,7 @@ impl Service {
 
     /// A store granting what `--env` and `--dir` grant and nothing else, with
     /// the memory limit and the deadline set.
-    fn new_store(
+    pub(super) fn new_store(
         &self,
         id: u64,
         socket: &Arc<Socket>,
@@ -493,7 +439,7 @@ impl Drop for LiveEntry<'_> {
 /// An end that cut the reply short (a timeout, shutdown, trap or memory limit,
 /// or output left unsent) resets the connection, so the client cannot take a
 /// truncated reply for a whole one.
-async fn close(socket: &Socket, outcome: Outcome) {
+pub(super) async fn close(socket: &Socket, outcome: Outcome) {
     // A reply cut short must not look complete: reset instead of FIN.
     let cut_short = matches!(
         outcome,
