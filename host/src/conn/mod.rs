@@ -1,7 +1,8 @@
 //! The connection layer: one connection, start to end, whatever strategy
 //! runs it. `service` is the path itself (`Service::serve`); `report` names
 //! how it ended and writes its `closed` line; `socket` is the accepted socket
-//! as the guest's `wasi:io` streams; `guest_log` turns the guest's stdout and
+//! and how the connection waits on it, `streams` the guest's `wasi:io`
+//! streams over it; `guest_log` turns the guest's stdout and
 //! stderr into log lines; `timing` is `host check`'s measurements of the
 //! same path.
 
@@ -9,4 +10,5 @@ pub(crate) mod guest_log;
 pub(crate) mod report;
 pub(crate) mod service;
 pub(crate) mod socket;
+pub(crate) mod streams;
 pub(crate) mod timing;

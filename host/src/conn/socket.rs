@@ -1,6 +1,7 @@
-//! The connection's socket as `wasi:io` streams: the `input-stream` and
-//! `output-stream` resources a handler receives are implemented directly over
-//! the accepted socket (TCP or Unix-domain).
+//! The connection's socket (TCP or Unix-domain) as the guest's streams see
+//! it: the `input-stream` and `output-stream` resources a handler receives
+//! (`conn::streams`) are implemented directly over this [`Socket`], which
+//! keeps how they wait, the connection's deadline and what happened on it.
 //!
 //! Every operation first tries the socket without blocking (`recv`/`send` with
 //! `MSG_DONTWAIT`), so data that is already there costs one system call. How
@@ -21,15 +22,17 @@
 //! I/O is stopped by it as surely as one spinning in wasm code.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd as _, AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
 use wasmtime_wasi_io::bytes::{Bytes, BytesMut};
-use wasmtime_wasi_io::poll::Pollable;
-use wasmtime_wasi_io::streams::{InputStream, OutputStream, StreamError, StreamResult};
+use wasmtime_wasi_io::streams::StreamError;
+
+pub(crate) use crate::sys::socket::Interest;
+use crate::sys::socket::{poll_one, recv_nonblocking, send_nonblocking};
 
 /// The most one read hands the guest, and the most the output stream buffers
 /// before `check-write` asks the guest to wait.
@@ -56,9 +59,9 @@ pub(crate) struct Socket {
     deadline: Instant,
     /// Wakes guest waits that are not on the socket (sleeps) at an abort.
     abort_notify: tokio::sync::Notify,
-    waits: Waits,
+    pub(super) waits: Waits,
     /// What the output stream still held when it was dropped.
-    leftover: std::sync::Mutex<BytesMut>,
+    pub(super) leftover: std::sync::Mutex<BytesMut>,
     pub(crate) traffic: Traffic,
 }
 
@@ -88,21 +91,6 @@ struct RawFdRef(RawFd);
 impl AsRawFd for RawFdRef {
     fn as_raw_fd(&self) -> RawFd {
         self.0
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Direction {
-    Read,
-    Write,
-}
-
-impl Direction {
-    fn poll_events(self) -> libc::c_short {
-        match self {
-            Direction::Read => libc::POLLIN,
-            Direction::Write => libc::POLLOUT,
-        }
     }
 }
 
@@ -143,7 +131,7 @@ impl Socket {
         while !pending.is_empty() && self.expiry().is_none() {
             match self.send_now(&pending) {
                 Ok(0) => {
-                    if !self.wait_here(Direction::Write).await {
+                    if !self.wait_here(Interest::Write).await {
                         break;
                     }
                 }
@@ -164,7 +152,7 @@ impl Socket {
 
     /// Waits for `direction` as this socket's strategy waits: false (and
     /// why recorded) when the idle timeout or the deadline passes first.
-    async fn wait_here(&self, direction: Direction) -> bool {
+    pub(super) async fn wait_here(&self, direction: Interest) -> bool {
         match self.waits {
             Waits::Blocking => self.wait_blocking(direction, self.wait_deadline()),
             Waits::Async => self.wait(direction).await,
@@ -176,10 +164,10 @@ impl Socket {
     pub(crate) async fn readable_within(&self, limit: Duration) -> bool {
         let until = Instant::now() + limit;
         if self.waits == Waits::Blocking {
-            return poll_fd(self.fd(), libc::POLLIN, Some(limit)).unwrap_or(false);
+            return poll_one(self.stream.as_fd(), Interest::Read, Some(limit)).unwrap_or(false);
         }
         loop {
-            if self.ready_now(Direction::Read) {
+            if self.ready_now(Interest::Read) {
                 return true;
             }
             let left = until.saturating_duration_since(Instant::now());
@@ -191,7 +179,7 @@ impl Socket {
                     let readable = async { reactor.readable().await.map(|mut g| g.clear_ready()) };
                     match tokio::time::timeout(left, readable).await {
                         Ok(Ok(())) => {}
-                        Ok(Err(_)) | Err(_) => return self.ready_now(Direction::Read),
+                        Ok(Err(_)) | Err(_) => return self.ready_now(Interest::Read),
                     }
                 }
                 // Never block a runtime thread (see `wait_without_reactor`).
@@ -215,8 +203,8 @@ impl Socket {
 
     /// Whether the socket is ready for `direction` right now (or has an error
     /// or hang-up pending, which the next operation reports).
-    fn ready_now(&self, direction: Direction) -> bool {
-        poll_fd(self.fd(), direction.poll_events(), Some(Duration::ZERO)).unwrap_or(true)
+    fn ready_now(&self, direction: Interest) -> bool {
+        poll_one(self.stream.as_fd(), direction, Some(Duration::ZERO)).unwrap_or(true)
     }
 
     /// Ends the connection from the host's side: both directions are shut
@@ -263,7 +251,7 @@ impl Socket {
     /// executor: other pollables in the same `poll` keep being watched.
     /// Returns false (and records why) when the idle timeout or the
     /// connection's deadline passes first.
-    async fn wait(&self, direction: Direction) -> bool {
+    pub(super) async fn wait(&self, direction: Interest) -> bool {
         let deadline = self.wait_deadline();
         loop {
             if self.ready_now(direction) {
@@ -275,8 +263,8 @@ impl Socket {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let readiness = async {
                 match direction {
-                    Direction::Read => reactor.readable().await.map(|mut g| g.clear_ready()),
-                    Direction::Write => reactor.writable().await.map(|mut g| g.clear_ready()),
+                    Interest::Read => reactor.readable().await.map(|mut g| g.clear_ready()),
+                    Interest::Write => reactor.writable().await.map(|mut g| g.clear_ready()),
                 }
             };
             match tokio::time::timeout(remaining, readiness).await {
@@ -296,7 +284,7 @@ impl Socket {
     /// system is out of epoll watches or memory): a worker thread blocks in
     /// poll(2); under async, which must never block a runtime thread, the
     /// socket is looked at again every few milliseconds until `deadline`.
-    async fn wait_without_reactor(&self, direction: Direction, deadline: Instant) -> bool {
+    async fn wait_without_reactor(&self, direction: Interest, deadline: Instant) -> bool {
         if self.waits == Waits::Blocking {
             return self.wait_blocking(direction, deadline);
         }
@@ -314,9 +302,9 @@ impl Socket {
     }
 
     /// Blocks this thread in poll(2) until ready or `deadline`.
-    fn wait_blocking(&self, direction: Direction, deadline: Instant) -> bool {
+    fn wait_blocking(&self, direction: Interest, deadline: Instant) -> bool {
         let remaining = deadline.saturating_duration_since(Instant::now());
-        match poll_fd(self.fd(), direction.poll_events(), Some(remaining)) {
+        match poll_one(self.stream.as_fd(), direction, Some(remaining)) {
             Ok(true) | Err(_) => true,
             Ok(false) => {
                 self.expired(deadline);
@@ -339,7 +327,7 @@ impl Socket {
     }
 
     /// Why the streams may no longer wait, if they may not.
-    fn expiry(&self) -> Option<StreamError> {
+    pub(super) fn expiry(&self) -> Option<StreamError> {
         let traffic = &self.traffic;
         if Instant::now() >= self.deadline {
             // Nothing is read or written for the guest after its deadline.
@@ -357,25 +345,17 @@ impl Socket {
     }
 
     /// Sends what it can without blocking; `Ok(0)` when the socket is full.
-    fn send_now(&self, data: &[u8]) -> io::Result<usize> {
+    pub(super) fn send_now(&self, data: &[u8]) -> io::Result<usize> {
         loop {
-            // SAFETY: `data` is a valid buffer of `data.len()` bytes and the
-            // descriptor is owned by `self.stream`.
-            let n = unsafe {
-                libc::send(
-                    self.fd(),
-                    data.as_ptr().cast(),
-                    data.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
+            let err = match send_nonblocking(self.stream.as_fd(), data) {
+                Ok(n) => {
+                    self.traffic
+                        .bytes_out
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    return Ok(n);
+                }
+                Err(err) => err,
             };
-            if n >= 0 {
-                self.traffic
-                    .bytes_out
-                    .fetch_add(n as u64, Ordering::Relaxed);
-                return Ok(n as usize);
-            }
-            let err = io::Error::last_os_error();
             match err.kind() {
                 io::ErrorKind::Interrupted => continue,
                 io::ErrorKind::WouldBlock => return Ok(0),
@@ -386,19 +366,16 @@ impl Socket {
 
     /// Receives what is there without blocking: `Ok(None)` when nothing is,
     /// `Ok(Some(empty))` at end of input.
-    fn recv_now(&self, size: usize) -> io::Result<Option<Bytes>> {
+    pub(super) fn recv_now(&self, size: usize) -> io::Result<Option<Bytes>> {
         let mut buf = BytesMut::with_capacity(size);
         loop {
-            // SAFETY: the spare capacity holds `size` writable bytes; `recv`
-            // initialises the first `n` of them before `set_len(n)`.
-            let n =
-                unsafe { libc::recv(self.fd(), buf.as_mut_ptr().cast(), size, libc::MSG_DONTWAIT) };
-            if n >= 0 {
-                unsafe { buf.set_len(n as usize) };
-                self.traffic.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                return Ok(Some(buf.freeze()));
-            }
-            let err = io::Error::last_os_error();
+            let err = match recv_nonblocking(self.stream.as_fd(), &mut buf, size) {
+                Ok(n) => {
+                    self.traffic.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                    return Ok(Some(buf.freeze()));
+                }
+                Err(err) => err,
+            };
             match err.kind() {
                 io::ErrorKind::Interrupted => continue,
                 io::ErrorKind::WouldBlock => return Ok(None),
@@ -408,7 +385,7 @@ impl Socket {
     }
 
     /// Records a failure of the socket and turns it into the guest's error.
-    fn failed(&self, err: io::Error) -> StreamError {
+    pub(super) fn failed(&self, err: io::Error) -> StreamError {
         if matches!(
             err.kind(),
             io::ErrorKind::ConnectionReset
@@ -423,271 +400,6 @@ impl Socket {
 
 fn stream_failure(why: &'static str) -> StreamError {
     StreamError::LastOperationFailed(wasmtime::format_err!("{why}"))
-}
-
-/// poll(2) on one descriptor. `Ok(false)` when `timeout` passes first;
-/// `None` waits forever.
-pub(crate) fn poll_fd(
-    fd: RawFd,
-    events: libc::c_short,
-    timeout: Option<Duration>,
-) -> io::Result<bool> {
-    let deadline = timeout.map(|t| Instant::now() + t);
-    loop {
-        let millis = match deadline {
-            None => -1,
-            Some(deadline) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                // Round up so a wait never returns before its deadline.
-                left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
-            }
-        };
-        let mut pfd = libc::pollfd {
-            fd,
-            events,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, millis) };
-        if n > 0 {
-            return Ok(true);
-        }
-        if n == 0 {
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Ok(false);
-            }
-            continue;
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-}
-
-/// The `input-stream` a handler reads the client's bytes from.
-pub(crate) struct SocketInput {
-    socket: Arc<Socket>,
-    at_end: bool,
-}
-
-impl SocketInput {
-    pub(crate) fn new(socket: Arc<Socket>) -> Self {
-        SocketInput {
-            socket,
-            at_end: false,
-        }
-    }
-}
-
-#[wasmtime_wasi_io::async_trait]
-impl Pollable for SocketInput {
-    async fn ready(&mut self) {
-        if !self.at_end && self.socket.expiry().is_none() {
-            self.socket.wait(Direction::Read).await;
-        }
-    }
-}
-
-#[wasmtime_wasi_io::async_trait]
-impl InputStream for SocketInput {
-    fn read(&mut self, size: usize) -> StreamResult<Bytes> {
-        if self.at_end {
-            return Err(StreamError::Closed);
-        }
-        if let Some(err) = self.socket.expiry() {
-            return Err(err);
-        }
-        let size = size.min(CHUNK);
-        if size == 0 {
-            return Ok(Bytes::new());
-        }
-        match self.socket.recv_now(size) {
-            Ok(None) => Ok(Bytes::new()),
-            Ok(Some(bytes)) if bytes.is_empty() => {
-                self.at_end = true;
-                self.socket
-                    .traffic
-                    .input_ended
-                    .store(true, Ordering::Relaxed);
-                Err(StreamError::Closed)
-            }
-            Ok(Some(bytes)) => Ok(bytes),
-            Err(err) => {
-                self.at_end = true;
-                Err(self.socket.failed(err))
-            }
-        }
-    }
-
-    async fn blocking_read(&mut self, size: usize) -> StreamResult<Bytes> {
-        loop {
-            let bytes = self.read(size)?;
-            if !bytes.is_empty() || size == 0 {
-                return Ok(bytes);
-            }
-            // A blocking call waits on this stream alone: on a worker
-            // thread, in poll(2) rather than through the reactor (and its
-            // cross-thread wake-up); under async, suspended on the reactor.
-            // An abort shuts the socket down, which ends the wait too.
-            if !self.socket.wait_here(Direction::Read).await {
-                return Err(self.socket.expiry().unwrap_or(StreamError::Closed));
-            }
-        }
-    }
-}
-
-/// The `output-stream` a handler writes the client's reply to. Bytes the
-/// socket cannot take at once wait in a buffer of at most [`CHUNK`] bytes; a
-/// dropped stream sends what is left before it goes (within the idle timeout).
-pub(crate) struct SocketOutput {
-    socket: Arc<Socket>,
-    pending: BytesMut,
-    /// A flush is under way: `check-write` answers 0 until `pending` is sent.
-    flushing: bool,
-    closed: bool,
-}
-
-impl SocketOutput {
-    pub(crate) fn new(socket: Arc<Socket>) -> Self {
-        SocketOutput {
-            socket,
-            pending: BytesMut::new(),
-            flushing: false,
-            closed: false,
-        }
-    }
-
-    /// Sends as much of `pending` as the socket takes now.
-    fn push_pending(&mut self) -> StreamResult<()> {
-        while !self.pending.is_empty() {
-            match self.socket.send_now(&self.pending) {
-                Ok(0) => break,
-                Ok(n) => {
-                    let _ = self.pending.split_to(n);
-                }
-                Err(err) => {
-                    self.closed = true;
-                    self.pending.clear();
-                    return Err(self.socket.failed(err));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn usable(&self) -> StreamResult<()> {
-        if self.closed {
-            return Err(StreamError::Closed);
-        }
-        match self.socket.expiry() {
-            Some(err) => Err(err),
-            None => Ok(()),
-        }
-    }
-}
-
-#[wasmtime_wasi_io::async_trait]
-impl Pollable for SocketOutput {
-    async fn ready(&mut self) {
-        if !self.pending.is_empty() && !self.closed && self.socket.expiry().is_none() {
-            self.socket.wait(Direction::Write).await;
-        }
-    }
-}
-
-#[wasmtime_wasi_io::async_trait]
-impl OutputStream for SocketOutput {
-    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
-        self.usable()?;
-        if bytes.len() > CHUNK - self.pending.len() {
-            return Err(StreamError::trap(
-                "write of more bytes than check-write permitted",
-            ));
-        }
-        if self.pending.is_empty() {
-            let sent = match self.socket.send_now(&bytes) {
-                Ok(n) => n,
-                Err(err) => {
-                    self.closed = true;
-                    return Err(self.socket.failed(err));
-                }
-            };
-            self.pending.extend_from_slice(&bytes[sent..]);
-        } else {
-            self.pending.extend_from_slice(&bytes);
-            self.push_pending()?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> StreamResult<()> {
-        self.usable()?;
-        self.push_pending()?;
-        self.flushing = !self.pending.is_empty();
-        Ok(())
-    }
-
-    /// Waits for room without wasmtime-wasi's attempt limit: a slow reader
-    /// may free the buffer a little at a time. Bounded by the idle timeout
-    /// and the deadline, like every wait.
-    async fn write_ready(&mut self) -> StreamResult<usize> {
-        loop {
-            let room = self.check_write()?;
-            if room > 0 {
-                return Ok(room);
-            }
-            // Waits on this stream alone, as `blocking_read` does.
-            if !self.socket.wait_here(Direction::Write).await {
-                return Err(self.socket.expiry().unwrap_or(StreamError::Closed));
-            }
-        }
-    }
-
-    fn check_write(&mut self) -> StreamResult<usize> {
-        self.usable()?;
-        self.push_pending()?;
-        if self.flushing {
-            if !self.pending.is_empty() {
-                return Ok(0);
-            }
-            self.flushing = false;
-        }
-        Ok(CHUNK - self.pending.len())
-    }
-}
-
-impl Drop for SocketOutput {
-    /// What the socket takes now is sent, and the rest goes to the socket
-    /// ([`Socket::finish_output`]). On a worker thread it is sent at once,
-    /// waiting as the stream waits (the guest may wait for the client's
-    /// answer to it next). Under async a drop must not block the runtime's
-    /// thread: the rest is sent once `handle` returns, so an async guest
-    /// flushes what it wants read before it waits for an answer. Nothing is
-    /// sent after the connection's deadline, an abort or an idle timeout.
-    fn drop(&mut self) {
-        if self.closed || self.pending.is_empty() {
-            return;
-        }
-        if self.socket.expiry().is_some() {
-            self.socket
-                .traffic
-                .output_lost
-                .store(true, Ordering::Relaxed);
-            return;
-        }
-        if self.push_pending().is_err() || self.pending.is_empty() {
-            return;
-        }
-        self.socket
-            .leftover
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(&self.pending);
-        if self.socket.waits == Waits::Blocking {
-            block_on(self.socket.finish_output());
-        }
-    }
 }
 
 /// Runs `future` to its end on this thread. For a [`Waits::Blocking`]

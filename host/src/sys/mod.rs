@@ -4,3 +4,4 @@
 //! and never `libc` directly.
 //!
 //! One submodule per concern, so each reads on its own.
+pub(crate) mod socket;
