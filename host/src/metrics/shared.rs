@@ -4,8 +4,6 @@
 //! for why this works across `fork()`.
 
 use std::fmt;
-use std::io;
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 
 use crate::outcome::Outcome;
+use crate::sys::shm::SharedMapping;
 
 /// Upper bounds of the connection duration buckets, in microseconds
 /// (0.001 s to 60 s).
@@ -59,17 +58,12 @@ pub(super) struct Slot {
 }
 
 /// The shared mapping: a [`Header`] followed by `max_tenants` [`Slot`]s.
+/// Both hold only atomics, so every access to them is thread- and
+/// process-safe; the memory is unmapped once, when the last Arc goes.
 pub(super) struct Mapping {
-    base: NonNull<u8>,
-    len: usize,
+    memory: SharedMapping,
     pub(super) max_tenants: usize,
 }
-
-// SAFETY: the mapping holds only atomics, and is only ever accessed through
-// shared references to them; it is unmapped once, when the last Arc goes.
-unsafe impl Send for Mapping {}
-// SAFETY: as above: every access is an atomic operation.
-unsafe impl Sync for Mapping {}
 
 impl Mapping {
     fn new(max_tenants: usize) -> Result<Mapping> {
@@ -77,26 +71,10 @@ impl Mapping {
             .checked_mul(std::mem::size_of::<Slot>())
             .and_then(|slots| slots.checked_add(std::mem::size_of::<Header>()))
             .context("too many tenant slots for the metrics mapping")?;
-        // SAFETY: a fresh anonymous shared mapping; no existing memory is
-        // touched. The kernel zero-fills it.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error())
-                .with_context(|| format!("cannot map {len} bytes for the metrics"));
-        }
-        let base = NonNull::new(base.cast::<u8>()).context("mmap returned null")?;
+        let memory = SharedMapping::new(len)
+            .with_context(|| format!("cannot map {len} bytes for the metrics"))?;
         Ok(Mapping {
-            base,
-            len,
+            memory,
             max_tenants,
         })
     }
@@ -105,7 +83,7 @@ impl Mapping {
         // SAFETY: the mapping starts with a Header: it is page-aligned (more
         // than Header's 64), at least `size_of::<Header>()` long, zero-filled
         // (all zeros is a valid AtomicU64) and lives as long as `self`.
-        unsafe { &*self.base.as_ptr().cast::<Header>() }
+        unsafe { &*self.memory.base().as_ptr().cast::<Header>() }
     }
 
     pub(super) fn slot(&self, slot: usize) -> &Slot {
@@ -120,20 +98,13 @@ impl Mapping {
         // value of every atomic in it; it lives as long as `self`.
         unsafe {
             &*self
-                .base
+                .memory
+                .base()
                 .as_ptr()
                 .add(std::mem::size_of::<Header>())
                 .cast::<Slot>()
                 .add(slot)
         }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmapping what `new` mapped, once; no reference into it
-        // outlives `self` (they all borrow from it).
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
 }
 

@@ -4,4 +4,5 @@
 //! and never `libc` directly.
 //!
 //! One submodule per concern, so each reads on its own.
+pub(crate) mod shm;
 pub(crate) mod socket;
