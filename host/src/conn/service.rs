@@ -357,7 +357,7 @@ impl Service {
                 table: ResourceTable::new(),
                 limiter: InstanceLimiter::new(self.limits.max_memory),
                 clock,
-                socket: socket.clone(),
+                connection: socket.clone(),
             },
         );
         store.limiter(|state| &mut state.limiter);
@@ -366,8 +366,9 @@ impl Service {
             // the other connections (fairness), unless its time is up or
             // the host is ending it: then it traps, as under `--timeout`.
             store.set_epoch_deadline(1);
-            store.epoch_deadline_callback(|store| {
-                if store.data().socket.must_stop() {
+            let socket = socket.clone();
+            store.epoch_deadline_callback(move |_| {
+                if socket.must_stop() {
                     Ok(UpdateDeadline::Interrupt)
                 } else {
                     Ok(UpdateDeadline::YieldCustom(

@@ -21,8 +21,10 @@
 //! wait outlasts the connection's deadline (`--timeout`): a guest blocked in
 //! I/O is stopped by it as surely as one spinning in wasm code.
 
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd as _, AsRawFd, RawFd};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -33,6 +35,7 @@ use wasmtime_wasi_io::streams::StreamError;
 
 pub(crate) use crate::sys::socket::Interest;
 use crate::sys::socket::{poll_one, recv_nonblocking, send_nonblocking};
+use crate::wasm::guest_clock::Deadline;
 
 /// The most one read hands the guest, and the most the output stream buffers
 /// before `check-write` asks the guest to wait.
@@ -186,11 +189,6 @@ impl Socket {
                 None => tokio::time::sleep(left.min(Duration::from_millis(5))).await,
             }
         }
-    }
-
-    /// When the connection's `--timeout` runs out.
-    pub(crate) fn deadline(&self) -> Instant {
-        self.deadline
     }
 
     pub(crate) fn stream(&self) -> &socket2::Socket {
@@ -420,5 +418,20 @@ pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
             return value;
         }
         std::thread::park();
+    }
+}
+
+/// What the guest's sleeps see of the connection (`wasm::guest_clock`).
+impl Deadline for Socket {
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    fn aborted(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(Socket::aborted(self))
+    }
+
+    fn mark_timed_out(&self) {
+        Socket::mark_timed_out(self);
     }
 }

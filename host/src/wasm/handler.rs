@@ -5,6 +5,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use std::time::Instant;
 
@@ -13,6 +14,7 @@ use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, Precompiled};
 
 use crate::wasm::compile_cache::CompileCache;
+use crate::wasm::guest_clock::{Deadline, GuestClock, SleepState};
 use crate::wasm::one_line;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -79,9 +81,23 @@ pub(crate) struct ConnState {
     pub(crate) table: ResourceTable,
     pub(crate) limiter: crate::wasm::limits::InstanceLimiter,
     /// The guest's monotonic clock.
-    pub(crate) clock: crate::wasm::guest_clock::GuestClock,
+    pub(crate) clock: GuestClock,
     /// The connection: its deadline ends guest sleeps too.
-    pub(crate) socket: std::sync::Arc<crate::conn::socket::Socket>,
+    pub(crate) connection: Arc<dyn Deadline>,
+}
+
+impl SleepState for ConnState {
+    fn clock(&self) -> &GuestClock {
+        &self.clock
+    }
+
+    fn deadline(&self) -> &Arc<dyn Deadline> {
+        &self.connection
+    }
+
+    fn table(&mut self) -> &mut ResourceTable {
+        &mut self.table
+    }
 }
 
 impl WasiView for ConnState {
