@@ -5,7 +5,7 @@
 //! series at once.
 
 /// How a connection ended. The error text of those that have one travels
-/// beside it ([`crate::conn::report::Ending`]).
+/// beside it (the connection report's `Ending`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Outcome {
     /// `handle` returned `ok`.
