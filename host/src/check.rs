@@ -17,9 +17,11 @@ use wasmtime::{Engine, Precompiled};
 
 use crate::cli::{Given, TenantOptions};
 use crate::config::{ServeConfig, StrategyKind};
-use crate::connection::{Outcome, Service};
-use crate::engine::{self, EpochClock};
-use crate::handler::{self, Handler, HandlerSource};
+use crate::conn::report::Ending;
+use crate::conn::service::Service;
+use crate::outcome::Outcome;
+use crate::wasm::engine::{self, EpochClock};
+use crate::wasm::handler::{self, Handler, HandlerSource};
 
 /// The most runs each timing (instantiate; instantiate + call) is taken
 /// over, after one unmeasured warm-up run.
@@ -43,7 +45,10 @@ pub fn check(path: &Path, run: bool, strategy: StrategyKind) -> Result<bool> {
         "size:        {}",
         bytesize::ByteSize(bytes.len() as u64).display().iec()
     );
-    println!("sha256:      {}", crate::compile_cache::digest(&bytes));
+    println!(
+        "sha256:      {}",
+        crate::wasm::compile_cache::digest(&bytes)
+    );
     let verdict = |ok: bool, why: &str| {
         if ok {
             println!("verdict:     can be served");
@@ -147,8 +152,8 @@ pub fn check(path: &Path, run: bool, strategy: StrategyKind) -> Result<bool> {
     };
     println!("handle:      exported with the type of host:handler/handler@0.1.0");
 
-    let digest = crate::compile_cache::digest(&bytes);
-    let service = service(&config, Handler::from_parts(source, digest, pre))?;
+    let digest = crate::wasm::compile_cache::digest(&bytes);
+    let service = service(&config, Handler::from_parts(digest, pre))?;
     let instantiate = match time_instantiation(&service, INSTANTIATE_BUDGET, RUNS) {
         Ok(spread) => spread,
         Err(e) => return Ok(verdict(false, &format!("{e:#}"))),
@@ -276,7 +281,7 @@ struct Calls {
     /// Runs that ended with outcome `ok`.
     ok: usize,
     /// The first outcome other than `ok`.
-    failure: Option<Outcome>,
+    failure: Option<Ending>,
 }
 
 impl Calls {
@@ -329,11 +334,14 @@ fn time_calls(service: &Service, budget: Duration, runs: usize) -> Result<Calls>
     Ok(Calls {
         spread,
         echoed: replies.iter().filter(|(echoed, _)| *echoed).count(),
-        ok: replies.iter().filter(|(_, o)| *o == Outcome::Ok).count(),
+        ok: replies
+            .iter()
+            .filter(|(_, o)| o.outcome == Outcome::Ok)
+            .count(),
         failure: replies
             .into_iter()
-            .map(|(_, outcome)| outcome)
-            .find(|o| *o != Outcome::Ok),
+            .map(|(_, ending)| ending)
+            .find(|o| o.outcome != Outcome::Ok),
     })
 }
 

@@ -8,11 +8,11 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::compile_cache::CompileCache;
 use crate::config::{
     Access, DirGrant, Grants, HostConfig, Limits, ListenAddr, ServeConfig, StrategyKind,
 };
-use crate::handler::HandlerSource;
+use crate::wasm::compile_cache::CompileCache;
+use crate::wasm::handler::HandlerSource;
 
 #[derive(Parser, Debug)]
 #[command(

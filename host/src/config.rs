@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::handler::HandlerSource;
+use crate::wasm::handler::HandlerSource;
 
 /// Where each connection runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

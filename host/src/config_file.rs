@@ -18,7 +18,7 @@ use toml::Spanned;
 
 use crate::cli::{self, DirOption, Given, Naming, Setting, TenantOptions, DEFAULT_STRATEGY};
 use crate::config::{HostConfig, ListenAddr, ServeConfig, StrategyKind, MAX_TENANTS};
-use crate::handler::HandlerSource;
+use crate::wasm::handler::HandlerSource;
 
 /// The tables allowed at the top level.
 const TOP_LEVEL: [&str; 3] = ["defaults", "metrics", "tenants"];

@@ -7,24 +7,19 @@
 
 pub mod check;
 pub mod cli;
-mod compile_cache;
 pub mod config;
 pub mod config_file;
-pub mod connection;
-mod engine;
-mod guest_clock;
-mod guest_log;
-pub mod handler;
-mod limits;
+pub(crate) mod conn;
 pub mod listener;
 pub mod logging;
-pub mod metrics;
-mod net_stream;
+pub(crate) mod metrics;
+pub(crate) mod outcome;
 mod server;
 pub mod shutdown;
 mod strategy;
 pub mod supervisor;
 mod sys;
+pub(crate) mod wasm;
 mod worker;
 
 use std::path::Path;
@@ -32,8 +27,9 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 
 use crate::config::{HostConfig, StrategyKind};
-use crate::handler::HandlerSource;
 use crate::shutdown::Shutdown;
+use crate::wasm::handler::HandlerSource;
+use crate::wasm::{engine, handler};
 
 /// `host serve`: compile every tenant's handler, bind every listener, print
 /// a `listening on ADDR tenant=NAME` line for each, then serve until

@@ -13,13 +13,13 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 
 use crate::config::{ServeConfig, StrategyKind};
-use crate::connection::Service;
-use crate::engine::EpochClock;
+use crate::conn::service::Service;
 use crate::listener::Listener;
 use crate::server::{self, ConnectionIds};
 use crate::shutdown::{Shutdown, DRAIN_SIGNAL, END_NOW_SIGNAL};
 use crate::strategy::{Async, Forking, Strategy, Threading};
 use crate::sys::{process, resources};
+use crate::wasm::engine::EpochClock;
 
 /// Everything that crosses the fork into a worker process.
 pub(crate) struct Plan {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 
-use crate::sys::resources::SharedU64;
+use crate::sys::shm::SharedU64;
 
 /// The run's connection counter. Clones share it.
 #[derive(Clone)]

@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result};
 
 pub(crate) use ids::ConnectionIds;
 
-use crate::connection::Accepted;
+use crate::conn::service::Accepted;
 use crate::listener::Listener;
 use crate::shutdown::Shutdown;
 use crate::strategy::Strategy;

@@ -25,8 +25,11 @@ use anyhow::Result;
 use wasmtime::Engine;
 
 use super::Strategy;
-use crate::connection::{Accepted, Service, LINGER};
+use crate::conn::report::{log_closed, Closed, Level};
+use crate::conn::service::{Accepted, Service, LINGER};
 use crate::listener::Peer;
+use crate::metrics::InFlight;
+use crate::outcome::Outcome;
 use crate::shutdown::Shutdown;
 use crate::sys::process::{self, Exit, Forked, Pid, Reaped};
 use crate::sys::signals;
@@ -49,7 +52,9 @@ struct Child {
     peer: Peer,
     started: Instant,
     /// Why the parent killed it, if it did.
-    killed: Option<&'static str>,
+    killed: Option<Outcome>,
+    /// Its connection's place in the in-flight gauge, left when it is reaped.
+    _in_flight: Option<InFlight>,
 }
 
 /// How long accepting pauses after a failed fork.
@@ -115,6 +120,7 @@ impl Forking {
                     block = false;
                     if let Some(child) = self.children.remove(&pid) {
                         let outcome = report_exit(pid, &child, exit, self.service.tenant());
+                        drop(child);
                         self.ended(outcome);
                     }
                 }
@@ -126,7 +132,6 @@ impl Forking {
                             "connection {} worker=pid-{pid}: the worker process vanished",
                             child.id
                         );
-                        self.ended(None);
                     }
                     return;
                 }
@@ -134,18 +139,15 @@ impl Forking {
         }
     }
 
-    /// A child is gone: the in-flight gauge drops, and an outcome the child
-    /// could not count itself is counted here.
-    fn ended(&self, outcome: Option<&'static str>) {
-        if let Some(metrics) = self.service.metrics() {
-            metrics.connection_ended();
-            if let Some(outcome) = outcome {
-                metrics.record(outcome, 0, 0, Duration::ZERO, None);
-            }
+    /// A child is gone (and with it its place in the in-flight gauge): an
+    /// outcome the child could not count itself is counted here.
+    fn ended(&self, outcome: Option<Outcome>) {
+        if let (Some(metrics), Some(outcome)) = (self.service.metrics(), outcome) {
+            metrics.record(outcome, 0, 0, Duration::ZERO, None);
         }
     }
 
-    fn kill_children(&mut self, why: &'static str, only_overdue: bool) {
+    fn kill_children(&mut self, why: Outcome, only_overdue: bool) {
         let now = Instant::now();
         for (&pid, child) in &mut self.children {
             if child.killed.is_some() || (only_overdue && now < child.started + self.backstop) {
@@ -168,28 +170,36 @@ fn arm_alarm(engine: &Engine, timeout: Duration) {
 
 /// A child that did not exit normally never wrote its connection's line:
 /// the parent writes it, and returns the outcome it logged.
-fn report_exit(pid: Pid, child: &Child, exit: Exit, tenant: &str) -> Option<&'static str> {
+fn report_exit(pid: Pid, child: &Child, exit: Exit, tenant: &str) -> Option<Outcome> {
     let (outcome, cause) = if let Some(why) = child.killed {
-        (why, format!("the worker process was killed ({why})"))
+        (
+            why,
+            format!("the worker process was killed ({})", why.name()),
+        )
     } else {
         match exit {
             Exit::Signal(signal) => (
-                "host-error",
+                Outcome::HostError,
                 format!("the worker process was killed by signal {signal}"),
             ),
             Exit::Code(code) if code != 0 => (
-                "host-error",
+                Outcome::HostError,
                 format!("the worker process exited with status {code}"),
             ),
             Exit::Code(_) => return None,
         }
     };
-    tracing::warn!(
-        "connection {} closed peer={} worker=pid-{pid} tenant={tenant} duration={:.3}ms outcome={outcome} error={cause:?}",
-        child.id,
-        child.peer,
-        child.started.elapsed().as_secs_f64() * 1000.0,
-    );
+    log_closed(&Closed {
+        id: child.id,
+        peer: &child.peer,
+        worker: Some(&format!("pid-{pid}")),
+        tenant,
+        usage: None,
+        duration: Some(child.started.elapsed()),
+        outcome,
+        error: Some(&cause),
+        level: Level::Warn,
+    });
     Some(outcome)
 }
 
@@ -214,22 +224,24 @@ impl Strategy for Forking {
                 // Out of processes or memory: this connection is lost, but
                 // the rest wait in the backlog until a child exits or the
                 // pause ends, instead of being accepted and dropped.
-                tracing::error!(
-                    "connection {} closed peer={} tenant={} outcome=host-error error=\"fork failed: {err}\"",
-                    conn.id,
-                    conn.peer,
-                    self.service.tenant(),
-                );
+                log_closed(&Closed {
+                    id: conn.id,
+                    peer: &conn.peer,
+                    worker: None,
+                    tenant: self.service.tenant(),
+                    usage: None,
+                    duration: None,
+                    outcome: Outcome::HostError,
+                    error: Some(&format!("fork failed: {err}")),
+                    level: Level::Error,
+                });
                 if let Some(metrics) = self.service.metrics() {
-                    metrics.record("host-error", 0, 0, Duration::ZERO, None);
+                    metrics.record(Outcome::HostError, 0, 0, Duration::ZERO, None);
                 }
                 self.paused_until = Some(Instant::now() + FORK_RETRY);
             }
             Ok(Forked::Child) => self.run_child(conn),
             Ok(Forked::Parent(pid)) => {
-                if let Some(metrics) = self.service.metrics() {
-                    metrics.connection_started();
-                }
                 self.children.insert(
                     pid,
                     Child {
@@ -237,6 +249,7 @@ impl Strategy for Forking {
                         peer: conn.peer.clone(),
                         started: Instant::now(),
                         killed: None,
+                        _in_flight: self.service.in_flight(),
                     },
                 );
                 // The child has its own copy of the socket; this one closes.
@@ -255,7 +268,7 @@ impl Strategy for Forking {
         if self.paused_until.is_some_and(|t| Instant::now() >= t) || self.children.len() < before {
             self.paused_until = None;
         }
-        self.kill_children("timeout", true);
+        self.kill_children(Outcome::Timeout, true);
     }
 
     fn in_flight(&self) -> usize {
@@ -274,7 +287,7 @@ impl Strategy for Forking {
     fn stop_accepting(&mut self) {}
 
     fn abort(&mut self) {
-        self.kill_children("shutdown", false);
+        self.kill_children(Outcome::Shutdown, false);
     }
 
     fn finish(&mut self) {

@@ -10,7 +10,7 @@ mod threading;
 
 use std::time::Instant;
 
-use crate::connection::{Accepted, Service};
+use crate::conn::service::{Accepted, Service};
 
 pub(crate) use forking::Forking;
 pub(crate) use tasks::Async;

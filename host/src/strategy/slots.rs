@@ -10,7 +10,8 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::connection::Service;
+use crate::conn::service::Service;
+use crate::metrics::InFlight;
 use crate::shutdown::Wake;
 
 /// Connections in flight, shared with whatever serves them.
@@ -62,21 +63,19 @@ impl Slots {
     pub(crate) fn take(self: &Arc<Slots>, service: &Arc<Service>) -> Slot {
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak.fetch_max(now, Ordering::Relaxed);
-        if let Some(metrics) = service.metrics() {
-            metrics.connection_started();
-        }
-        Slot(self.clone(), service.clone())
+        Slot(self.clone(), service.in_flight())
     }
 }
 
-/// One connection's slot, freed on drop.
-pub(crate) struct Slot(Arc<Slots>, Arc<Service>);
+/// One connection's slot, freed on drop, and its place in the tenant's
+/// in-flight gauge.
+pub(crate) struct Slot(Arc<Slots>, Option<InFlight>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(metrics) = self.1.metrics() {
-            metrics.connection_ended();
-        }
+        // Out of the gauge before the slot is given back, as it entered it
+        // after the slot was taken.
+        drop(self.1.take());
         let slots = &self.0;
         let was = slots.in_flight.fetch_sub(1, Ordering::SeqCst);
         // The accept loop may be waiting for this slot, or draining.

@@ -22,7 +22,7 @@ use anyhow::{Context as _, Result};
 
 use super::slots::Slots;
 use super::Strategy;
-use crate::connection::{Accepted, Service};
+use crate::conn::service::{Accepted, Service};
 use crate::shutdown::Wake;
 
 /// How long `finish` waits for the tasks that `abort` ended.

@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result};
 use super::pool::Pool;
 use super::slots::Slots;
 use super::Strategy;
-use crate::connection::{Accepted, Service};
+use crate::conn::service::{Accepted, Service};
 use crate::shutdown::Wake;
 
 pub(crate) struct Threading {

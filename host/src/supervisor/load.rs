@@ -7,12 +7,12 @@ use std::os::fd::RawFd;
 use anyhow::{bail, Context as _, Result};
 
 use super::Host;
-use crate::compile_cache::CompileCache;
 use crate::config::{ServeConfig, StrategyKind};
-use crate::connection::Service;
-use crate::engine::{self, EpochClock};
-use crate::handler::{Handler, LoadOptions};
+use crate::conn::service::Service;
 use crate::sys::{process, resources};
+use crate::wasm::compile_cache::CompileCache;
+use crate::wasm::engine::{self, EpochClock};
+use crate::wasm::handler::{Handler, LoadOptions};
 
 impl Host {
     /// Compiles (or loads from the cache) a tenant's handler, and says which

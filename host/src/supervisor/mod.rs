@@ -42,13 +42,13 @@ use load::{log_serving, raise_descriptor_limit};
 use watch::{watch_list, FileStamp, WATCH_INTERVAL};
 
 use crate::config::{HostConfig, ListenAddr, ServeConfig, MAX_TENANTS};
-use crate::connection::{Service, LINGER};
-use crate::engine;
+use crate::conn::service::{Service, LINGER};
 use crate::listener::Listener;
 use crate::metrics::Metrics;
 use crate::server::ConnectionIds;
 use crate::shutdown::{Shutdown, DRAIN_SIGNAL, END_NOW_SIGNAL};
 use crate::sys::process::{self, Pid, Reaped};
+use crate::wasm::engine;
 
 /// How long the host waits at shutdown for orphaned children of dead
 /// workers (already being killed by the kernel) to exit.

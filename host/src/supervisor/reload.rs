@@ -15,10 +15,10 @@ use anyhow::{bail, Context as _, Result};
 
 use super::{listen_key, log_serving, Host, ListenKey, Options, Tenant};
 use crate::config::{HostConfig, ServeConfig, StrategyKind};
-use crate::connection::Service;
-use crate::handler::HandlerSource;
+use crate::conn::service::Service;
 use crate::listener::Listener;
 use crate::sys::signals::DRAIN_SIGNAL;
+use crate::wasm::handler::HandlerSource;
 
 impl Host {
     /// Re-reads the config (or, without a file, the handlers) and switches
@@ -83,8 +83,8 @@ impl Host {
             let old = self.tenants.get(&tenant.tenant);
             let same_settings = old.is_some_and(|old| old.config == *tenant);
             let digest = match &tenant.handler {
-                HandlerSource::File(_) => crate::compile_cache::digest(
-                    &crate::handler::read(&tenant.handler)
+                HandlerSource::File(_) => crate::wasm::compile_cache::digest(
+                    &crate::wasm::handler::read(&tenant.handler)
                         .with_context(|| format!("tenant {}", tenant.tenant))?,
                 ),
                 HandlerSource::BuiltinEcho => String::new(),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use crate::config::HostConfig;
-use crate::handler::HandlerSource;
+use crate::wasm::handler::HandlerSource;
 
 /// How often `--watch` looks at the config and handler files.
 pub(super) const WATCH_INTERVAL: Duration = Duration::from_millis(500);

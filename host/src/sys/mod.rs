@@ -9,4 +9,6 @@ pub(crate) mod pipe;
 pub(crate) mod poll;
 pub(crate) mod process;
 pub(crate) mod resources;
+pub(crate) mod shm;
 pub(crate) mod signals;
+pub(crate) mod socket;

@@ -4,7 +4,6 @@
 //! strategies only decide *where*.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::io::Read;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,94 +11,36 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Resource, ResourceTable};
-use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream};
 
 use crate::config::{Access, Grants, Limits};
-use crate::engine::EpochClock;
-use crate::guest_clock::GuestClock;
-use crate::guest_log::GuestOutput;
-use crate::handler::{one_line, ConnState, ConnectionInfo, Handler};
-use crate::limits::InstanceLimiter;
+use crate::conn::guest_log::GuestOutput;
+use crate::conn::report::{classify, log_closed, CallResult, Closed, Ending, Level, Usage};
+use crate::conn::socket::{block_on, Socket, Waits};
+use crate::conn::streams::{SocketInput, SocketOutput};
 use crate::listener::{local_of, Peer};
-use crate::metrics::TenantMetrics;
-use crate::net_stream::{block_on, Socket, SocketInput, SocketOutput, Waits};
+use crate::metrics::{InFlight, TenantMetrics};
+use crate::outcome::Outcome;
+use crate::wasm::engine::EpochClock;
+use crate::wasm::guest_clock::GuestClock;
+use crate::wasm::handler::{ConnState, ConnectionInfo, Handler};
+use crate::wasm::limits::InstanceLimiter;
+use crate::wasm::one_line;
 
 /// After `handle` returns, the host reads and drops what the client still
 /// sends for at most this long (and at most [`LINGER_BYTES`]), so that closing
 /// with unread input does not reset the connection and destroy the reply.
-pub const LINGER: Duration = Duration::from_secs(2);
+pub(crate) const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 1 << 20;
 
 /// A connection the accept loop has taken from the listener.
 pub struct Accepted {
-    pub stream: socket2::Socket,
-    pub peer: Peer,
+    pub(crate) stream: socket2::Socket,
+    pub(crate) peer: Peer,
     /// Unique within one run of the host, increasing from 1.
-    pub id: u64,
-}
-
-/// How a connection ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// `handle` returned `ok`.
-    Ok,
-    /// `handle` returned `err(text)`.
-    HandlerError(String),
-    /// The guest trapped (or a host call it made failed fatally).
-    Trap(String),
-    /// The instance needed more than `--max-memory` and could not go on.
-    MemoryLimit(String),
-    /// `handle` ran past `--timeout`.
-    Timeout,
-    /// The client sent nothing, or read nothing, for the idle timeout.
-    IdleTimeout,
-    /// The client reset the connection.
-    ClientReset,
-    /// The host ended the connection while shutting down.
-    Shutdown,
-    /// The host could not set the connection up.
-    HostError(String),
-    /// The tenant's allow/deny lists refused the peer; nothing ran.
-    Denied,
-}
-
-impl Outcome {
-    /// The stable name in log lines.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::HandlerError(_) => "handler-error",
-            Outcome::Trap(_) => "trap",
-            Outcome::MemoryLimit(_) => "memory-limit",
-            Outcome::Timeout => "timeout",
-            Outcome::IdleTimeout => "idle-timeout",
-            Outcome::ClientReset => "client-reset",
-            Outcome::Shutdown => "shutdown",
-            Outcome::HostError(_) => "host-error",
-            Outcome::Denied => "denied",
-        }
-    }
-
-    fn detail(&self) -> Option<&str> {
-        match self {
-            Outcome::HandlerError(text)
-            | Outcome::Trap(text)
-            | Outcome::MemoryLimit(text)
-            | Outcome::HostError(text) => Some(text),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.detail() {
-            Some(detail) => write!(f, "{} error={detail:?}", self.name()),
-            None => f.write_str(self.name()),
-        }
-    }
+    pub(crate) id: u64,
 }
 
 /// What every connection of one listener runs: the handler, its limits and
@@ -120,15 +61,8 @@ pub struct Service {
     aborting: AtomicBool,
 }
 
-/// How a guest call went, before the socket's story is added.
-enum CallResult {
-    Returned(Result<(), String>),
-    Trapped(wasmtime::Error),
-    SetupFailed(String),
-}
-
 impl Service {
-    pub fn new(
+    pub(crate) fn new(
         handler: Handler,
         tenant: String,
         limits: Limits,
@@ -149,29 +83,36 @@ impl Service {
     }
 
     /// Serves only the peers `access` permits.
-    pub fn with_access(mut self, access: Access) -> Service {
+    pub(crate) fn with_access(mut self, access: Access) -> Service {
         self.access = access;
         self
     }
 
     /// Counts every connection in `metrics`.
-    pub fn with_metrics(mut self, metrics: TenantMetrics) -> Service {
+    pub(crate) fn with_metrics(mut self, metrics: TenantMetrics) -> Service {
         self.metrics = Some(metrics);
         self
     }
 
-    pub fn tenant(&self) -> &str {
+    pub(crate) fn tenant(&self) -> &str {
         &self.tenant
     }
 
-    pub fn metrics(&self) -> Option<&TenantMetrics> {
+    pub(crate) fn metrics(&self) -> Option<&TenantMetrics> {
         self.metrics.as_ref()
+    }
+
+    /// Counts a connection in the tenant's in-flight gauge until the
+    /// returned guard is dropped. Taken when a strategy hands the connection
+    /// to what serves it.
+    pub(crate) fn in_flight(&self) -> Option<InFlight> {
+        self.metrics.as_ref().map(TenantMetrics::in_flight)
     }
 
     /// The accept loop's check, before any instance exists: a peer the
     /// tenant's allow/deny lists refuse is closed unserved, logged and
     /// counted with outcome `denied`.
-    pub fn admit(&self, conn: Accepted) -> Option<Accepted> {
+    pub(crate) fn admit(&self, conn: Accepted) -> Option<Accepted> {
         if self.access.permits(conn.peer.ip()) {
             return Some(conn);
         }
@@ -179,37 +120,41 @@ impl Service {
         drop(stream);
         let outcome = Outcome::Denied;
         if let Some(metrics) = &self.metrics {
-            metrics.record(outcome.name(), 0, 0, Duration::ZERO, None);
+            metrics.record(outcome, 0, 0, Duration::ZERO, None);
         }
         log_closed(&Closed {
             id,
             peer: &peer,
-            worker: "acceptor",
+            worker: Some("acceptor"),
             tenant: &self.tenant,
-            bytes_in: 0,
-            bytes_out: 0,
-            memory: 0,
-            duration: Duration::ZERO,
-            outcome: &outcome,
+            usage: Some(Usage {
+                bytes_in: 0,
+                bytes_out: 0,
+                memory: 0,
+            }),
+            duration: Some(Duration::ZERO),
+            outcome,
+            error: None,
+            level: Level::Info,
         });
         None
     }
 
-    pub fn handler(&self) -> &Handler {
+    pub(crate) fn handler(&self) -> &Handler {
         &self.handler
     }
 
-    pub fn engine(&self) -> &Engine {
+    pub(crate) fn engine(&self) -> &Engine {
         self.handler.engine()
     }
 
-    pub fn limits(&self) -> &Limits {
+    pub(crate) fn limits(&self) -> &Limits {
         &self.limits
     }
 
     /// Serves `conn` to the end on the calling thread, logs its line and
     /// returns how it ended. `worker` names the thread or process.
-    pub fn serve(&self, conn: Accepted, worker: &str) -> Outcome {
+    pub(crate) fn serve(&self, conn: Accepted, worker: &str) -> Ending {
         // Every wait of a blocking connection happens in poll(2) inside the
         // future: it is ready at its first poll.
         block_on(self.serve_with(conn, worker, Waits::Blocking))
@@ -220,11 +165,11 @@ impl Service {
     /// a timer, or its turn after an epoch tick), never blocking the
     /// runtime's thread. Same store, limits, outcome, line and counters as
     /// [`Service::serve`].
-    pub async fn serve_async(&self, conn: Accepted, worker: &str) -> Outcome {
+    pub(crate) async fn serve_async(&self, conn: Accepted, worker: &str) -> Ending {
         self.serve_with(conn, worker, Waits::Async).await
     }
 
-    async fn serve_with(&self, conn: Accepted, worker: &str, waits: Waits) -> Outcome {
+    async fn serve_with(&self, conn: Accepted, worker: &str, waits: Waits) -> Ending {
         let started = Instant::now();
         let Accepted { stream, peer, id } = conn;
         let local = local_of(&stream);
@@ -261,8 +206,8 @@ impl Service {
             }
         };
         socket.finish_output().await;
-        let outcome = classify(result, &socket, limiter.as_ref());
-        close(&socket, &outcome).await;
+        let ending = classify(result, &socket, limiter.as_ref());
+        close(&socket, ending.outcome).await;
         drop(live);
 
         let bytes_in = socket.traffic.bytes_in.load(Ordering::Relaxed);
@@ -273,85 +218,35 @@ impl Service {
         let memory = limiter.as_ref().map(|l| l.peak() as u64);
         let duration = started.elapsed();
         if let Some(metrics) = &self.metrics {
-            metrics.record(outcome.name(), bytes_in, bytes_out, duration, memory);
+            metrics.record(ending.outcome, bytes_in, bytes_out, duration, memory);
         }
         log_closed(&Closed {
             id,
             peer: &peer,
-            worker,
+            worker: Some(worker),
             tenant: &self.tenant,
-            bytes_in,
-            bytes_out,
-            memory: memory.unwrap_or(0),
-            duration,
-            outcome: &outcome,
+            usage: Some(Usage {
+                bytes_in,
+                bytes_out,
+                memory: memory.unwrap_or(0),
+            }),
+            duration: Some(duration),
+            outcome: ending.outcome,
+            error: ending.error.as_deref(),
+            level: Level::Info,
         });
-        outcome
+        ending
     }
 
     /// Ends every connection this process is serving: guests running wasm
     /// trap at their next epoch check, guests waiting on their socket wake
     /// up to an error, and queued connections are closed unserved.
-    pub fn abort_all(&self) {
+    pub(crate) fn abort_all(&self) {
         self.aborting.store(true, Ordering::SeqCst);
         for socket in self.lock_live().values() {
             socket.abort();
         }
         self.clock.expire_all(self.engine(), self.limits.timeout);
-    }
-
-    /// `host check`'s instantiation figure: a fresh store, made as every
-    /// connection's is ([`Service::new_store`]), over `stream`, and the time
-    /// `instantiate` alone takes in it. The socket is not read or written,
-    /// so one connection serves any number of these.
-    pub(crate) fn time_instantiate(&self, stream: &socket2::Socket) -> anyhow::Result<Duration> {
-        let socket = Socket::new(
-            stream.try_clone()?,
-            self.limits.idle_timeout,
-            Instant::now() + self.limits.timeout,
-            Waits::Blocking,
-        );
-        let mut store = self
-            .new_store(0, &socket, Waits::Blocking)
-            .map_err(anyhow::Error::msg)?;
-        let started = Instant::now();
-        self.handler
-            .pre()
-            .instantiate(&mut store)
-            .map_err(|e| anyhow::anyhow!("instantiation failed: {}", one_line(&e)))?;
-        Ok(started.elapsed())
-    }
-
-    /// `host check`'s instantiate + call figure: serves the accepted `stream`
-    /// as [`Service::serve`] does, without its log line and counters, and
-    /// returns how long [`Service::run_guest`] took (the fresh store, the
-    /// streams, the instance, the whole `handle` call, and the store's drop,
-    /// which sends what the output still buffers and frees the instance) and
-    /// how the connection ended. The connection is closed, as `serve` closes
-    /// it, before this returns.
-    pub(crate) fn time_call(&self, stream: socket2::Socket, id: u64) -> (Duration, Outcome) {
-        let _ = stream.set_tcp_nodelay(true);
-        let peer = stream.peer_addr().ok().and_then(|a| a.as_socket());
-        let info = ConnectionInfo {
-            peer_address: peer.map_or_else(|| "unknown".into(), |a| a.to_string()),
-            local_address: local_of(&stream),
-            connection_id: id,
-            worker: "check".to_string(),
-            tenant: self.tenant.clone(),
-        };
-        let socket = Socket::new(
-            stream,
-            self.limits.idle_timeout,
-            Instant::now() + self.limits.timeout,
-            Waits::Blocking,
-        );
-        let started = Instant::now();
-        let (result, limiter) = self.run_guest(&socket, &info);
-        block_on(socket.finish_output());
-        let took = started.elapsed();
-        let outcome = classify(result, &socket, limiter.as_ref());
-        block_on(close(&socket, &outcome));
-        (took, outcome)
     }
 
     fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Socket>>> {
@@ -360,7 +255,7 @@ impl Service {
 
     /// Instantiates the handler in a fresh store and calls `handle`. The
     /// store, and with it every guest resource, is gone when this returns.
-    fn run_guest(
+    pub(super) fn run_guest(
         &self,
         socket: &Arc<Socket>,
         info: &ConnectionInfo,
@@ -429,7 +324,7 @@ impl Service {
 
     /// A store granting what `--env` and `--dir` grant and nothing else, with
     /// the memory limit and the deadline set.
-    fn new_store(
+    pub(super) fn new_store(
         &self,
         id: u64,
         socket: &Arc<Socket>,
@@ -462,7 +357,7 @@ impl Service {
                 table: ResourceTable::new(),
                 limiter: InstanceLimiter::new(self.limits.max_memory),
                 clock,
-                socket: socket.clone(),
+                connection: socket.clone(),
             },
         );
         store.limiter(|state| &mut state.limiter);
@@ -471,8 +366,9 @@ impl Service {
             // the other connections (fairness), unless its time is up or
             // the host is ending it: then it traps, as under `--timeout`.
             store.set_epoch_deadline(1);
-            store.epoch_deadline_callback(|store| {
-                if store.data().socket.must_stop() {
+            let socket = socket.clone();
+            store.epoch_deadline_callback(move |_| {
+                if socket.must_stop() {
                     Ok(UpdateDeadline::Interrupt)
                 } else {
                     Ok(UpdateDeadline::YieldCustom(
@@ -538,92 +434,6 @@ impl Drop for LiveEntry<'_> {
     }
 }
 
-/// What the one line a connection ends with says.
-struct Closed<'a> {
-    id: u64,
-    peer: &'a Peer,
-    worker: &'a str,
-    tenant: &'a str,
-    bytes_in: u64,
-    bytes_out: u64,
-    /// The instance's peak memory in bytes.
-    memory: u64,
-    duration: Duration,
-    outcome: &'a Outcome,
-}
-
-/// Logs a connection's line. In the JSON log its values are fields too.
-fn log_closed(c: &Closed<'_>) {
-    let (id, peer, worker, tenant, outcome) = (c.id, c.peer, c.worker, c.tenant, c.outcome);
-    let memory_kib = c.memory.div_ceil(1024);
-    let duration_ms = c.duration.as_secs_f64() * 1000.0;
-    let (bytes_in, bytes_out) = (c.bytes_in, c.bytes_out);
-    if crate::logging::json() {
-        tracing::info!(
-            connection = id,
-            peer = %peer,
-            worker,
-            tenant,
-            bytes_in,
-            bytes_out,
-            memory_kib,
-            duration_ms,
-            outcome = outcome.name(),
-            error = outcome.detail(),
-            "connection {id} closed peer={peer} worker={worker} tenant={tenant} in={bytes_in} out={bytes_out} memory={memory_kib}KiB duration={duration_ms:.3}ms outcome={outcome}"
-        );
-    } else {
-        tracing::info!(
-            "connection {id} closed peer={peer} worker={worker} tenant={tenant} in={bytes_in} out={bytes_out} memory={memory_kib}KiB duration={duration_ms:.3}ms outcome={outcome}"
-        );
-    }
-}
-
-/// Names how the connection ended, from what the guest call returned and
-/// what the socket and the memory limiter saw. The host's view wins over the
-/// guest's: a handler that fails because its client vanished ended by
-/// `client-reset`, not `handler-error`.
-fn classify(result: CallResult, socket: &Socket, limiter: Option<&InstanceLimiter>) -> Outcome {
-    let traffic = &socket.traffic;
-    let flag = |f: &AtomicBool| f.load(Ordering::Relaxed);
-    let failed = !matches!(result, CallResult::Returned(Ok(())));
-    if flag(&traffic.aborted) {
-        return Outcome::Shutdown;
-    }
-    if let CallResult::Trapped(e) = &result {
-        if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
-            return Outcome::Timeout;
-        }
-    }
-    if flag(&traffic.timed_out) {
-        return Outcome::Timeout;
-    }
-    if failed && limiter.is_some_and(InstanceLimiter::refused) {
-        let detail = match &result {
-            CallResult::Trapped(e) => trap_message(e),
-            CallResult::Returned(Err(text)) => text.clone(),
-            _ => String::new(),
-        };
-        return Outcome::MemoryLimit(detail);
-    }
-    match result {
-        CallResult::Trapped(e) => Outcome::Trap(trap_message(&e)),
-        CallResult::SetupFailed(why) => Outcome::HostError(why),
-        _ if flag(&traffic.idle_timed_out) => Outcome::IdleTimeout,
-        _ if flag(&traffic.client_reset) => Outcome::ClientReset,
-        CallResult::Returned(Ok(())) => Outcome::Ok,
-        CallResult::Returned(Err(text)) => Outcome::HandlerError(text),
-    }
-}
-
-/// A trap's message without its multi-line wasm backtrace.
-fn trap_message(e: &wasmtime::Error) -> String {
-    match e.downcast_ref::<Trap>() {
-        Some(trap) => trap.to_string(),
-        None => one_line(e),
-    }
-}
-
 /// Ends the connection after the guest: the output was flushed when its
 /// stream was dropped with the store. A normal end sends FIN; unless the
 /// guest read the client's end of input, it then drains what the client
@@ -631,11 +441,11 @@ fn trap_message(e: &wasmtime::Error) -> String {
 /// An end that cut the reply short (a timeout, shutdown, trap or memory limit,
 /// or output left unsent) resets the connection, so the client cannot take a
 /// truncated reply for a whole one.
-async fn close(socket: &Socket, outcome: &Outcome) {
+pub(super) async fn close(socket: &Socket, outcome: Outcome) {
     // A reply cut short must not look complete: reset instead of FIN.
     let cut_short = matches!(
         outcome,
-        Outcome::Timeout | Outcome::Shutdown | Outcome::Trap(_) | Outcome::MemoryLimit(_)
+        Outcome::Timeout | Outcome::Shutdown | Outcome::Trap | Outcome::MemoryLimit
     ) || socket.traffic.output_lost.load(Ordering::Relaxed);
     let stream = socket.stream();
     if cut_short {
@@ -649,7 +459,7 @@ async fn close(socket: &Socket, outcome: &Outcome) {
         // a reset).
         return;
     }
-    if *outcome == Outcome::IdleTimeout {
+    if outcome == Outcome::IdleTimeout {
         // The client has been silent (or not reading) for the idle
         // timeout already: close now, not after a linger on top of it.
         return;

@@ -9,7 +9,7 @@ use wasmtime::ResourceLimiter;
 /// What a table element is counted as.
 const TABLE_ELEMENT_BYTES: usize = std::mem::size_of::<usize>();
 
-pub struct InstanceLimiter {
+pub(crate) struct InstanceLimiter {
     limit: usize,
     used: usize,
     peak: usize,
@@ -19,7 +19,7 @@ pub struct InstanceLimiter {
 }
 
 impl InstanceLimiter {
-    pub fn new(limit: u64) -> InstanceLimiter {
+    pub(crate) fn new(limit: u64) -> InstanceLimiter {
         InstanceLimiter {
             limit: usize::try_from(limit).unwrap_or(usize::MAX),
             used: 0,
@@ -30,12 +30,12 @@ impl InstanceLimiter {
     }
 
     /// Whether a growth was refused for this instance.
-    pub fn refused(&self) -> bool {
+    pub(crate) fn refused(&self) -> bool {
         self.refused
     }
 
     /// The most bytes the instance held at once.
-    pub fn peak(&self) -> usize {
+    pub(crate) fn peak(&self) -> usize {
         self.peak
     }
 

@@ -5,6 +5,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use std::time::Instant;
 
@@ -12,7 +13,9 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, Precompiled};
 
-use crate::compile_cache::CompileCache;
+use crate::wasm::compile_cache::CompileCache;
+use crate::wasm::guest_clock::{Deadline, GuestClock, SleepState};
+use crate::wasm::one_line;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 mod bindings {
@@ -45,12 +48,12 @@ mod bindings_async {
     });
 }
 
-pub use bindings::host::handler::types::ConnectionInfo;
+pub(crate) use bindings::host::handler::types::ConnectionInfo;
 pub(crate) use bindings::HandlerPre;
 pub(crate) use bindings_async::HandlerPre as HandlerPreAsync;
 
 /// The echo handler built from `handlers/echo`, served when no handler is given.
-pub static BUILTIN_ECHO: &[u8] = include_bytes!(env!("HOST_BUILTIN_ECHO_WASM"));
+pub(crate) static BUILTIN_ECHO: &[u8] = include_bytes!(env!("HOST_BUILTIN_ECHO_WASM"));
 
 /// Where a handler comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,14 +76,28 @@ impl fmt::Display for HandlerSource {
 /// What one connection's `Store` holds: its WASI context (only what was
 /// granted), the resource table its streams live in, and its memory limiter.
 /// Dropped with the store when the connection ends.
-pub struct ConnState {
-    pub wasi: WasiCtx,
-    pub table: ResourceTable,
-    pub limiter: crate::limits::InstanceLimiter,
+pub(crate) struct ConnState {
+    pub(crate) wasi: WasiCtx,
+    pub(crate) table: ResourceTable,
+    pub(crate) limiter: crate::wasm::limits::InstanceLimiter,
     /// The guest's monotonic clock.
-    pub clock: crate::guest_clock::GuestClock,
+    pub(crate) clock: GuestClock,
     /// The connection: its deadline ends guest sleeps too.
-    pub socket: std::sync::Arc<crate::net_stream::Socket>,
+    pub(crate) connection: Arc<dyn Deadline>,
+}
+
+impl SleepState for ConnState {
+    fn clock(&self) -> &GuestClock {
+        &self.clock
+    }
+
+    fn deadline(&self) -> &Arc<dyn Deadline> {
+        &self.connection
+    }
+
+    fn table(&mut self) -> &mut ResourceTable {
+        &mut self.table
+    }
 }
 
 impl WasiView for ConnState {
@@ -94,8 +111,7 @@ impl WasiView for ConnState {
 
 /// A compiled, linked and pre-instantiated handler, ready for one fresh
 /// instance per connection.
-pub struct Handler {
-    source: HandlerSource,
+pub(crate) struct Handler {
     digest: String,
     pre: HandlerPre<ConnState>,
     /// Linked with WASI's async host functions, for the async strategy.
@@ -104,13 +120,13 @@ pub struct Handler {
 
 /// How a handler may be loaded.
 #[derive(Default)]
-pub struct LoadOptions {
+pub(crate) struct LoadOptions {
     /// Where compiled handlers are kept between runs, if anywhere.
-    pub cache: Option<CompileCache>,
+    pub(crate) cache: Option<CompileCache>,
     /// Whether a precompiled (`host compile`) file may be served.
-    pub allow_precompiled: bool,
+    pub(crate) allow_precompiled: bool,
     /// Also link it for the async strategy.
-    pub for_async: bool,
+    pub(crate) for_async: bool,
 }
 
 /// Links `component` against everything the host provides (all of WASI
@@ -154,7 +170,7 @@ fn instantiate_pre(
 ) -> Result<wasmtime::component::InstancePre<ConnState>> {
     let mut linker = Linker::<ConnState>::new(engine);
     add_wasi(&mut linker).map_err(|e| anyhow!("cannot link WASI: {}", one_line(&e)))?;
-    crate::guest_clock::add_to_linker(&mut linker)?;
+    crate::wasm::guest_clock::add_to_linker(&mut linker)?;
     linker.instantiate_pre(component).map_err(|e| {
         anyhow!(
             "handler {source} needs imports the host does not provide: {}",
@@ -306,7 +322,7 @@ fn load_precompiled(
 }
 
 /// `host compile`: the handler's compiled form for `engine`.
-pub fn precompile(engine: &Engine, source: &HandlerSource) -> Result<Vec<u8>> {
+pub(crate) fn precompile(engine: &Engine, source: &HandlerSource) -> Result<Vec<u8>> {
     let bytes = read(source)?;
     if Engine::detect_precompiled(&bytes).is_some() {
         bail!("handler {source} is already precompiled");
@@ -321,9 +337,13 @@ pub fn precompile(engine: &Engine, source: &HandlerSource) -> Result<Vec<u8>> {
 impl Handler {
     /// Reads, checks, compiles (or loads from the compile cache) and
     /// pre-instantiates the handler.
-    pub fn load(engine: &Engine, source: &HandlerSource, options: &LoadOptions) -> Result<Handler> {
+    pub(crate) fn load(
+        engine: &Engine,
+        source: &HandlerSource,
+        options: &LoadOptions,
+    ) -> Result<Handler> {
         let bytes = read(source)?;
-        let digest = crate::compile_cache::digest(&bytes);
+        let digest = crate::wasm::compile_cache::digest(&bytes);
         let component = match Engine::detect_precompiled(&bytes) {
             Some(Precompiled::Component) => load_precompiled(engine, source, &bytes, options)?,
             Some(Precompiled::Module) => {
@@ -349,7 +369,6 @@ impl Handler {
             None
         };
         Ok(Handler {
-            source: source.clone(),
             digest,
             pre,
             pre_async,
@@ -357,29 +376,20 @@ impl Handler {
     }
 
     /// The SHA-256 of the handler file, in hex.
-    pub fn digest(&self) -> &str {
+    pub(crate) fn digest(&self) -> &str {
         &self.digest
     }
 
     /// A handler from parts already checked (`host check`).
-    pub(crate) fn from_parts(
-        source: HandlerSource,
-        digest: String,
-        pre: HandlerPre<ConnState>,
-    ) -> Handler {
+    pub(crate) fn from_parts(digest: String, pre: HandlerPre<ConnState>) -> Handler {
         Handler {
-            source,
             digest,
             pre,
             pre_async: None,
         }
     }
 
-    pub fn source(&self) -> &HandlerSource {
-        &self.source
-    }
-
-    pub fn engine(&self) -> &Engine {
+    pub(crate) fn engine(&self) -> &Engine {
         self.pre.engine()
     }
 
@@ -406,16 +416,6 @@ pub(crate) fn check_header(bytes: &[u8]) -> Result<(), &'static str> {
         [_, _, 1, 0] => Ok(()),
         _ => Err("has an unknown WebAssembly version or layer"),
     }
-}
-
-/// An error and its causes on one line.
-pub(crate) fn one_line(e: &wasmtime::Error) -> String {
-    let text = format!("{e:#}");
-    text.split('\n')
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 #[cfg(test)]

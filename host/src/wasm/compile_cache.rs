@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::Engine;
 
-pub struct CompileCache {
+pub(crate) struct CompileCache {
     dir: PathBuf,
 }
 
@@ -38,7 +38,7 @@ impl Hasher for Sha256Hasher {
 }
 
 /// The SHA-256 of `bytes`, in hex.
-pub fn digest(bytes: &[u8]) -> String {
+pub(crate) fn digest(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
@@ -49,7 +49,7 @@ fn hex(bytes: &[u8]) -> String {
 impl CompileCache {
     /// The default location: `$XDG_CACHE_HOME/wasm-host` or
     /// `$HOME/.cache/wasm-host`.
-    pub fn default_dir() -> Option<PathBuf> {
+    pub(crate) fn default_dir() -> Option<PathBuf> {
         let base = std::env::var_os("XDG_CACHE_HOME")
             .filter(|d| !d.is_empty())
             .map(PathBuf::from)
@@ -58,7 +58,7 @@ impl CompileCache {
     }
 
     /// Opens (creating it, mode 0700) the cache at `dir`.
-    pub fn open(dir: &Path) -> Result<CompileCache> {
+    pub(crate) fn open(dir: &Path) -> Result<CompileCache> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -76,13 +76,13 @@ impl CompileCache {
         })
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// Where the compiled form for `engine` of the component whose SHA-256
     /// is `digest` lives.
-    pub fn entry(&self, engine: &Engine, digest: &str) -> PathBuf {
+    pub(crate) fn entry(&self, engine: &Engine, digest: &str) -> PathBuf {
         let mut key = Sha256Hasher(Sha256::new());
         env!("CARGO_PKG_VERSION").hash(&mut key);
         engine.precompile_compatibility_hash().hash(&mut key);
@@ -92,7 +92,7 @@ impl CompileCache {
 
     /// Loads the cached compilation of the component with `digest`, if there
     /// is a usable one.
-    pub fn load(&self, engine: &Engine, digest: &str) -> Option<Component> {
+    pub(crate) fn load(&self, engine: &Engine, digest: &str) -> Option<Component> {
         let path = self.entry(engine, digest);
         if !path.is_file() {
             return None;
@@ -106,7 +106,7 @@ impl CompileCache {
                 tracing::warn!(
                     "ignoring the unusable cache entry {}: {}",
                     path.display(),
-                    crate::handler::one_line(&e)
+                    crate::wasm::one_line(&e)
                 );
                 let _ = fs::remove_file(&path);
                 None
@@ -117,11 +117,16 @@ impl CompileCache {
     /// Stores `component`, compiled from the component with `digest`;
     /// written to a temporary file and renamed, so a reader never sees half
     /// an entry.
-    pub fn store(&self, engine: &Engine, digest: &str, component: &Component) -> Result<PathBuf> {
+    pub(crate) fn store(
+        &self,
+        engine: &Engine,
+        digest: &str,
+        component: &Component,
+    ) -> Result<PathBuf> {
         let path = self.entry(engine, digest);
         let bytes = component
             .serialize()
-            .map_err(|e| anyhow::anyhow!("cannot serialize: {}", crate::handler::one_line(&e)))?;
+            .map_err(|e| anyhow::anyhow!("cannot serialize: {}", crate::wasm::one_line(&e)))?;
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let write = || -> std::io::Result<()> {
             let mut file = fs::File::create(&tmp)?;

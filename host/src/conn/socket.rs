@@ -1,6 +1,7 @@
-//! The connection's socket as `wasi:io` streams: the `input-stream` and
-//! `output-stream` resources a handler receives are implemented directly over
-//! the accepted socket (TCP or Unix-domain).
+//! The connection's socket (TCP or Unix-domain) as the guest's streams see
+//! it: the `input-stream` and `output-stream` resources a handler receives
+//! (`conn::streams`) are implemented directly over this [`Socket`], which
+//! keeps how they wait, the connection's deadline and what happened on it.
 //!
 //! Every operation first tries the socket without blocking (`recv`/`send` with
 //! `MSG_DONTWAIT`), so data that is already there costs one system call. How
@@ -20,24 +21,29 @@
 //! wait outlasts the connection's deadline (`--timeout`): a guest blocked in
 //! I/O is stopped by it as surely as one spinning in wasm code.
 
+use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd as _, AsRawFd, RawFd};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
 use wasmtime_wasi_io::bytes::{Bytes, BytesMut};
-use wasmtime_wasi_io::poll::Pollable;
-use wasmtime_wasi_io::streams::{InputStream, OutputStream, StreamError, StreamResult};
+use wasmtime_wasi_io::streams::StreamError;
+
+pub(crate) use crate::sys::socket::Interest;
+use crate::sys::socket::{poll_one, recv_nonblocking, send_nonblocking};
+use crate::wasm::guest_clock::Deadline;
 
 /// The most one read hands the guest, and the most the output stream buffers
 /// before `check-write` asks the guest to wait.
-pub const CHUNK: usize = 64 * 1024;
+pub(crate) const CHUNK: usize = 64 * 1024;
 
 /// How a stream waits for its socket when the guest asks it to block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Waits {
+pub(crate) enum Waits {
     /// In poll(2), blocking the calling thread (threading, prefork, forking).
     Blocking,
     /// On the tokio reactor, suspending the guest's fiber (async).
@@ -45,7 +51,7 @@ pub enum Waits {
 }
 
 /// The accepted socket, shared by the connection's two streams and the host.
-pub struct Socket {
+pub(crate) struct Socket {
     /// Registered with the tokio reactor the first time a stream must wait.
     /// Declared before `stream`: it must be dropped (deregistered) before the
     /// descriptor closes.
@@ -56,30 +62,30 @@ pub struct Socket {
     deadline: Instant,
     /// Wakes guest waits that are not on the socket (sleeps) at an abort.
     abort_notify: tokio::sync::Notify,
-    waits: Waits,
+    pub(super) waits: Waits,
     /// What the output stream still held when it was dropped.
-    leftover: std::sync::Mutex<BytesMut>,
-    pub traffic: Traffic,
+    pub(super) leftover: std::sync::Mutex<BytesMut>,
+    pub(crate) traffic: Traffic,
 }
 
 /// What happened on a connection, read by the host once `handle` returns.
 #[derive(Default)]
-pub struct Traffic {
-    pub bytes_in: AtomicU64,
-    pub bytes_out: AtomicU64,
+pub(crate) struct Traffic {
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
     /// A wait saw no progress for the idle timeout.
-    pub idle_timed_out: AtomicBool,
+    pub(crate) idle_timed_out: AtomicBool,
     /// A wait reached the connection's deadline.
-    pub timed_out: AtomicBool,
+    pub(crate) timed_out: AtomicBool,
     /// The host ended the connection early (shutdown).
-    pub aborted: AtomicBool,
+    pub(crate) aborted: AtomicBool,
     /// Output the guest wrote was dropped unsent.
-    pub output_lost: AtomicBool,
+    pub(crate) output_lost: AtomicBool,
     /// The client reset the connection or stopped reading for good.
-    pub client_reset: AtomicBool,
+    pub(crate) client_reset: AtomicBool,
     /// The guest read the client's end of input (FIN): nothing the client
     /// sent is left unread.
-    pub input_ended: AtomicBool,
+    pub(crate) input_ended: AtomicBool,
 }
 
 /// Lets `AsyncFd` watch the socket's descriptor without owning it.
@@ -91,23 +97,8 @@ impl AsRawFd for RawFdRef {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Direction {
-    Read,
-    Write,
-}
-
-impl Direction {
-    fn poll_events(self) -> libc::c_short {
-        match self {
-            Direction::Read => libc::POLLIN,
-            Direction::Write => libc::POLLOUT,
-        }
-    }
-}
-
 impl Socket {
-    pub fn new(
+    pub(crate) fn new(
         stream: socket2::Socket,
         idle_timeout: Duration,
         deadline: Instant,
@@ -127,7 +118,7 @@ impl Socket {
 
     /// Whether the connection was aborted (shutdown) or ran past its
     /// deadline: a guest running wasm must stop.
-    pub fn must_stop(&self) -> bool {
+    pub(crate) fn must_stop(&self) -> bool {
         self.traffic.aborted.load(Ordering::SeqCst) || Instant::now() >= self.deadline
     }
 
@@ -137,13 +128,13 @@ impl Socket {
     /// that already timed out (idle or not) or was aborted waits no more:
     /// the idle timeout bounds the whole stall, not each wait after it.
     /// Call once the guest is gone, before closing.
-    pub async fn finish_output(&self) {
+    pub(crate) async fn finish_output(&self) {
         let mut pending =
             std::mem::take(&mut *self.leftover.lock().unwrap_or_else(|e| e.into_inner()));
         while !pending.is_empty() && self.expiry().is_none() {
             match self.send_now(&pending) {
                 Ok(0) => {
-                    if !self.wait_here(Direction::Write).await {
+                    if !self.wait_here(Interest::Write).await {
                         break;
                     }
                 }
@@ -164,7 +155,7 @@ impl Socket {
 
     /// Waits for `direction` as this socket's strategy waits: false (and
     /// why recorded) when the idle timeout or the deadline passes first.
-    async fn wait_here(&self, direction: Direction) -> bool {
+    pub(super) async fn wait_here(&self, direction: Interest) -> bool {
         match self.waits {
             Waits::Blocking => self.wait_blocking(direction, self.wait_deadline()),
             Waits::Async => self.wait(direction).await,
@@ -173,13 +164,13 @@ impl Socket {
 
     /// Waits up to `limit` for the client to send something (or close):
     /// true if the socket became readable.
-    pub async fn readable_within(&self, limit: Duration) -> bool {
+    pub(crate) async fn readable_within(&self, limit: Duration) -> bool {
         let until = Instant::now() + limit;
         if self.waits == Waits::Blocking {
-            return poll_fd(self.fd(), libc::POLLIN, Some(limit)).unwrap_or(false);
+            return poll_one(self.stream.as_fd(), Interest::Read, Some(limit)).unwrap_or(false);
         }
         loop {
-            if self.ready_now(Direction::Read) {
+            if self.ready_now(Interest::Read) {
                 return true;
             }
             let left = until.saturating_duration_since(Instant::now());
@@ -191,7 +182,7 @@ impl Socket {
                     let readable = async { reactor.readable().await.map(|mut g| g.clear_ready()) };
                     match tokio::time::timeout(left, readable).await {
                         Ok(Ok(())) => {}
-                        Ok(Err(_)) | Err(_) => return self.ready_now(Direction::Read),
+                        Ok(Err(_)) | Err(_) => return self.ready_now(Interest::Read),
                     }
                 }
                 // Never block a runtime thread (see `wait_without_reactor`).
@@ -200,12 +191,7 @@ impl Socket {
         }
     }
 
-    /// When the connection's `--timeout` runs out.
-    pub fn deadline(&self) -> Instant {
-        self.deadline
-    }
-
-    pub fn stream(&self) -> &socket2::Socket {
+    pub(crate) fn stream(&self) -> &socket2::Socket {
         &self.stream
     }
 
@@ -215,20 +201,20 @@ impl Socket {
 
     /// Whether the socket is ready for `direction` right now (or has an error
     /// or hang-up pending, which the next operation reports).
-    fn ready_now(&self, direction: Direction) -> bool {
-        poll_fd(self.fd(), direction.poll_events(), Some(Duration::ZERO)).unwrap_or(true)
+    fn ready_now(&self, direction: Interest) -> bool {
+        poll_one(self.stream.as_fd(), direction, Some(Duration::ZERO)).unwrap_or(true)
     }
 
     /// Ends the connection from the host's side: both directions are shut
     /// down, so a guest waiting on the socket wakes up to an error.
-    pub fn abort(&self) {
+    pub(crate) fn abort(&self) {
         self.traffic.aborted.store(true, Ordering::SeqCst);
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
         self.abort_notify.notify_waiters();
     }
 
     /// Resolves once the connection is aborted.
-    pub async fn aborted(&self) {
+    pub(crate) async fn aborted(&self) {
         let notified = self.abort_notify.notified();
         let mut notified = std::pin::pin!(notified);
         // Registered before the flag is read, so no abort is missed.
@@ -246,7 +232,7 @@ impl Socket {
     }
 
     /// Records that the connection ran into its `--timeout`.
-    pub fn mark_timed_out(&self) {
+    pub(crate) fn mark_timed_out(&self) {
         self.traffic.timed_out.store(true, Ordering::Relaxed);
     }
 
@@ -263,7 +249,7 @@ impl Socket {
     /// executor: other pollables in the same `poll` keep being watched.
     /// Returns false (and records why) when the idle timeout or the
     /// connection's deadline passes first.
-    async fn wait(&self, direction: Direction) -> bool {
+    pub(super) async fn wait(&self, direction: Interest) -> bool {
         let deadline = self.wait_deadline();
         loop {
             if self.ready_now(direction) {
@@ -275,8 +261,8 @@ impl Socket {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let readiness = async {
                 match direction {
-                    Direction::Read => reactor.readable().await.map(|mut g| g.clear_ready()),
-                    Direction::Write => reactor.writable().await.map(|mut g| g.clear_ready()),
+                    Interest::Read => reactor.readable().await.map(|mut g| g.clear_ready()),
+                    Interest::Write => reactor.writable().await.map(|mut g| g.clear_ready()),
                 }
             };
             match tokio::time::timeout(remaining, readiness).await {
@@ -296,7 +282,7 @@ impl Socket {
     /// system is out of epoll watches or memory): a worker thread blocks in
     /// poll(2); under async, which must never block a runtime thread, the
     /// socket is looked at again every few milliseconds until `deadline`.
-    async fn wait_without_reactor(&self, direction: Direction, deadline: Instant) -> bool {
+    async fn wait_without_reactor(&self, direction: Interest, deadline: Instant) -> bool {
         if self.waits == Waits::Blocking {
             return self.wait_blocking(direction, deadline);
         }
@@ -314,9 +300,9 @@ impl Socket {
     }
 
     /// Blocks this thread in poll(2) until ready or `deadline`.
-    fn wait_blocking(&self, direction: Direction, deadline: Instant) -> bool {
+    fn wait_blocking(&self, direction: Interest, deadline: Instant) -> bool {
         let remaining = deadline.saturating_duration_since(Instant::now());
-        match poll_fd(self.fd(), direction.poll_events(), Some(remaining)) {
+        match poll_one(self.stream.as_fd(), direction, Some(remaining)) {
             Ok(true) | Err(_) => true,
             Ok(false) => {
                 self.expired(deadline);
@@ -339,7 +325,7 @@ impl Socket {
     }
 
     /// Why the streams may no longer wait, if they may not.
-    fn expiry(&self) -> Option<StreamError> {
+    pub(super) fn expiry(&self) -> Option<StreamError> {
         let traffic = &self.traffic;
         if Instant::now() >= self.deadline {
             // Nothing is read or written for the guest after its deadline.
@@ -357,25 +343,17 @@ impl Socket {
     }
 
     /// Sends what it can without blocking; `Ok(0)` when the socket is full.
-    fn send_now(&self, data: &[u8]) -> io::Result<usize> {
+    pub(super) fn send_now(&self, data: &[u8]) -> io::Result<usize> {
         loop {
-            // SAFETY: `data` is a valid buffer of `data.len()` bytes and the
-            // descriptor is owned by `self.stream`.
-            let n = unsafe {
-                libc::send(
-                    self.fd(),
-                    data.as_ptr().cast(),
-                    data.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
+            let err = match send_nonblocking(self.stream.as_fd(), data) {
+                Ok(n) => {
+                    self.traffic
+                        .bytes_out
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    return Ok(n);
+                }
+                Err(err) => err,
             };
-            if n >= 0 {
-                self.traffic
-                    .bytes_out
-                    .fetch_add(n as u64, Ordering::Relaxed);
-                return Ok(n as usize);
-            }
-            let err = io::Error::last_os_error();
             match err.kind() {
                 io::ErrorKind::Interrupted => continue,
                 io::ErrorKind::WouldBlock => return Ok(0),
@@ -386,19 +364,16 @@ impl Socket {
 
     /// Receives what is there without blocking: `Ok(None)` when nothing is,
     /// `Ok(Some(empty))` at end of input.
-    fn recv_now(&self, size: usize) -> io::Result<Option<Bytes>> {
+    pub(super) fn recv_now(&self, size: usize) -> io::Result<Option<Bytes>> {
         let mut buf = BytesMut::with_capacity(size);
         loop {
-            // SAFETY: the spare capacity holds `size` writable bytes; `recv`
-            // initialises the first `n` of them before `set_len(n)`.
-            let n =
-                unsafe { libc::recv(self.fd(), buf.as_mut_ptr().cast(), size, libc::MSG_DONTWAIT) };
-            if n >= 0 {
-                unsafe { buf.set_len(n as usize) };
-                self.traffic.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                return Ok(Some(buf.freeze()));
-            }
-            let err = io::Error::last_os_error();
+            let err = match recv_nonblocking(self.stream.as_fd(), &mut buf, size) {
+                Ok(n) => {
+                    self.traffic.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                    return Ok(Some(buf.freeze()));
+                }
+                Err(err) => err,
+            };
             match err.kind() {
                 io::ErrorKind::Interrupted => continue,
                 io::ErrorKind::WouldBlock => return Ok(None),
@@ -408,7 +383,7 @@ impl Socket {
     }
 
     /// Records a failure of the socket and turns it into the guest's error.
-    fn failed(&self, err: io::Error) -> StreamError {
+    pub(super) fn failed(&self, err: io::Error) -> StreamError {
         if matches!(
             err.kind(),
             io::ErrorKind::ConnectionReset
@@ -425,271 +400,10 @@ fn stream_failure(why: &'static str) -> StreamError {
     StreamError::LastOperationFailed(wasmtime::format_err!("{why}"))
 }
 
-/// poll(2) on one descriptor. `Ok(false)` when `timeout` passes first;
-/// `None` waits forever.
-pub fn poll_fd(fd: RawFd, events: libc::c_short, timeout: Option<Duration>) -> io::Result<bool> {
-    let deadline = timeout.map(|t| Instant::now() + t);
-    loop {
-        let millis = match deadline {
-            None => -1,
-            Some(deadline) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                // Round up so a wait never returns before its deadline.
-                left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
-            }
-        };
-        let mut pfd = libc::pollfd {
-            fd,
-            events,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, millis) };
-        if n > 0 {
-            return Ok(true);
-        }
-        if n == 0 {
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Ok(false);
-            }
-            continue;
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-}
-
-/// The `input-stream` a handler reads the client's bytes from.
-pub struct SocketInput {
-    socket: Arc<Socket>,
-    at_end: bool,
-}
-
-impl SocketInput {
-    pub fn new(socket: Arc<Socket>) -> Self {
-        SocketInput {
-            socket,
-            at_end: false,
-        }
-    }
-}
-
-#[wasmtime_wasi_io::async_trait]
-impl Pollable for SocketInput {
-    async fn ready(&mut self) {
-        if !self.at_end && self.socket.expiry().is_none() {
-            self.socket.wait(Direction::Read).await;
-        }
-    }
-}
-
-#[wasmtime_wasi_io::async_trait]
-impl InputStream for SocketInput {
-    fn read(&mut self, size: usize) -> StreamResult<Bytes> {
-        if self.at_end {
-            return Err(StreamError::Closed);
-        }
-        if let Some(err) = self.socket.expiry() {
-            return Err(err);
-        }
-        let size = size.min(CHUNK);
-        if size == 0 {
-            return Ok(Bytes::new());
-        }
-        match self.socket.recv_now(size) {
-            Ok(None) => Ok(Bytes::new()),
-            Ok(Some(bytes)) if bytes.is_empty() => {
-                self.at_end = true;
-                self.socket
-                    .traffic
-                    .input_ended
-                    .store(true, Ordering::Relaxed);
-                Err(StreamError::Closed)
-            }
-            Ok(Some(bytes)) => Ok(bytes),
-            Err(err) => {
-                self.at_end = true;
-                Err(self.socket.failed(err))
-            }
-        }
-    }
-
-    async fn blocking_read(&mut self, size: usize) -> StreamResult<Bytes> {
-        loop {
-            let bytes = self.read(size)?;
-            if !bytes.is_empty() || size == 0 {
-                return Ok(bytes);
-            }
-            // A blocking call waits on this stream alone: on a worker
-            // thread, in poll(2) rather than through the reactor (and its
-            // cross-thread wake-up); under async, suspended on the reactor.
-            // An abort shuts the socket down, which ends the wait too.
-            if !self.socket.wait_here(Direction::Read).await {
-                return Err(self.socket.expiry().unwrap_or(StreamError::Closed));
-            }
-        }
-    }
-}
-
-/// The `output-stream` a handler writes the client's reply to. Bytes the
-/// socket cannot take at once wait in a buffer of at most [`CHUNK`] bytes; a
-/// dropped stream sends what is left before it goes (within the idle timeout).
-pub struct SocketOutput {
-    socket: Arc<Socket>,
-    pending: BytesMut,
-    /// A flush is under way: `check-write` answers 0 until `pending` is sent.
-    flushing: bool,
-    closed: bool,
-}
-
-impl SocketOutput {
-    pub fn new(socket: Arc<Socket>) -> Self {
-        SocketOutput {
-            socket,
-            pending: BytesMut::new(),
-            flushing: false,
-            closed: false,
-        }
-    }
-
-    /// Sends as much of `pending` as the socket takes now.
-    fn push_pending(&mut self) -> StreamResult<()> {
-        while !self.pending.is_empty() {
-            match self.socket.send_now(&self.pending) {
-                Ok(0) => break,
-                Ok(n) => {
-                    let _ = self.pending.split_to(n);
-                }
-                Err(err) => {
-                    self.closed = true;
-                    self.pending.clear();
-                    return Err(self.socket.failed(err));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn usable(&self) -> StreamResult<()> {
-        if self.closed {
-            return Err(StreamError::Closed);
-        }
-        match self.socket.expiry() {
-            Some(err) => Err(err),
-            None => Ok(()),
-        }
-    }
-}
-
-#[wasmtime_wasi_io::async_trait]
-impl Pollable for SocketOutput {
-    async fn ready(&mut self) {
-        if !self.pending.is_empty() && !self.closed && self.socket.expiry().is_none() {
-            self.socket.wait(Direction::Write).await;
-        }
-    }
-}
-
-#[wasmtime_wasi_io::async_trait]
-impl OutputStream for SocketOutput {
-    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
-        self.usable()?;
-        if bytes.len() > CHUNK - self.pending.len() {
-            return Err(StreamError::trap(
-                "write of more bytes than check-write permitted",
-            ));
-        }
-        if self.pending.is_empty() {
-            let sent = match self.socket.send_now(&bytes) {
-                Ok(n) => n,
-                Err(err) => {
-                    self.closed = true;
-                    return Err(self.socket.failed(err));
-                }
-            };
-            self.pending.extend_from_slice(&bytes[sent..]);
-        } else {
-            self.pending.extend_from_slice(&bytes);
-            self.push_pending()?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> StreamResult<()> {
-        self.usable()?;
-        self.push_pending()?;
-        self.flushing = !self.pending.is_empty();
-        Ok(())
-    }
-
-    /// Waits for room without wasmtime-wasi's attempt limit: a slow reader
-    /// may free the buffer a little at a time. Bounded by the idle timeout
-    /// and the deadline, like every wait.
-    async fn write_ready(&mut self) -> StreamResult<usize> {
-        loop {
-            let room = self.check_write()?;
-            if room > 0 {
-                return Ok(room);
-            }
-            // Waits on this stream alone, as `blocking_read` does.
-            if !self.socket.wait_here(Direction::Write).await {
-                return Err(self.socket.expiry().unwrap_or(StreamError::Closed));
-            }
-        }
-    }
-
-    fn check_write(&mut self) -> StreamResult<usize> {
-        self.usable()?;
-        self.push_pending()?;
-        if self.flushing {
-            if !self.pending.is_empty() {
-                return Ok(0);
-            }
-            self.flushing = false;
-        }
-        Ok(CHUNK - self.pending.len())
-    }
-}
-
-impl Drop for SocketOutput {
-    /// What the socket takes now is sent, and the rest goes to the socket
-    /// ([`Socket::finish_output`]). On a worker thread it is sent at once,
-    /// waiting as the stream waits (the guest may wait for the client's
-    /// answer to it next). Under async a drop must not block the runtime's
-    /// thread: the rest is sent once `handle` returns, so an async guest
-    /// flushes what it wants read before it waits for an answer. Nothing is
-    /// sent after the connection's deadline, an abort or an idle timeout.
-    fn drop(&mut self) {
-        if self.closed || self.pending.is_empty() {
-            return;
-        }
-        if self.socket.expiry().is_some() {
-            self.socket
-                .traffic
-                .output_lost
-                .store(true, Ordering::Relaxed);
-            return;
-        }
-        if self.push_pending().is_err() || self.pending.is_empty() {
-            return;
-        }
-        self.socket
-            .leftover
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(&self.pending);
-        if self.socket.waits == Waits::Blocking {
-            block_on(self.socket.finish_output());
-        }
-    }
-}
-
 /// Runs `future` to its end on this thread. For a [`Waits::Blocking`]
 /// socket's futures, which wait in poll(2) and are ready at their first
 /// poll; anything else parks the thread until woken.
-pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
     struct Unpark(std::thread::Thread);
     impl std::task::Wake for Unpark {
         fn wake(self: Arc<Self>) {
@@ -704,5 +418,20 @@ pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
             return value;
         }
         std::thread::park();
+    }
+}
+
+/// What the guest's sleeps see of the connection (`wasm::guest_clock`).
+impl Deadline for Socket {
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    fn aborted(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(Socket::aborted(self))
+    }
+
+    fn mark_timed_out(&self) {
+        Socket::mark_timed_out(self);
     }
 }

@@ -7,7 +7,7 @@ use anyhow::{anyhow, Result};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::config::{ServeConfig, StrategyKind};
-use crate::handler::one_line;
+use crate::wasm::one_line;
 
 /// The epoch ticker's period: the precision of `--timeout` under threading.
 const TICK: Duration = Duration::from_millis(10);
@@ -29,7 +29,7 @@ const ASYNC_TICK: Duration = Duration::from_micros(500);
 ///
 /// Both use epoch interruption, so a guest spinning without host calls stops
 /// at its deadline.
-pub fn build(strategy: StrategyKind, instances: usize, max_memory: u64) -> Result<Engine> {
+pub(crate) fn build(strategy: StrategyKind, instances: usize, max_memory: u64) -> Result<Engine> {
     let mut wasm = Config::new();
     wasm.wasm_component_model(true);
     wasm.epoch_interruption(true);
@@ -63,7 +63,7 @@ pub fn build(strategy: StrategyKind, instances: usize, max_memory: u64) -> Resul
 /// the largest `max-memory`; with `headroom` (a config file, which a reload
 /// may change) at least [`RELOAD_SLOTS`] slots of up to 4 GiB each, so most
 /// reloads fit. Returns the engine and its slot count (`None`: on demand).
-pub fn for_host(tenants: &[ServeConfig], headroom: bool) -> Result<(Engine, Option<usize>)> {
+pub(crate) fn for_host(tenants: &[ServeConfig], headroom: bool) -> Result<(Engine, Option<usize>)> {
     let mut wasm = Config::new();
     wasm.wasm_component_model(true);
     wasm.epoch_interruption(true);
@@ -110,7 +110,7 @@ pub fn for_host(tenants: &[ServeConfig], headroom: bool) -> Result<(Engine, Opti
 /// instance's memory goes back to the system when its connection ends, so
 /// a burst leaves nothing pinned. Same compilation settings as the other
 /// engine, so a handler's compiled code (and its cache entry) is the same.
-pub fn for_async() -> Result<Engine> {
+pub(crate) fn for_async() -> Result<Engine> {
     let mut wasm = Config::new();
     wasm.wasm_component_model(true);
     wasm.epoch_interruption(true);
@@ -122,7 +122,7 @@ pub fn for_async() -> Result<Engine> {
 const KEEP_RESIDENT: usize = 1 << 20;
 
 /// The fewest pool slots a host run from a config file starts with.
-pub const RELOAD_SLOTS: usize = 128;
+pub(crate) const RELOAD_SLOTS: usize = 128;
 
 fn with_pool(mut wasm: Config, slots: usize, max_memory: u64) -> Config {
     let slots = slots as u32;
@@ -151,7 +151,7 @@ fn with_pool(mut wasm: Config, slots: usize, max_memory: u64) -> Config {
 
 /// What advances the engine's epoch, and so how a store's deadline is set.
 #[derive(Clone, Copy, Debug)]
-pub enum EpochClock {
+pub(crate) enum EpochClock {
     /// One ticker thread per engine advances the epoch every [`TICK`]
     /// (threading).
     Ticker,
@@ -167,19 +167,19 @@ pub enum EpochClock {
 impl EpochClock {
     /// For threading: starts the engine's one ticker thread, which stops by
     /// itself once the engine is dropped.
-    pub fn start_ticker(engine: &Engine) -> Result<EpochClock> {
+    pub(crate) fn start_ticker(engine: &Engine) -> Result<EpochClock> {
         start_ticking(engine, TICK)?;
         Ok(EpochClock::Ticker)
     }
 
     /// For async: the ticker that makes guests take turns (see `Yield`).
-    pub fn start_yield_ticker(engine: &Engine) -> Result<EpochClock> {
+    pub(crate) fn start_yield_ticker(engine: &Engine) -> Result<EpochClock> {
         start_ticking(engine, ASYNC_TICK)?;
         Ok(EpochClock::Yield)
     }
 
     /// The store deadline, in epoch ticks from now, for `timeout`.
-    pub fn deadline_ticks(self, timeout: Duration) -> u64 {
+    pub(crate) fn deadline_ticks(self, timeout: Duration) -> u64 {
         match self {
             EpochClock::Ticker => ticks(timeout) + 1,
             EpochClock::Alarm | EpochClock::Yield => 1,
@@ -188,7 +188,7 @@ impl EpochClock {
 
     /// Advances the epoch past every store's deadline: running guests trap at
     /// their next check.
-    pub fn expire_all(self, engine: &Engine, timeout: Duration) {
+    pub(crate) fn expire_all(self, engine: &Engine, timeout: Duration) {
         for _ in 0..=self.deadline_ticks(timeout) {
             engine.increment_epoch();
         }

@@ -5,26 +5,43 @@
 //! A long sleep cannot outlive the limit, nor a forced shutdown.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use wasmtime::component::{Linker, Resource};
+use wasmtime::component::{Linker, Resource, ResourceTable};
 use wasmtime::StoreContextMut;
 use wasmtime_wasi::clocks::HostMonotonicClock;
 use wasmtime_wasi_io::poll::{subscribe, DynPollable, Pollable};
 
-use crate::handler::ConnState;
-use crate::net_stream::Socket;
-
 /// The `wasi:clocks` interface whose subscriptions are replaced.
 const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
 
+/// The connection a guest's sleeps belong to, as they see it (the
+/// connection layer's socket): when its time is up, and whether the host
+/// ended it.
+pub(crate) trait Deadline: Send + Sync {
+    /// When the connection's `--timeout` runs out.
+    fn deadline(&self) -> Instant;
+    /// Resolves once the host has ended the connection.
+    fn aborted(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// Records that the connection ran into its `--timeout`.
+    fn mark_timed_out(&self);
+}
+
+/// What the capped sleeps need of a store's data.
+pub(crate) trait SleepState: Send + 'static {
+    fn clock(&self) -> &GuestClock;
+    fn deadline(&self) -> &Arc<dyn Deadline>;
+    fn table(&mut self) -> &mut ResourceTable;
+}
+
 /// Nanoseconds since the connection's store was created.
 #[derive(Clone, Copy)]
-pub struct GuestClock {
-    pub base: Instant,
+pub(crate) struct GuestClock {
+    pub(crate) base: Instant,
 }
 
 impl GuestClock {
@@ -48,7 +65,7 @@ impl HostMonotonicClock for GuestClock {
 /// for.
 struct Sleep {
     until: tokio::time::Instant,
-    socket: Arc<Socket>,
+    socket: Arc<dyn Deadline>,
     cut_short: bool,
 }
 
@@ -56,7 +73,7 @@ struct Sleep {
 impl Pollable for Sleep {
     async fn ready(&mut self) {
         let mut slept = std::pin::pin!(tokio::time::sleep_until(self.until));
-        let mut aborted = std::pin::pin!(self.socket.aborted());
+        let mut aborted = self.socket.aborted();
         let woke_by_sleep = std::future::poll_fn(|cx| {
             if slept.as_mut().poll(cx).is_ready() {
                 Poll::Ready(true)
@@ -76,19 +93,19 @@ impl Pollable for Sleep {
 /// Replaces wasmtime-wasi's `subscribe-duration` and `subscribe-instant` with
 /// versions capped at the store's deadline. Call after
 /// `wasmtime_wasi::p2::add_to_linker_sync`.
-pub fn add_to_linker(linker: &mut Linker<ConnState>) -> Result<()> {
+pub(crate) fn add_to_linker<T: SleepState>(linker: &mut Linker<T>) -> Result<()> {
     linker.allow_shadowing(true);
     let mut clock = linker.instance(MONOTONIC_CLOCK)?;
     clock.func_wrap(
         "subscribe-duration",
-        |store: StoreContextMut<'_, ConnState>, (nanos,): (u64,)| {
+        |store: StoreContextMut<'_, T>, (nanos,): (u64,)| {
             Ok((sleep(store, Duration::from_nanos(nanos))?,))
         },
     )?;
     clock.func_wrap(
         "subscribe-instant",
-        |store: StoreContextMut<'_, ConnState>, (when,): (u64,)| {
-            let now = store.data().clock.now_nanos();
+        |store: StoreContextMut<'_, T>, (when,): (u64,)| {
+            let now = store.data().clock().now_nanos();
             Ok((sleep(
                 store,
                 Duration::from_nanos(when.saturating_sub(now)),
@@ -99,13 +116,14 @@ pub fn add_to_linker(linker: &mut Linker<ConnState>) -> Result<()> {
     Ok(())
 }
 
-fn sleep(
-    mut store: StoreContextMut<'_, ConnState>,
+fn sleep<T: SleepState>(
+    mut store: StoreContextMut<'_, T>,
     duration: Duration,
 ) -> wasmtime::Result<Resource<DynPollable>> {
     let state = store.data_mut();
     let now = Instant::now();
-    let deadline = state.socket.deadline();
+    let connection = state.deadline().clone();
+    let deadline = connection.deadline();
     let wanted = now.checked_add(duration);
     let cut_short = wanted.is_none_or(|wanted| wanted > deadline);
     let until = if cut_short {
@@ -113,10 +131,11 @@ fn sleep(
     } else {
         wanted.unwrap_or(deadline)
     };
-    let sleep = state.table.push(Sleep {
+    let table = state.table();
+    let sleep = table.push(Sleep {
         until: tokio::time::Instant::from_std(until.max(now)),
-        socket: state.socket.clone(),
+        socket: connection,
         cut_short,
     })?;
-    subscribe(&mut state.table, sleep)
+    subscribe(table, sleep)
 }

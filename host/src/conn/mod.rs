@@ -1,0 +1,14 @@
+//! The connection layer: one connection, start to end, whatever strategy
+//! runs it. `service` is the path itself (`Service::serve`); `report` names
+//! how it ended and writes its `closed` line; `socket` is the accepted socket
+//! and how the connection waits on it, `streams` the guest's `wasi:io`
+//! streams over it; `guest_log` turns the guest's stdout and
+//! stderr into log lines; `timing` is `host check`'s measurements of the
+//! same path.
+
+pub(crate) mod guest_log;
+pub(crate) mod report;
+pub(crate) mod service;
+pub(crate) mod socket;
+pub(crate) mod streams;
+pub(crate) mod timing;

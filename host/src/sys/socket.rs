@@ -1,0 +1,113 @@
+//! A connection's socket: sends and receives that never block
+//! (`MSG_DONTWAIT`), and poll(2) on one descriptor.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::time::{Duration, Instant};
+
+use wasmtime_wasi_io::bytes::BytesMut;
+
+/// What a wait on a socket waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Interest {
+    Read,
+    Write,
+}
+
+impl Interest {
+    fn poll_events(self) -> libc::c_short {
+        match self {
+            Interest::Read => libc::POLLIN,
+            Interest::Write => libc::POLLOUT,
+        }
+    }
+}
+
+/// poll(2) on one descriptor: true once it is ready for `interest` (or has
+/// an error or hang-up pending, which its next operation reports), false
+/// when `timeout` passes first; `None` waits forever. An interrupted wait
+/// goes on to the same deadline.
+pub(crate) fn poll_one(
+    fd: BorrowedFd<'_>,
+    interest: Interest,
+    timeout: Option<Duration>,
+) -> io::Result<bool> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        let millis = match deadline {
+            None => -1,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                // Round up so a wait never returns before its deadline.
+                left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+            }
+        };
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: interest.poll_events(),
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for a descriptor `fd` keeps open.
+        let n = unsafe { libc::poll(&mut pfd, 1, millis) };
+        if n > 0 {
+            return Ok(true);
+        }
+        if n == 0 {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(false);
+            }
+            continue;
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// One `send(2)` that never blocks and never raises SIGPIPE: how many bytes
+/// the socket took, or its error (`WouldBlock` when it is full).
+pub(crate) fn send_nonblocking(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: `data` is a valid buffer of `data.len()` bytes and `fd` is an
+    // open descriptor for the duration of the call.
+    let n = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// One `recv(2)` of at most `size` bytes that never blocks, appended to
+/// `buf`: how many came (0 at end of input), or the error (`WouldBlock` when
+/// nothing is there).
+pub(crate) fn recv_nonblocking(
+    fd: BorrowedFd<'_>,
+    buf: &mut BytesMut,
+    size: usize,
+) -> io::Result<usize> {
+    buf.reserve(size);
+    let len = buf.len();
+    // SAFETY: after `reserve`, the `size` bytes after the first `len` are
+    // allocated and writable; `fd` is open for the duration of the call.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().add(len).cast(),
+            size,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `recv` initialised the first `n` (<= `size`) of those bytes.
+    unsafe { buf.set_len(len + n as usize) };
+    Ok(n as usize)
+}
