@@ -15,11 +15,10 @@ use anyhow::{anyhow, Context as _, Result};
 use wasmtime::component::types::ComponentItem;
 use wasmtime::{Engine, Precompiled};
 
-use crate::cli::{Given, TenantOptions};
-use crate::config::{ServeConfig, StrategyKind};
 use crate::connection::{Outcome, Service};
 use crate::engine::{self, EpochClock};
 use crate::handler::{self, Handler, HandlerSource};
+use crate::settings::{self, ServeConfig, StrategyKind};
 
 /// The most runs each timing (instantiate; instantiate + call) is taken
 /// over, after one unmeasured warm-up run.
@@ -175,14 +174,7 @@ pub fn check(path: &Path, run: bool, strategy: StrategyKind) -> Result<bool> {
 /// The tenant `host serve --handler PATH --strategy STRATEGY` runs (`None`:
 /// the built-in echo), every other setting at its default.
 fn as_served(path: Option<&Path>, strategy: StrategyKind) -> Result<ServeConfig> {
-    TenantOptions {
-        tenant: "default".to_string(),
-        handler: path.map(|p| Given::flag(p.to_path_buf())),
-        listen: vec![Given::flag("127.0.0.1:0".to_string())],
-        strategy: Some(Given::flag(strategy)),
-        ..TenantOptions::default()
-    }
-    .into_config()
+    settings::as_served(path, strategy)
 }
 
 /// The tenant's service, as a threading worker makes it, with its engine's

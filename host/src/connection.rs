@@ -16,7 +16,6 @@ use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream};
 
-use crate::config::{Access, Grants, Limits};
 use crate::engine::EpochClock;
 use crate::guest_clock::GuestClock;
 use crate::guest_log::GuestOutput;
@@ -25,6 +24,7 @@ use crate::limits::InstanceLimiter;
 use crate::listener::{local_of, Peer};
 use crate::metrics::TenantMetrics;
 use crate::net_stream::{block_on, Socket, SocketInput, SocketOutput, Waits};
+use crate::settings::{Access, Grants, Limits};
 
 /// After `handle` returns, the host reads and drops what the client still
 /// sends for at most this long (and at most [`LINGER_BYTES`]), so that closing

@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use crate::config::ListenAddr;
+use crate::settings::ListenAddr;
 
 /// Pending connections the kernel holds while every worker is busy.
 const LISTEN_BACKLOG: i32 = 1024;

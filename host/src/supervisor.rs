@@ -32,13 +32,13 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use wasmtime::Engine;
 
 use crate::compile_cache::CompileCache;
-use crate::config::{HostConfig, ListenAddr, ServeConfig, StrategyKind, MAX_TENANTS};
 use crate::connection::{Service, LINGER};
 use crate::engine::{self, EpochClock};
 use crate::handler::{Handler, HandlerSource, LoadOptions};
 use crate::listener::Listener;
 use crate::metrics::{Metrics, TenantInfo};
 use crate::server::{self, ConnectionIds, Shutdown};
+use crate::settings::{self, HostConfig, ListenAddr, ServeConfig, StrategyKind, MAX_TENANTS};
 use crate::strategy::{self, Async, Forking, Strategy, Threading};
 
 /// A worker that dies sooner than this after its start is replaced only
@@ -56,9 +56,6 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 pub struct Options {
     /// Reload when the config file or a handler file changes.
     pub watch: bool,
-    /// `--metrics-addr` was given: it wins over the file's `[metrics]`, at
-    /// start and at every reload.
-    pub metrics_addr_flag: bool,
 }
 
 /// One tenant as currently served.
@@ -249,7 +246,7 @@ impl Host {
                 // Stamped before the files are read: an edit made while
                 // the reload reads them differs from this and reloads again.
                 let before = watch_list(&self.config);
-                self.reload(options);
+                self.reload();
                 self.watched = watch_list(&self.config)
                     .into_iter()
                     .map(
@@ -349,7 +346,7 @@ impl Host {
 
     /// Compiles (or loads from the cache) a tenant's handler.
     fn load_service(&mut self, tenant: &ServeConfig) -> Result<Service> {
-        let for_async = tenant.strategy == StrategyKind::Async;
+        let for_async = tenant.strategy.kind() == StrategyKind::Async;
         let options = LoadOptions {
             cache: open_cache(tenant.cache_dir.as_deref()),
             allow_precompiled: tenant.allow_precompiled,
@@ -372,7 +369,7 @@ impl Host {
             }
             None => handler?,
         };
-        let clock = match tenant.strategy {
+        let clock = match tenant.strategy.kind() {
             StrategyKind::Forking => EpochClock::Alarm,
             StrategyKind::Threading | StrategyKind::Prefork => EpochClock::Ticker,
             StrategyKind::Async => EpochClock::Yield,
@@ -408,10 +405,7 @@ impl Host {
         let Some(tenant) = self.tenants.get(name) else {
             return;
         };
-        let count = match tenant.config.strategy {
-            StrategyKind::Prefork => tenant.config.processes,
-            _ => 1,
-        };
+        let count = tenant.config.strategy.processes();
         let generation = tenant.generation;
         for _ in 0..count {
             self.spawn_worker(name, generation);
@@ -501,7 +495,7 @@ impl Host {
         shutdown.stop_on_signal_directly(server::DRAIN_SIGNAL)?;
         shutdown.stop_on_signal_directly(server::END_NOW_SIGNAL)?;
         let mut strategy: Box<dyn Strategy> = match config.strategy {
-            StrategyKind::Forking => {
+            settings::Strategy::Forking { .. } => {
                 let fds: Vec<RawFd> = listeners.iter().map(|l| l.as_raw_fd()).collect();
                 Box::new(Forking::new(
                     service,
@@ -510,9 +504,10 @@ impl Host {
                     &fds,
                 )?)
             }
-            StrategyKind::Threading | StrategyKind::Prefork => {
+            settings::Strategy::Threading { workers }
+            | settings::Strategy::Prefork { workers, .. } => {
                 EpochClock::start_ticker(service.engine())?;
-                let (limit, prefix) = if config.strategy == StrategyKind::Prefork {
+                let (limit, prefix) = if config.strategy.kind() == StrategyKind::Prefork {
                     (
                         config.per_process_in_flight(),
                         format!("pid-{}/", std::process::id()),
@@ -523,22 +518,17 @@ impl Host {
                 let limit = fit_descriptors(&config, limit);
                 Box::new(Threading::new(
                     service,
-                    config.workers,
+                    workers,
                     limit,
                     shutdown.waker(),
                     &prefix,
                 )?)
             }
-            StrategyKind::Async => {
+            settings::Strategy::Async { workers } => {
                 EpochClock::start_yield_ticker(service.engine())?;
                 let limit = fit_descriptors(&config, config.max_in_flight());
                 let limit = fit_map_count(&config, limit);
-                Box::new(Async::new(
-                    service,
-                    config.workers,
-                    limit,
-                    shutdown.waker(),
-                )?)
+                Box::new(Async::new(service, workers, limit, shutdown.waker())?)
             }
         };
         server::run(
@@ -742,8 +732,8 @@ impl Host {
 
     /// Re-reads the config (or, without a file, the handlers) and switches
     /// each changed tenant, or changes nothing and says why.
-    fn reload(&mut self, options: &Options) {
-        match self.prepare_reload(options) {
+    fn reload(&mut self) {
+        match self.prepare_reload() {
             Ok(plan) => {
                 let summary = self.apply(plan);
                 self.metrics.reloaded(true);
@@ -757,36 +747,13 @@ impl Host {
     }
 
     /// Everything a reload needs, compiled and bound; nothing switched yet.
-    fn prepare_reload(&mut self, options: &Options) -> Result<Plan> {
-        let config = match &self.config.file {
-            Some(file) => {
-                let cache_dir = self
-                    .config
-                    .tenants
-                    .first()
-                    .and_then(|t| t.cache_dir.clone());
-                let mut config = crate::config_file::load(file, cache_dir)?;
-                // `--metrics-addr` wins over the file, as at start.
-                if config.metrics_addr != self.config.metrics_addr {
-                    if !options.metrics_addr_flag {
-                        tracing::warn!(
-                            "the metrics address changes only at a restart; still serving it on {}",
-                            self.config
-                                .metrics_addr
-                                .map_or("nothing".to_string(), |a| a.to_string())
-                        );
-                    }
-                    config.metrics_addr = self.config.metrics_addr;
-                }
-                config
-            }
-            None => self.config.clone(),
-        };
+    fn prepare_reload(&mut self) -> Result<Plan> {
+        let config = settings::reload(&self.config)?;
         if let Some(slots) = self.pool_slots {
             for tenant in config
                 .tenants
                 .iter()
-                .filter(|t| t.strategy != StrategyKind::Async)
+                .filter(|t| t.strategy.kind() != StrategyKind::Async)
             {
                 let needs = tenant.max_instances();
                 if needs > slots {
@@ -988,12 +955,7 @@ fn describe_change(old: &ServeConfig, new: &ServeConfig, handler: bool) -> Strin
     if old.access != new.access {
         what.push("allow/deny");
     }
-    if old.strategy != new.strategy
-        || old.workers != new.workers
-        || old.processes != new.processes
-        || old.max_children != new.max_children
-        || old.max_connections != new.max_connections
-    {
+    if old.strategy != new.strategy || old.max_connections != new.max_connections {
         what.push("strategy/workers");
     }
     if old.limits != new.limits || old.drain_timeout != new.drain_timeout {
@@ -1010,13 +972,12 @@ fn describe_change(old: &ServeConfig, new: &ServeConfig, handler: bool) -> Strin
 
 fn log_serving(config: &ServeConfig, service: &Service) {
     let workers = match config.strategy {
-        StrategyKind::Threading => format!("{} threads kept warm", config.workers),
-        StrategyKind::Forking => format!("at most {} children", config.max_children),
-        StrategyKind::Prefork => format!(
-            "{} processes, {} threads kept warm in each",
-            config.processes, config.workers
-        ),
-        StrategyKind::Async => format!("{} runtime threads", config.workers),
+        settings::Strategy::Threading { workers } => format!("{workers} threads kept warm"),
+        settings::Strategy::Forking { max_children } => format!("at most {max_children} children"),
+        settings::Strategy::Prefork { processes, workers } => {
+            format!("{processes} processes, {workers} threads kept warm in each")
+        }
+        settings::Strategy::Async { workers } => format!("{workers} runtime threads"),
     };
     let limits = &config.limits;
     tracing::info!(
