@@ -419,3 +419,169 @@ fn port(addr: &ListenAddr) -> u16 {
         ListenAddr::Unix(_) => 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(offset: usize) -> Option<Place> {
+        Some(Place {
+            offset,
+            shown: format!("FILE:{offset}"),
+        })
+    }
+
+    fn given<T>(value: T, offset: usize) -> Given<T> {
+        Given {
+            value,
+            at: at(offset),
+        }
+    }
+
+    fn tenant(name: &str, layer: Layer) -> RawTenant {
+        RawTenant {
+            name: name.to_string(),
+            at: at(0),
+            layer,
+        }
+    }
+
+    fn listen(addr: &str, offset: usize) -> Option<Vec<Given<String>>> {
+        Some(vec![given(addr.to_string(), offset)])
+    }
+
+    fn keys(defaults: Layer, tenants: Vec<RawTenant>) -> RawHost {
+        RawHost {
+            naming: Naming::Keys,
+            defaults,
+            tenants,
+            ..RawHost::default()
+        }
+    }
+
+    #[test]
+    fn a_tenant_over_defaults_over_built_in_defaults() {
+        let defaults = Layer {
+            timeout: Some(given("5s".to_string(), 1)),
+            workers: Some(given(3, 2)),
+            max_children: Some(given(7, 3)),
+            ..Layer::default()
+        };
+        let own = Layer {
+            listen: listen("127.0.0.1:0", 10),
+            strategy: Some(given(StrategyKind::Forking, 11)),
+            timeout: Some(given("1s".to_string(), 12)),
+            ..Layer::default()
+        };
+        let host = host(keys(defaults, vec![tenant("a", own)])).unwrap();
+        let a = &host.tenants[0];
+        // workers does not fit forking: dropped from [defaults].
+        assert_eq!(a.strategy, Strategy::Forking { max_children: 7 });
+        assert_eq!(a.limits.timeout, Duration::from_secs(1));
+        assert_eq!(a.limits.idle_timeout, Duration::from_secs(10));
+        assert_eq!(a.limits.max_memory, 64 << 20);
+        assert_eq!(a.handler, HandlerSource::BuiltinEcho);
+    }
+
+    #[test]
+    fn a_bad_value_is_named_where_it_was_given() {
+        let own = Layer {
+            listen: listen("127.0.0.1:0", 10),
+            idle_timeout: Some(given("30x".to_string(), 42)),
+            ..Layer::default()
+        };
+        let err = host(keys(Layer::default(), vec![tenant("a", own)])).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("FILE:42: invalid idle-timeout \"30x\": "),
+            "{err}"
+        );
+        // In [defaults] too, even where no tenant uses it.
+        let defaults = Layer {
+            max_memory: Some(given("8GiB".to_string(), 7)),
+            ..Layer::default()
+        };
+        let err = host(keys(defaults, vec![])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "FILE:7: invalid max-memory \"8GiB\": must be between 64KiB and 4GiB"
+        );
+    }
+
+    #[test]
+    fn a_count_the_strategy_ignores_is_refused_in_a_tenant() {
+        let own = Layer {
+            listen: listen("127.0.0.1:0", 10),
+            processes: Some(given(2, 20)),
+            ..Layer::default()
+        };
+        let err = host(keys(Layer::default(), vec![tenant("a", own.clone())])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "FILE:20: processes applies to strategy prefork, not threading"
+        );
+        let flags = RawHost {
+            naming: Naming::Flags,
+            tenants: vec![tenant("default", own)],
+            ..RawHost::default()
+        };
+        let err = host(flags).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "FILE:20: --processes applies to --strategy prefork, not threading"
+        );
+    }
+
+    #[test]
+    fn the_metrics_flag_wins_over_the_file() {
+        let flag: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+        let mut raw = keys(
+            Layer::default(),
+            vec![tenant(
+                "a",
+                Layer {
+                    listen: listen("127.0.0.1:0", 10),
+                    ..Layer::default()
+                },
+            )],
+        );
+        raw.metrics_addr = Some(given("127.0.0.1:9464".to_string(), 5));
+        let from_file = host(raw.clone()).unwrap();
+        assert_eq!(
+            from_file.metrics_addr,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        raw.metrics_addr_flag = Some(flag);
+        let host = host(raw).unwrap();
+        assert_eq!(host.metrics_addr, Some(flag));
+        assert_eq!(host.metrics_addr_flag, Some(flag));
+    }
+
+    #[test]
+    fn two_tenants_on_one_address_are_refused_at_the_second() {
+        let raw = keys(
+            Layer::default(),
+            vec![
+                tenant(
+                    "b",
+                    Layer {
+                        listen: listen("127.0.0.1:7001", 30),
+                        ..Layer::default()
+                    },
+                ),
+                tenant(
+                    "a",
+                    Layer {
+                        listen: listen("0.0.0.0:7001", 40),
+                        ..Layer::default()
+                    },
+                ),
+            ],
+        );
+        assert_eq!(
+            host(raw).unwrap_err().to_string(),
+            "FILE:40: tenants \"b\" and \"a\" both listen on port 7001 \
+             (127.0.0.1:7001 and 0.0.0.0:7001)"
+        );
+    }
+}

@@ -8,21 +8,18 @@
 //! WHAT), and `unknown key "KEY" in TABLE (did you mean "KEY"?)`.
 
 use std::fmt;
-use std::marker::PhantomData;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Result};
-use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Unexpected, Visitor};
+use serde::Deserialize as _;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use super::describe::toml_key;
-use super::model::StrategyKind;
 use super::raw::{Given, Layer, Place, RawHost, RawTenant};
-use super::values::{
-    DirOption, Naming, Setting, MAX_CHILDREN, MAX_CONNECTIONS, MAX_PROCESSES, MAX_WORKERS,
-};
+use super::schema::{Count, FileLayer, FileRoot, List, Text, EXPECTED};
+use super::values::{DirOption, Naming, Setting};
 
 /// The tables allowed at the top level.
 const TOP_LEVEL: [&str; 3] = ["defaults", "metrics", "tenants"];
@@ -53,12 +50,12 @@ pub(crate) fn read(file: &Path, cache_dir: Option<PathBuf>) -> Result<RawHost> {
             tenants.push(RawTenant {
                 name,
                 at: Some(doc.place(layer.span())),
-                layer: doc.layer(layer.get_ref()),
+                layer: doc.layer(&layer.get_ref().0),
             });
         }
     }
     let metrics_addr = match &parsed.metrics {
-        Some(metrics) => Some(match &metrics.get_ref().addr {
+        Some(metrics) => Some(match &metrics.get_ref().0.addr {
             Some(addr) => doc.given(addr.get_ref().0.clone(), addr.span()),
             None => {
                 return Err(doc.error(
@@ -75,7 +72,7 @@ pub(crate) fn read(file: &Path, cache_dir: Option<PathBuf>) -> Result<RawHost> {
         defaults: parsed
             .defaults
             .as_ref()
-            .map_or_else(Layer::default, |d| doc.layer(d.get_ref())),
+            .map_or_else(Layer::default, |d| doc.layer(&d.get_ref().0)),
         tenants,
         tenants_at: Some(doc.place(parsed.tenants.map_or(0..0, |t| t.span()))),
         metrics_addr,
@@ -84,264 +81,6 @@ pub(crate) fn read(file: &Path, cache_dir: Option<PathBuf>) -> Result<RawHost> {
         cache_dir,
         ..RawHost::default()
     })
-}
-
-/// The file as serde reads it.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileRoot {
-    defaults: Option<Spanned<FileLayer>>,
-    metrics: Option<Spanned<FileMetrics>>,
-    tenants: Option<Spanned<Tenants>>,
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileMetrics {
-    addr: Option<Spanned<Text<MetricsAddr>>>,
-}
-
-/// `[defaults]` or a `[tenants.NAME]` table: its keys are [`Setting::key`]s.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct FileLayer {
-    handler: Option<Spanned<Text<HandlerPath>>>,
-    listen: Option<List<Addresses>>,
-    strategy: Option<Spanned<StrategyName>>,
-    workers: Option<Spanned<Count<{ MAX_WORKERS }>>>,
-    processes: Option<Spanned<Count<{ MAX_PROCESSES }>>>,
-    max_children: Option<Spanned<Count<{ MAX_CHILDREN }>>>,
-    max_connections: Option<Spanned<Count<{ MAX_CONNECTIONS }>>>,
-    max_memory: Option<Spanned<Text<Size>>>,
-    timeout: Option<Spanned<Text<Duration>>>,
-    idle_timeout: Option<Spanned<Text<Duration>>>,
-    drain_timeout: Option<Spanned<Text<Duration>>>,
-    env: Option<Entries<Env>>,
-    dirs: Option<Entries<Dirs>>,
-    allow: Option<List<Networks>>,
-    deny: Option<List<Networks>>,
-    allow_precompiled: Option<Flag>,
-}
-
-/// What a value must be, for messages: `WHOLE` of the value, `ITEM` of
-/// each item of an array or entry of a table.
-trait Expect {
-    const WHOLE: &'static str;
-    const ITEM: &'static str = "";
-}
-
-macro_rules! expect {
-    ($name:ident, $whole:expr) => {
-        expect!($name, $whole, "");
-    };
-    ($name:ident, $whole:expr, $item:expr) => {
-        struct $name;
-        impl Expect for $name {
-            const WHOLE: &'static str = $whole;
-            const ITEM: &'static str = $item;
-        }
-    };
-}
-
-expect!(HandlerPath, "a path to a component");
-expect!(Size, "a size such as \"64MiB\"");
-expect!(Duration, "a duration such as \"30s\"");
-expect!(MetricsAddr, "an address such as \"127.0.0.1:9464\"");
-expect!(
-    Addresses,
-    "an array of addresses, e.g. [\"127.0.0.1:7001\", \"unix:/run/host.sock\"]",
-    "an address such as \"127.0.0.1:7001\" or \"unix:/run/host.sock\""
-);
-expect!(
-    Networks,
-    "an array of networks, e.g. [\"10.0.0.0/8\"]",
-    "a network such as \"10.0.0.0/8\""
-);
-expect!(
-    Env,
-    "a table of strings, e.g. { GREETING = \"hi\" }",
-    "a string"
-);
-expect!(
-    Dirs,
-    "a table of host path = guest path, e.g. { \"/srv/static\" = \"/static\" }",
-    "a guest path such as \"/static\""
-);
-
-/// The items of `E`: expected to be `E::ITEM`.
-struct Item<E>(PhantomData<E>);
-
-impl<E: Expect> Expect for Item<E> {
-    const WHOLE: &'static str = E::ITEM;
-}
-
-/// Starts what a visitor expects, so [`Doc::explain`] finds it in serde's
-/// message (`invalid type: ..., expected EXPECTED`) whatever comes before.
-const EXPECTED: &str = "\u{1}";
-
-/// A string.
-struct Text<E>(String, PhantomData<E>);
-
-impl<'de, E: Expect> Deserialize<'de> for Text<E> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V<E>(PhantomData<E>);
-        impl<E: Expect> Visitor<'_> for V<E> {
-            type Value = Text<E>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                write!(f, "{EXPECTED}{}", E::WHOLE)
-            }
-            fn visit_str<Er: de::Error>(self, text: &str) -> Result<Text<E>, Er> {
-                Ok(Text(text.to_string(), PhantomData))
-            }
-        }
-        deserializer.deserialize_any(V(PhantomData))
-    }
-}
-
-/// An array of strings, each spanned.
-struct List<E>(Vec<Spanned<Text<Item<E>>>>);
-
-impl<'de, E: Expect> Deserialize<'de> for List<E> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V<E>(PhantomData<E>);
-        impl<'de, E: Expect> Visitor<'de> for V<E> {
-            type Value = List<E>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                write!(f, "{EXPECTED}{}", E::WHOLE)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<List<E>, A::Error> {
-                let mut items = Vec::new();
-                while let Some(item) = seq.next_element()? {
-                    items.push(item);
-                }
-                Ok(List(items))
-            }
-        }
-        deserializer.deserialize_any(V(PhantomData))
-    }
-}
-
-/// A table of strings, each entry spanned by its key, in file order.
-struct Entries<E>(Vec<(Spanned<String>, String)>, PhantomData<E>);
-
-impl<'de, E: Expect> Deserialize<'de> for Entries<E> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V<E>(PhantomData<E>);
-        impl<'de, E: Expect> Visitor<'de> for V<E> {
-            type Value = Entries<E>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                write!(f, "{EXPECTED}{}", E::WHOLE)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries<E>, A::Error> {
-                let mut entries = Vec::new();
-                while let Some((key, value)) = map.next_entry::<Spanned<String>, Text<Item<E>>>()? {
-                    entries.push((key, value.0));
-                }
-                entries.sort_by_key(|(key, _)| key.span().start);
-                Ok(Entries(entries, PhantomData))
-            }
-        }
-        deserializer.deserialize_any(V(PhantomData))
-    }
-}
-
-/// `[tenants]`: each `[tenants.NAME]` table, in file order.
-struct Tenants(Vec<(Spanned<String>, Spanned<FileLayer>)>);
-
-impl<'de> Deserialize<'de> for Tenants {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Tenants;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                write!(f, "{EXPECTED}[tenants.NAME] tables")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Tenants, A::Error> {
-                let mut tenants = Vec::new();
-                while let Some(entry) = map.next_entry()? {
-                    tenants.push(entry);
-                }
-                tenants.sort_by_key(|(name, _): &(Spanned<String>, _)| name.span().start);
-                Ok(Tenants(tenants))
-            }
-        }
-        deserializer.deserialize_any(V)
-    }
-}
-
-/// A count from 1 to `MAX`.
-struct Count<const MAX: u32>(u32);
-
-impl<'de, const MAX: u32> Deserialize<'de> for Count<MAX> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V<const MAX: u32>;
-        impl<const MAX: u32> Visitor<'_> for V<MAX> {
-            type Value = Count<MAX>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                write!(f, "{EXPECTED}an integer from 1 to {MAX}")
-            }
-            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Count<MAX>, E> {
-                match u32::try_from(n) {
-                    Ok(n) if (1..=MAX).contains(&n) => Ok(Count(n)),
-                    _ => Err(E::invalid_value(Unexpected::Signed(n), &self)),
-                }
-            }
-            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Count<MAX>, E> {
-                match u32::try_from(n) {
-                    Ok(n) if (1..=MAX).contains(&n) => Ok(Count(n)),
-                    _ => Err(E::invalid_value(Unexpected::Unsigned(n), &self)),
-                }
-            }
-        }
-        deserializer.deserialize_any(V::<MAX>)
-    }
-}
-
-/// `true` or `false`.
-struct Flag(bool);
-
-impl<'de> Deserialize<'de> for Flag {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Flag;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                write!(f, "{EXPECTED}true or false")
-            }
-            fn visit_bool<E: de::Error>(self, yes: bool) -> Result<Flag, E> {
-                Ok(Flag(yes))
-            }
-        }
-        deserializer.deserialize_any(V)
-    }
-}
-
-/// A strategy's name.
-struct StrategyName(StrategyKind);
-
-impl<'de> Deserialize<'de> for StrategyName {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = StrategyName;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                let names: Vec<_> = StrategyKind::ALL
-                    .iter()
-                    .map(|kind| format!("{:?}", kind.name()))
-                    .collect();
-                let (last, rest) = names.split_last().expect("strategies");
-                write!(f, "{EXPECTED}{} or {last}", rest.join(", "))
-            }
-            fn visit_str<E: de::Error>(self, text: &str) -> Result<StrategyName, E> {
-                StrategyKind::ALL
-                    .into_iter()
-                    .find(|kind| kind.name() == text)
-                    .map(StrategyName)
-                    .ok_or_else(|| E::invalid_value(Unexpected::Str(text), &self))
-            }
-        }
-        deserializer.deserialize_any(V)
-    }
 }
 
 /// The file being read.
@@ -464,8 +203,7 @@ impl Doc<'_> {
             Some(Hit::Value(path, value)) => {
                 let expected = match message.rfind(EXPECTED) {
                     Some(i) => &message[i + EXPECTED.len()..],
-                    None if keys(&path) == ["tenants"] => "[tenants.NAME] tables",
-                    None => "a table",
+                    None => return self.error(span, message.replace('\n', " ")),
                 };
                 let name = name(&path);
                 let shown = match value {
@@ -1065,6 +803,16 @@ allow-precompiled = false
         assert_eq!(
             error("tenant-string", text),
             "FILE:2:8: invalid tenants.echo \"echo.wasm\": expected a table"
+        );
+        let text = format!("metrics = [1]\n{ECHO}");
+        assert_eq!(
+            error("metrics-array", &text),
+            "FILE:1:11: invalid metrics: expected a table, not an array"
+        );
+        let text = format!("defaults = [{{ workers = 3 }}]\n{ECHO}");
+        assert_eq!(
+            error("defaults-array", &text),
+            "FILE:1:12: invalid defaults: expected a table, not an array"
         );
         let text = "[[tenants]]\nlisten = [\"127.0.0.1:7001\"]\n";
         assert_eq!(

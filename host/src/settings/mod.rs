@@ -2,9 +2,9 @@
 //! turned once into the validated [`HostConfig`] everything else reads.
 //!
 //! One path, at start-up and at every reload: the flags ([`flags`]) or the
-//! config file ([`file`]) give raw settings ([`raw`]); [`convert`] parses
-//! each value ([`values`]) once and makes the [`HostConfig`] ([`model`]);
-//! [`describe`] writes one back as TOML. Nothing here depends on the rest of
+//! config file ([`file`], its shape in [`schema`]) give raw settings
+//! ([`raw`]); [`convert`] parses each value ([`values`]) once and makes the
+//! [`HostConfig`] ([`model`]); [`describe`] writes one back as TOML. Nothing here depends on the rest of
 //! the host but the handler's source and the compile cache's default
 //! directory.
 
@@ -14,6 +14,7 @@ mod file;
 pub(crate) mod flags;
 mod model;
 mod raw;
+mod schema;
 mod values;
 
 use std::path::{Path, PathBuf};
@@ -86,4 +87,101 @@ pub(crate) fn reload(current: &HostConfig) -> Result<HostConfig> {
         config.metrics_addr = current.metrics_addr;
     }
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    /// A config file of its own, removed when dropped.
+    struct File(PathBuf);
+
+    impl File {
+        fn new(name: &str, text: &str) -> File {
+            let path = std::env::temp_dir()
+                .join(format!("host-settings-{}-{name}.toml", std::process::id()));
+            std::fs::write(&path, text).unwrap();
+            File(path)
+        }
+    }
+
+    impl Drop for File {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn serve(args: &[&str]) -> Result<HostConfig> {
+        let mut argv = vec!["host", "serve"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Serve(args) => from_flags(args),
+            _ => unreachable!("only serve is parsed here"),
+        }
+    }
+
+    const TENANT: &str = "[tenants.a]\nlisten = [\"127.0.0.1:0\"]\n";
+
+    #[test]
+    fn the_flags_and_the_file_take_one_path() {
+        let file = File::new("path", &format!("[defaults]\nworkers = 3\n{TENANT}"));
+        let path = file.0.to_str().unwrap();
+        let from_file = serve(&["--config", path, "--no-cache"]).unwrap();
+        let from_flags = serve(&["--addr", "127.0.0.1:0", "--workers", "3", "--no-cache"]).unwrap();
+        let (a, default) = (&from_file.tenants[0], &from_flags.tenants[0]);
+        assert_eq!(
+            (a.tenant.as_str(), default.tenant.as_str()),
+            ("a", "default")
+        );
+        let mut renamed = a.clone();
+        renamed.tenant = default.tenant.clone();
+        assert_eq!(&renamed, default);
+        assert_eq!(from_file.file.as_deref(), Some(file.0.as_path()));
+        assert_eq!(from_flags.file, None);
+    }
+
+    #[test]
+    fn the_metrics_flag_wins_at_start_and_at_reload() {
+        let text = format!("[metrics]\naddr = \"127.0.0.1:9464\"\n{TENANT}");
+        let file = File::new("metrics", &text);
+        let path = file.0.to_str().unwrap();
+        let cache = "/var/cache/host-settings-test";
+        let args = ["--config", path, "--metrics-addr", "127.0.0.1:9000"];
+        let host = serve(&[&args[..], &["--cache-dir", cache]].concat()).unwrap();
+        let flag = Some("127.0.0.1:9000".parse().unwrap());
+        assert_eq!(host.metrics_addr, flag);
+        // The file changes its metrics address and its tenants.
+        std::fs::write(
+            &file.0,
+            format!("[metrics]\naddr = \"127.0.0.1:9465\"\n{TENANT}[tenants.b]\nlisten = [\"127.0.0.1:0\"]\n"),
+        )
+        .unwrap();
+        let reloaded = reload(&host).unwrap();
+        assert_eq!(reloaded.metrics_addr, flag);
+        assert_eq!(reloaded.tenants.len(), 2);
+        let cache = Some(PathBuf::from(cache));
+        assert_eq!(reloaded.cache_dir, cache);
+        assert_eq!(reloaded.tenants[1].cache_dir, cache);
+        // Without the flag, the address of the start stays.
+        let host = serve(&["--config", path]).unwrap();
+        std::fs::write(
+            &file.0,
+            format!("[metrics]\naddr = \"127.0.0.1:9466\"\n{TENANT}"),
+        )
+        .unwrap();
+        assert_eq!(reload(&host).unwrap().metrics_addr, host.metrics_addr);
+    }
+
+    #[test]
+    fn a_bad_metrics_flag_is_named() {
+        let err = serve(&["--metrics-addr", "nonsense"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("invalid --metrics-addr \"nonsense\": "),
+            "{err}"
+        );
+    }
 }
