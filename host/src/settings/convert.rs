@@ -13,8 +13,8 @@ use anyhow::{anyhow, Result};
 use ipnet::IpNet;
 
 use super::model::{
-    Access, DirGrant, Grants, HostConfig, Limits, ListenAddr, ServeConfig, Strategy, StrategyKind,
-    MAX_TENANTS,
+    Access, DirGrant, Grants, HandlerSource, HostConfig, Limits, ListenAddr, ServeConfig, Strategy,
+    StrategyKind, MAX_TENANTS,
 };
 use super::raw::{locate, Given, Layer, Place, RawHost, RawTenant};
 use super::values::{
@@ -23,7 +23,6 @@ use super::values::{
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CHILDREN, DEFAULT_MAX_MEMORY, DEFAULT_STRATEGY,
     DEFAULT_TIMEOUT,
 };
-use crate::handler::HandlerSource;
 
 /// A layer with every value it gives parsed and checked.
 #[derive(Clone, Debug, Default)]

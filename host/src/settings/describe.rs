@@ -3,8 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::model::{HostConfig, ServeConfig, Strategy};
-use crate::handler::HandlerSource;
+use super::model::{HandlerSource, HostConfig, ServeConfig, Strategy};
 
 /// The effective settings of every tenant, defaults filled in, as TOML a
 /// config file may hold (`host config check`).

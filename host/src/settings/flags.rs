@@ -15,7 +15,6 @@ use super::values::{
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_MEMORY, DEFAULT_TIMEOUT, MAX_CHILDREN, MAX_CONNECTIONS,
     MAX_PROCESSES, MAX_WORKERS,
 };
-use crate::compile_cache::CompileCache;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -329,8 +328,18 @@ pub(crate) fn cache_dir(flag: Option<PathBuf>, no_cache: bool) -> Option<PathBuf
     if no_cache {
         None
     } else {
-        flag.or_else(CompileCache::default_dir)
+        flag.or_else(default_cache_dir)
     }
+}
+
+/// The compile cache's default location: `$XDG_CACHE_HOME/wasm-host` or
+/// `$HOME/.cache/wasm-host`.
+fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("wasm-host"))
 }
 
 #[cfg(test)]

@@ -5,8 +5,7 @@
 //! config file ([`file`], its shape in [`schema`]) give raw settings
 //! ([`raw`]); [`convert`] parses each value ([`values`]) once and makes the
 //! [`HostConfig`] ([`model`]); [`describe`] writes one back as TOML. Nothing here depends on the rest of
-//! the host but the handler's source and the compile cache's default
-//! directory.
+//! the host.
 
 mod convert;
 mod describe;
@@ -24,8 +23,8 @@ use anyhow::Result;
 pub(crate) use describe::describe;
 pub(crate) use flags::{Cli, Command, ConfigCommand, LogFormat, ServeArgs};
 pub(crate) use model::{
-    Access, Grants, HostConfig, Limits, ListenAddr, ServeConfig, Strategy, StrategyKind,
-    MAX_TENANTS,
+    Access, Grants, HandlerSource, HostConfig, Limits, ListenAddr, ServeConfig, Strategy,
+    StrategyKind, MAX_TENANTS,
 };
 
 /// `host serve`'s config: the config file's tenants, or the one tenant

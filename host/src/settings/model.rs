@@ -11,7 +11,23 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::handler::HandlerSource;
+/// Where a handler comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HandlerSource {
+    /// The echo handler embedded in the binary.
+    BuiltinEcho,
+    /// A component file.
+    File(PathBuf),
+}
+
+impl fmt::Display for HandlerSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HandlerSource::BuiltinEcho => f.write_str("built-in echo"),
+            HandlerSource::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
 
 /// Where each connection runs, by name (the flags' `--strategy` values are
 /// documented in `settings::flags`).
