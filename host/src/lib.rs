@@ -63,7 +63,7 @@ pub fn main() -> ExitCode {
             file,
             cache_dir,
             no_cache,
-        }) => config_check(&file, settings::flags::cache_dir(cache_dir, no_cache)).map(|text| {
+        }) => config_check(&file, settings::cache_dir(cache_dir, no_cache)).map(|text| {
             print!("{text}");
         }),
     };

@@ -10,7 +10,7 @@
 mod convert;
 mod describe;
 mod file;
-pub(crate) mod flags;
+mod flags;
 mod model;
 mod raw;
 mod schema;
@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 
 pub(crate) use describe::describe;
-pub(crate) use flags::{Cli, Command, ConfigCommand, LogFormat, ServeArgs};
+pub(crate) use flags::{cache_dir, Cli, Command, ConfigCommand, LogFormat, ServeArgs};
 pub(crate) use model::{
     Access, Grants, HandlerSource, HostConfig, Limits, ListenAddr, ServeConfig, Strategy,
     StrategyKind, MAX_TENANTS,
