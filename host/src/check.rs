@@ -15,11 +15,10 @@ use harness::{Launch, Process};
 use wasmtime::component::types::ComponentItem;
 use wasmtime::{Engine, Precompiled};
 
-use crate::cli::{Given, TenantOptions};
-use crate::config::{ServeConfig, StrategyKind};
 use crate::conn::report::Ending;
 use crate::conn::service::Service;
 use crate::outcome::Outcome;
+use crate::settings::{self, ServeConfig, StrategyKind};
 use crate::wasm::engine::{self, EpochClock};
 use crate::wasm::handler::{self, Handler, HandlerSource};
 
@@ -180,14 +179,7 @@ pub fn check(path: &Path, run: bool, strategy: StrategyKind) -> Result<bool> {
 /// The tenant `host serve --handler PATH --strategy STRATEGY` runs (`None`:
 /// the built-in echo), every other setting at its default.
 fn as_served(path: Option<&Path>, strategy: StrategyKind) -> Result<ServeConfig> {
-    TenantOptions {
-        tenant: "default".to_string(),
-        handler: path.map(|p| Given::flag(p.to_path_buf())),
-        listen: vec![Given::flag("127.0.0.1:0".to_string())],
-        strategy: Some(Given::flag(strategy)),
-        ..TenantOptions::default()
-    }
-    .into_config()
+    settings::as_served(path, strategy)
 }
 
 /// The tenant's service, as a threading worker makes it, with its engine's

@@ -2,44 +2,87 @@
 //! WebAssembly component in a fresh, sandboxed instance per connection, on a
 //! worker thread or in a child process.
 //!
-//! [`serve`] is the whole `host serve` command: [`supervisor::run`] forks a
-//! worker process per tenant, each running [`server::run`], the accept loop.
+//! [`main`] is the command line; `serve`, the whole `host serve` command, is
+//! `supervisor::run`: it forks a worker process per tenant (`worker::run`),
+//! each running `server::run`, the accept loop. ARCHITECTURE.md has the map.
 
-pub mod check;
-pub mod cli;
-pub mod config;
-pub mod config_file;
-pub(crate) mod conn;
-pub mod listener;
-pub mod logging;
-pub(crate) mod metrics;
-pub(crate) mod outcome;
+mod check;
+mod conn;
+mod listener;
+mod logging;
+mod metrics;
+mod outcome;
 mod server;
-pub mod shutdown;
+mod settings;
+mod shutdown;
 mod strategy;
-pub mod supervisor;
+mod supervisor;
 mod sys;
-pub(crate) mod wasm;
+mod wasm;
 mod worker;
 
 use std::path::Path;
+use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
+use clap::Parser as _;
 
-use crate::config::{HostConfig, StrategyKind};
+use crate::settings::{Cli, Command, ConfigCommand, HostConfig, LogFormat, StrategyKind};
 use crate::shutdown::Shutdown;
-use crate::wasm::handler::HandlerSource;
-use crate::wasm::{engine, handler};
+use crate::wasm::engine;
+use crate::wasm::handler::{self, HandlerSource};
+
+/// `host`: parses the flags, runs the command, and turns any error into one
+/// `error: ...` line and a non-zero exit.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let format = match &cli.command {
+        Command::Serve(args) => args.log_format,
+        _ => LogFormat::Text,
+    };
+    logging::init(format);
+    let result = match cli.command {
+        Command::Serve(args) => {
+            let options = supervisor::Options { watch: args.watch };
+            settings::from_flags(args).and_then(|config| {
+                let shutdown = Shutdown::new()?;
+                // SIGINT/SIGTERM drain; a second one ends at once.
+                shutdown.stop_on_signals()?;
+                serve(config, &shutdown, &options)
+            })
+        }
+        Command::Compile(args) => compile(&args.handler, &args.output, args.strategy.into()),
+        Command::Check(args) => match check::check(&args.handler, args.run, args.strategy.into()) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
+        Command::Config(ConfigCommand::Check {
+            file,
+            cache_dir,
+            no_cache,
+        }) => config_check(&file, settings::cache_dir(cache_dir, no_cache)).map(|text| {
+            print!("{text}");
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// `host serve`: compile every tenant's handler, bind every listener, print
 /// a `listening on ADDR tenant=NAME` line for each, then serve until
 /// `shutdown` is triggered.
-pub fn serve(config: HostConfig, shutdown: &Shutdown, options: &supervisor::Options) -> Result<()> {
+fn serve(config: HostConfig, shutdown: &Shutdown, options: &supervisor::Options) -> Result<()> {
     supervisor::run(config, shutdown, options)
 }
 
 /// `host compile`: writes the handler's compiled form for `strategy`.
-pub fn compile(handler: &Path, output: &Path, strategy: StrategyKind) -> Result<()> {
+fn compile(handler: &Path, output: &Path, strategy: StrategyKind) -> Result<()> {
     let engine = engine::build(strategy, 1, 64 << 20)?;
     let compiled = handler::precompile(&engine, &HandlerSource::File(handler.to_path_buf()))?;
     std::fs::write(output, compiled)
@@ -50,12 +93,12 @@ pub fn compile(handler: &Path, output: &Path, strategy: StrategyKind) -> Result<
 /// `host config check FILE`: parses and validates the file, compiles every
 /// handler with the engine `serve` would use, and returns the effective
 /// settings of every tenant.
-pub fn config_check(file: &Path, cache_dir: Option<std::path::PathBuf>) -> Result<String> {
-    let config = config_file::load(file, cache_dir)?;
+fn config_check(file: &Path, cache_dir: Option<std::path::PathBuf>) -> Result<String> {
+    let config = settings::load(file, cache_dir)?;
     let (engine, _) = engine::for_host(&config.tenants, true)?;
     let mut async_engine = None;
     for tenant in &config.tenants {
-        let for_async = tenant.strategy == StrategyKind::Async;
+        let for_async = tenant.strategy.kind() == StrategyKind::Async;
         let options = handler::LoadOptions {
             cache: supervisor::open_cache(tenant.cache_dir.as_deref()),
             allow_precompiled: tenant.allow_precompiled,
@@ -69,5 +112,5 @@ pub fn config_check(file: &Path, cache_dir: Option<std::path::PathBuf>) -> Resul
         handler::Handler::load(engine, &tenant.handler, &options)
             .with_context(|| format!("{}: tenant {}", file.display(), tenant.tenant))?;
     }
-    Ok(config_file::describe(&config))
+    Ok(settings::describe(&config))
 }

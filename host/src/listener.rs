@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use crate::config::ListenAddr;
+use crate::settings::ListenAddr;
 
 /// Pending connections the kernel holds while every worker is busy.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -95,11 +95,6 @@ impl Listener {
             local,
             unix_file,
         })
-    }
-
-    /// The address as configured (the key a reload compares).
-    pub fn configured(&self) -> &ListenAddr {
-        &self.configured
     }
 
     /// The address it listens on, with port 0 resolved.

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::cli::LogFormat;
+use crate::settings::LogFormat;
 
 static JSON: AtomicBool = AtomicBool::new(false);
 

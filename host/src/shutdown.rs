@@ -68,12 +68,6 @@ impl Shutdown {
         })
     }
 
-    /// Asks the loop to stop and return.
-    pub fn trigger(&self) {
-        self.inner.requested.store(true, Ordering::SeqCst);
-        self.inner.ring();
-    }
-
     pub fn is_triggered(&self) -> bool {
         self.inner.requested.load(Ordering::SeqCst)
     }

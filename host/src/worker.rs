@@ -12,10 +12,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
-use crate::config::{ServeConfig, StrategyKind};
 use crate::conn::service::Service;
 use crate::listener::Listener;
 use crate::server::{self, ConnectionIds};
+use crate::settings::{self, ServeConfig, StrategyKind};
 use crate::shutdown::{Shutdown, DRAIN_SIGNAL, END_NOW_SIGNAL};
 use crate::strategy::{Async, Forking, Strategy, Threading};
 use crate::sys::{process, resources};
@@ -74,15 +74,15 @@ fn serve(plan: Plan) -> Result<()> {
     shutdown.stop_on_signal_directly(DRAIN_SIGNAL)?;
     shutdown.stop_on_signal_directly(END_NOW_SIGNAL)?;
     let mut strategy: Box<dyn Strategy> = match config.strategy {
-        StrategyKind::Forking => Box::new(Forking::new(
+        settings::Strategy::Forking { .. } => Box::new(Forking::new(
             service,
             config.max_in_flight(),
             &shutdown,
             handler_fds,
         )?),
-        StrategyKind::Threading | StrategyKind::Prefork => {
+        settings::Strategy::Threading { workers } | settings::Strategy::Prefork { workers, .. } => {
             EpochClock::start_ticker(service.engine())?;
-            let (limit, prefix) = if config.strategy == StrategyKind::Prefork {
+            let (limit, prefix) = if config.strategy.kind() == StrategyKind::Prefork {
                 (
                     config.per_process_in_flight(),
                     format!("pid-{}/", std::process::id()),
@@ -93,22 +93,17 @@ fn serve(plan: Plan) -> Result<()> {
             let limit = fit_descriptors(&config, limit);
             Box::new(Threading::new(
                 service,
-                config.workers,
+                workers,
                 limit,
                 shutdown.waker(),
                 &prefix,
             )?)
         }
-        StrategyKind::Async => {
+        settings::Strategy::Async { workers } => {
             EpochClock::start_yield_ticker(service.engine())?;
             let limit = fit_descriptors(&config, config.max_in_flight());
             let limit = fit_map_count(&config, limit);
-            Box::new(Async::new(
-                service,
-                config.workers,
-                limit,
-                shutdown.waker(),
-            )?)
+            Box::new(Async::new(service, workers, limit, shutdown.waker())?)
         }
     };
     server::run(

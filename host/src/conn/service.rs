@@ -15,7 +15,6 @@ use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream};
 
-use crate::config::{Access, Grants, Limits};
 use crate::conn::guest_log::GuestOutput;
 use crate::conn::report::{classify, log_closed, CallResult, Closed, Ending, Level, Usage};
 use crate::conn::socket::{block_on, Socket, Waits};
@@ -23,6 +22,7 @@ use crate::conn::streams::{SocketInput, SocketOutput};
 use crate::listener::{local_of, Peer};
 use crate::metrics::{InFlight, TenantMetrics};
 use crate::outcome::Outcome;
+use crate::settings::{Access, Grants, Limits};
 use crate::wasm::engine::EpochClock;
 use crate::wasm::guest_clock::GuestClock;
 use crate::wasm::handler::{ConnState, ConnectionInfo, Handler};

@@ -7,8 +7,8 @@ use std::os::fd::RawFd;
 use anyhow::{bail, Context as _, Result};
 
 use super::Host;
-use crate::config::{ServeConfig, StrategyKind};
 use crate::conn::service::Service;
+use crate::settings::{self, ServeConfig, StrategyKind};
 use crate::sys::{process, resources};
 use crate::wasm::compile_cache::CompileCache;
 use crate::wasm::engine::{self, EpochClock};
@@ -23,7 +23,7 @@ impl Host {
     }
 
     fn compile(&mut self, tenant: &ServeConfig) -> Result<Service> {
-        let for_async = tenant.strategy == StrategyKind::Async;
+        let for_async = tenant.strategy.kind() == StrategyKind::Async;
         let options = LoadOptions {
             cache: open_cache(tenant.cache_dir.as_deref()),
             allow_precompiled: tenant.allow_precompiled,
@@ -50,7 +50,7 @@ impl Host {
             }
             None => handler?,
         };
-        let clock = match tenant.strategy {
+        let clock = match tenant.strategy.kind() {
             StrategyKind::Forking => EpochClock::Alarm,
             StrategyKind::Threading | StrategyKind::Prefork => EpochClock::Ticker,
             StrategyKind::Async => EpochClock::Yield,
@@ -86,13 +86,12 @@ impl Host {
 /// The line that says what a tenant serves, and how.
 pub(super) fn log_serving(config: &ServeConfig, service: &Service) {
     let workers = match config.strategy {
-        StrategyKind::Threading => format!("{} threads kept warm", config.workers),
-        StrategyKind::Forking => format!("at most {} children", config.max_children),
-        StrategyKind::Prefork => format!(
-            "{} processes, {} threads kept warm in each",
-            config.processes, config.workers
-        ),
-        StrategyKind::Async => format!("{} runtime threads", config.workers),
+        settings::Strategy::Threading { workers } => format!("{workers} threads kept warm"),
+        settings::Strategy::Forking { max_children } => format!("at most {max_children} children"),
+        settings::Strategy::Prefork { processes, workers } => {
+            format!("{processes} processes, {workers} threads kept warm in each")
+        }
+        settings::Strategy::Async { workers } => format!("{workers} runtime threads"),
     };
     let limits = &config.limits;
     tracing::info!(

@@ -41,11 +41,11 @@ pub(crate) use load::open_cache;
 use load::{log_serving, raise_descriptor_limit};
 use watch::{watch_list, FileStamp, WATCH_INTERVAL};
 
-use crate::config::{HostConfig, ListenAddr, ServeConfig, MAX_TENANTS};
 use crate::conn::service::{Service, LINGER};
 use crate::listener::Listener;
 use crate::metrics::Metrics;
 use crate::server::ConnectionIds;
+use crate::settings::{HostConfig, ListenAddr, ServeConfig, MAX_TENANTS};
 use crate::shutdown::{Shutdown, DRAIN_SIGNAL, END_NOW_SIGNAL};
 use crate::sys::process::{self, Pid, Reaped};
 use crate::wasm::engine;
@@ -59,9 +59,6 @@ const ORPHAN_WAIT: Duration = Duration::from_secs(5);
 pub struct Options {
     /// Reload when the config file or a handler file changes.
     pub watch: bool,
-    /// `--metrics-addr` was given: it wins over the file's `[metrics]`, at
-    /// start and at every reload.
-    pub metrics_addr_flag: bool,
 }
 
 /// One tenant as currently served.
@@ -255,7 +252,7 @@ impl Host {
                 // Stamped before the files are read: an edit made while
                 // the reload reads them differs from this and reloads again.
                 let before = watch_list(&self.config);
-                self.reload(options);
+                self.reload();
                 self.watched = watch_list(&self.config)
                     .into_iter()
                     .map(

@@ -13,18 +13,18 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
 
-use super::{listen_key, log_serving, Host, ListenKey, Options, Tenant};
-use crate::config::{HostConfig, ServeConfig, StrategyKind};
+use super::{listen_key, log_serving, Host, ListenKey, Tenant};
 use crate::conn::service::Service;
 use crate::listener::Listener;
+use crate::settings::{self, HostConfig, ServeConfig, StrategyKind};
 use crate::sys::signals::DRAIN_SIGNAL;
 use crate::wasm::handler::HandlerSource;
 
 impl Host {
     /// Re-reads the config (or, without a file, the handlers) and switches
     /// each changed tenant, or changes nothing and says why.
-    pub(super) fn reload(&mut self, options: &Options) {
-        match self.prepare_reload(options) {
+    pub(super) fn reload(&mut self) {
+        match self.prepare_reload() {
             Ok(plan) => {
                 let summary = self.apply(plan);
                 self.metrics.reloaded(true);
@@ -38,36 +38,13 @@ impl Host {
     }
 
     /// Everything a reload needs, compiled and bound; nothing switched yet.
-    fn prepare_reload(&mut self, options: &Options) -> Result<Plan> {
-        let config = match &self.config.file {
-            Some(file) => {
-                let cache_dir = self
-                    .config
-                    .tenants
-                    .first()
-                    .and_then(|t| t.cache_dir.clone());
-                let mut config = crate::config_file::load(file, cache_dir)?;
-                // `--metrics-addr` wins over the file, as at start.
-                if config.metrics_addr != self.config.metrics_addr {
-                    if !options.metrics_addr_flag {
-                        tracing::warn!(
-                            "the metrics address changes only at a restart; still serving it on {}",
-                            self.config
-                                .metrics_addr
-                                .map_or("nothing".to_string(), |a| a.to_string())
-                        );
-                    }
-                    config.metrics_addr = self.config.metrics_addr;
-                }
-                config
-            }
-            None => self.config.clone(),
-        };
+    fn prepare_reload(&mut self) -> Result<Plan> {
+        let config = settings::reload(&self.config)?;
         if let Some(slots) = self.pool_slots {
             for tenant in config
                 .tenants
                 .iter()
-                .filter(|t| t.strategy != StrategyKind::Async)
+                .filter(|t| t.strategy.kind() != StrategyKind::Async)
             {
                 let needs = tenant.max_instances();
                 if needs > slots {
@@ -230,12 +207,7 @@ fn describe_change(old: &ServeConfig, new: &ServeConfig, handler: bool) -> Strin
     if old.access != new.access {
         what.push("allow/deny");
     }
-    if old.strategy != new.strategy
-        || old.workers != new.workers
-        || old.processes != new.processes
-        || old.max_children != new.max_children
-        || old.max_connections != new.max_connections
-    {
+    if old.strategy != new.strategy || old.max_connections != new.max_connections {
         what.push("strategy/workers");
     }
     if old.limits != new.limits || old.drain_timeout != new.drain_timeout {

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use crate::config::HostConfig;
+use crate::settings::HostConfig;
 use crate::wasm::handler::HandlerSource;
 
 /// How often `--watch` looks at the config and handler files.

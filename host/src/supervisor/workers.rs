@@ -20,10 +20,7 @@ impl Host {
         let Some(tenant) = self.tenants.get(name) else {
             return;
         };
-        let count = match tenant.config.strategy {
-            crate::config::StrategyKind::Prefork => tenant.config.processes,
-            _ => 1,
-        };
+        let count = tenant.config.strategy.processes();
         let generation = tenant.generation;
         for _ in 0..count {
             self.spawn_worker(name, generation);

@@ -47,16 +47,6 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 impl CompileCache {
-    /// The default location: `$XDG_CACHE_HOME/wasm-host` or
-    /// `$HOME/.cache/wasm-host`.
-    pub(crate) fn default_dir() -> Option<PathBuf> {
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .filter(|d| !d.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-        Some(base.join("wasm-host"))
-    }
-
     /// Opens (creating it, mode 0700) the cache at `dir`.
     pub(crate) fn open(dir: &Path) -> Result<CompileCache> {
         fs::DirBuilder::new()

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Result};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use crate::config::{ServeConfig, StrategyKind};
+use crate::settings::{ServeConfig, StrategyKind};
 use crate::wasm::one_line;
 
 /// The epoch ticker's period: the precision of `--timeout` under threading.
@@ -71,9 +71,12 @@ pub(crate) fn for_host(tenants: &[ServeConfig], headroom: bool) -> Result<(Engin
     // Async tenants have an engine of their own (`for_async`).
     let tenants: Vec<&ServeConfig> = tenants
         .iter()
-        .filter(|t| t.strategy != StrategyKind::Async)
+        .filter(|t| t.strategy.kind() != StrategyKind::Async)
         .collect();
-    if tenants.iter().all(|t| t.strategy == StrategyKind::Forking) {
+    if tenants
+        .iter()
+        .all(|t| t.strategy.kind() == StrategyKind::Forking)
+    {
         let engine = Engine::new(&wasm)
             .map_err(|e| anyhow!("cannot create the wasm engine: {}", one_line(&e)))?;
         return Ok((engine, None));

@@ -3,8 +3,7 @@
 //! refusal is one line naming the file and what is wrong with it.
 
 use std::borrow::Cow;
-use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use std::time::Instant;
@@ -55,23 +54,7 @@ pub(crate) use bindings_async::HandlerPre as HandlerPreAsync;
 /// The echo handler built from `handlers/echo`, served when no handler is given.
 pub(crate) static BUILTIN_ECHO: &[u8] = include_bytes!(env!("HOST_BUILTIN_ECHO_WASM"));
 
-/// Where a handler comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum HandlerSource {
-    /// The echo handler embedded in the binary.
-    BuiltinEcho,
-    /// A component file.
-    File(PathBuf),
-}
-
-impl fmt::Display for HandlerSource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HandlerSource::BuiltinEcho => f.write_str("built-in echo"),
-            HandlerSource::File(path) => write!(f, "{}", path.display()),
-        }
-    }
-}
+pub(crate) use crate::settings::HandlerSource;
 
 /// What one connection's `Store` holds: its WASI context (only what was
 /// granted), the resource table its streams live in, and its memory limiter.

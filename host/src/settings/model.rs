@@ -1,6 +1,8 @@
 //! The validated settings of `host serve`: what the command line or the
-//! config file says, turned into values once, before anything is compiled or
-//! bound. [`HostConfig`] is the whole host; [`ServeConfig`] one tenant.
+//! config file says, turned into values once (by `settings::convert`),
+//! before anything is compiled or bound. [`HostConfig`] is the whole host;
+//! [`ServeConfig`] one tenant; [`Strategy`] where its connections run, with
+//! the knobs of that strategy alone. Plain values: nothing here parses.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -9,33 +11,85 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::wasm::handler::HandlerSource;
+/// Where a handler comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HandlerSource {
+    /// The echo handler embedded in the binary.
+    BuiltinEcho,
+    /// A component file.
+    File(PathBuf),
+}
 
-/// Where each connection runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+impl fmt::Display for HandlerSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HandlerSource::BuiltinEcho => f.write_str("built-in echo"),
+            HandlerSource::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// Where each connection runs, by name (the flags' `--strategy` values are
+/// documented in `settings::flags`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StrategyKind {
-    /// A thread per connection (reused; `--workers` kept warm) in the
-    /// tenant's worker process, as Python's `ThreadingMixIn`.
     Threading,
-    /// A child process per connection, as Python's `ForkingMixIn`.
     Forking,
-    /// A fixed set of worker processes, forked at start-up, each accepting
-    /// from the shared listener and serving with its own threads (Apache's
-    /// prefork, for wasm).
     Prefork,
-    /// One worker process with a tokio runtime: each connection is a task
-    /// and each guest a fiber, so a guest waiting for its client costs a
-    /// suspended fiber, not a thread (as `wasmtime serve` runs handlers).
     Async,
 }
 
 impl StrategyKind {
+    pub const ALL: [StrategyKind; 4] = [
+        StrategyKind::Threading,
+        StrategyKind::Forking,
+        StrategyKind::Prefork,
+        StrategyKind::Async,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             StrategyKind::Threading => "threading",
             StrategyKind::Forking => "forking",
             StrategyKind::Prefork => "prefork",
             StrategyKind::Async => "async",
+        }
+    }
+}
+
+/// Where each connection of a tenant runs, with the knobs of that strategy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// A thread per connection; `workers` threads kept warm.
+    Threading { workers: usize },
+    /// A child process per connection; at most `max_children` alive at once.
+    Forking { max_children: usize },
+    /// `processes` worker processes, each with `workers` threads kept warm.
+    Prefork { processes: usize, workers: usize },
+    /// One worker process whose tokio runtime has `workers` threads.
+    Async { workers: usize },
+}
+
+impl Strategy {
+    pub fn kind(self) -> StrategyKind {
+        match self {
+            Strategy::Threading { .. } => StrategyKind::Threading,
+            Strategy::Forking { .. } => StrategyKind::Forking,
+            Strategy::Prefork { .. } => StrategyKind::Prefork,
+            Strategy::Async { .. } => StrategyKind::Async,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        self.kind().name()
+    }
+
+    /// The worker processes of the tenant: `processes` under prefork, one
+    /// otherwise.
+    pub fn processes(self) -> usize {
+        match self {
+            Strategy::Prefork { processes, .. } => processes,
+            _ => 1,
         }
     }
 }
@@ -54,6 +108,12 @@ pub struct HostConfig {
     /// The config file the tenants came from (re-read on reload); `None`
     /// when they came from flags.
     pub file: Option<PathBuf>,
+    /// `--metrics-addr`, which wins over the file's `[metrics]` at start and
+    /// at every reload.
+    pub metrics_addr_flag: Option<SocketAddr>,
+    /// The compile cache's directory (`--cache-dir`, `--no-cache`), which a
+    /// reload reads the file with again; `None`: no cache.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// One address a tenant listens on: `IP:PORT` or `unix:PATH`.
@@ -109,14 +169,8 @@ pub struct ServeConfig {
     pub listen: Vec<ListenAddr>,
     /// Which peers are served.
     pub access: Access,
-    pub strategy: StrategyKind,
-    /// Threads kept warm (threading; per process under prefork), or the
-    /// runtime's threads (async).
-    pub workers: usize,
-    /// Worker processes (prefork).
-    pub processes: usize,
-    /// Child processes alive at once (forking).
-    pub max_children: usize,
+    /// Where connections run, with that strategy's knobs.
+    pub strategy: Strategy,
     /// The most connections in flight at once, if narrower than the
     /// strategy's own bound.
     pub max_connections: Option<usize>,
@@ -216,14 +270,14 @@ impl ServeConfig {
     /// processes.
     pub fn max_in_flight(&self) -> usize {
         match self.strategy {
-            StrategyKind::Threading => self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
-            StrategyKind::Async => self
+            Strategy::Threading { .. } => self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            Strategy::Async { .. } => self
                 .max_connections
                 .unwrap_or(DEFAULT_MAX_ASYNC_CONNECTIONS),
-            StrategyKind::Forking => self
+            Strategy::Forking { max_children } => self
                 .max_connections
-                .map_or(self.max_children, |m| m.min(self.max_children)),
-            StrategyKind::Prefork => self.per_process_in_flight() * self.processes,
+                .map_or(max_children, |m| m.min(max_children)),
+            Strategy::Prefork { processes, .. } => self.per_process_in_flight() * processes,
         }
     }
 
@@ -231,17 +285,18 @@ impl ServeConfig {
     /// (`--max-connections` shared out, by default
     /// [`DEFAULT_MAX_CONNECTIONS`] each).
     pub fn per_process_in_flight(&self) -> usize {
+        let processes = self.strategy.processes();
         self.max_connections
-            .map_or(DEFAULT_MAX_CONNECTIONS, |m| m.div_ceil(self.processes))
+            .map_or(DEFAULT_MAX_CONNECTIONS, |m| m.div_ceil(processes))
     }
 
     /// The most instances alive at once in one process (a queued connection
     /// has none yet).
     pub fn max_instances(&self) -> usize {
         match self.strategy {
-            StrategyKind::Threading | StrategyKind::Async => self.max_in_flight(),
-            StrategyKind::Forking => 1,
-            StrategyKind::Prefork => self.per_process_in_flight(),
+            Strategy::Threading { .. } | Strategy::Async { .. } => self.max_in_flight(),
+            Strategy::Forking { .. } => 1,
+            Strategy::Prefork { .. } => self.per_process_in_flight(),
         }
     }
 }

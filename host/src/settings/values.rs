@@ -1,0 +1,368 @@
+//! One setting's value, from its text to its type: the parsers every flag
+//! and config-file key share (a duration, a size, a network, an address, a
+//! variable, a directory grant), the built-in defaults and bounds, and
+//! [`Setting`], the names of one tenant's settings as flags and as keys.
+//! Every error names the setting as given: `invalid NAME "TEXT": why`.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+
+use super::model::{DirGrant, ListenAddr, StrategyKind};
+
+/// `--addr` when not given.
+pub(crate) const DEFAULT_ADDR: &str = "127.0.0.1:7878";
+/// The strategy when neither a flag nor a key names one.
+pub(crate) const DEFAULT_STRATEGY: StrategyKind = StrategyKind::Threading;
+/// `--max-memory` / `max-memory` when not given.
+pub(crate) const DEFAULT_MAX_MEMORY: &str = "64MiB";
+/// `--timeout` / `timeout` when not given.
+pub(crate) const DEFAULT_TIMEOUT: &str = "30s";
+/// `--idle-timeout` / `idle-timeout` when not given.
+pub(crate) const DEFAULT_IDLE_TIMEOUT: &str = "10s";
+/// `--drain-timeout` / `drain-timeout` when not given.
+pub(crate) const DEFAULT_DRAIN_TIMEOUT: &str = "10s";
+/// Child processes alive at once under forking. socketserver's
+/// `ForkingMixIn` stops at 40, which turns the 41st live client away until
+/// one leaves; a live child costs about 300 KiB of its own (its dirtied pages, its
+/// instance and its kernel structures; the rest it shares with its
+/// parent), so 256 bound the worst case under 100 MiB while long-lived
+/// clients are served at once.
+pub(crate) const DEFAULT_MAX_CHILDREN: usize = 256;
+/// The largest `--workers`.
+pub(crate) const MAX_WORKERS: u32 = 4096;
+/// The largest `--processes`.
+pub(crate) const MAX_PROCESSES: u32 = 1024;
+/// The largest `--max-children`.
+pub(crate) const MAX_CHILDREN: u32 = 65536;
+/// The largest `--max-connections`.
+pub(crate) const MAX_CONNECTIONS: u32 = 1_000_000;
+/// The longest duration a flag takes (deadlines are computed from it).
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The most a 32-bit linear memory can hold.
+const MAX_MEMORY_LIMIT: u64 = 4 << 30;
+
+/// "a", "a or b", "a, b or c".
+pub(crate) fn one_of(names: &[&str]) -> String {
+    match names {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [rest @ .., last] => format!("{} or {last}", rest.join(", ")),
+    }
+}
+
+/// One setting of a tenant: a `host serve` flag, and the config-file key of
+/// the same name, so a flag and a key never disagree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Setting {
+    Handler,
+    Listen,
+    Strategy,
+    Workers,
+    Processes,
+    MaxChildren,
+    MaxConnections,
+    MaxMemory,
+    Timeout,
+    IdleTimeout,
+    DrainTimeout,
+    Env,
+    Dirs,
+    Allow,
+    Deny,
+    AllowPrecompiled,
+}
+
+impl Setting {
+    pub(crate) const ALL: [Setting; 16] = [
+        Setting::Handler,
+        Setting::Listen,
+        Setting::Strategy,
+        Setting::Workers,
+        Setting::Processes,
+        Setting::MaxChildren,
+        Setting::MaxConnections,
+        Setting::MaxMemory,
+        Setting::Timeout,
+        Setting::IdleTimeout,
+        Setting::DrainTimeout,
+        Setting::Env,
+        Setting::Dirs,
+        Setting::Allow,
+        Setting::Deny,
+        Setting::AllowPrecompiled,
+    ];
+
+    /// The config-file key.
+    pub(crate) fn key(self) -> &'static str {
+        match self {
+            Setting::Handler => "handler",
+            Setting::Listen => "listen",
+            Setting::Strategy => "strategy",
+            Setting::Workers => "workers",
+            Setting::Processes => "processes",
+            Setting::MaxChildren => "max-children",
+            Setting::MaxConnections => "max-connections",
+            Setting::MaxMemory => "max-memory",
+            Setting::Timeout => "timeout",
+            Setting::IdleTimeout => "idle-timeout",
+            Setting::DrainTimeout => "drain-timeout",
+            Setting::Env => "env",
+            Setting::Dirs => "dirs",
+            Setting::Allow => "allow",
+            Setting::Deny => "deny",
+            Setting::AllowPrecompiled => "allow-precompiled",
+        }
+    }
+
+    /// The flag.
+    pub(crate) fn flag(self) -> &'static str {
+        match self {
+            Setting::Handler => "--handler",
+            Setting::Listen => "--addr",
+            Setting::Strategy => "--strategy",
+            Setting::Workers => "--workers",
+            Setting::Processes => "--processes",
+            Setting::MaxChildren => "--max-children",
+            Setting::MaxConnections => "--max-connections",
+            Setting::MaxMemory => "--max-memory",
+            Setting::Timeout => "--timeout",
+            Setting::IdleTimeout => "--idle-timeout",
+            Setting::DrainTimeout => "--drain-timeout",
+            Setting::Env => "--env",
+            Setting::Dirs => "--dir",
+            Setting::Allow => "--allow",
+            Setting::Deny => "--deny",
+            Setting::AllowPrecompiled => "--allow-precompiled",
+        }
+    }
+
+    /// The setting a config-file key names.
+    pub(crate) fn from_key(key: &str) -> Option<Setting> {
+        Setting::ALL.into_iter().find(|s| s.key() == key)
+    }
+
+    /// The setting a flag names, written without its dashes (`addr`,
+    /// `listen`, `dir`).
+    pub(crate) fn from_flag_name(name: &str) -> Option<Setting> {
+        match name {
+            "listen" => Some(Setting::Listen),
+            _ => Setting::ALL
+                .into_iter()
+                .find(|s| s.flag().strip_prefix("--") == Some(name)),
+        }
+    }
+
+    /// The strategies the setting applies to; empty: every strategy.
+    pub(crate) fn strategies(self) -> &'static [StrategyKind] {
+        match self {
+            Setting::Workers => &[
+                StrategyKind::Threading,
+                StrategyKind::Prefork,
+                StrategyKind::Async,
+            ],
+            Setting::Processes => &[StrategyKind::Prefork],
+            Setting::MaxChildren => &[StrategyKind::Forking],
+            _ => &[],
+        }
+    }
+
+    pub(crate) fn applies_to(self, strategy: StrategyKind) -> bool {
+        let strategies = self.strategies();
+        strategies.is_empty() || strategies.contains(&strategy)
+    }
+}
+
+/// How messages name a setting: by its flag or by its config-file key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Naming {
+    #[default]
+    Flags,
+    Keys,
+}
+
+impl Naming {
+    pub(crate) fn name(self, setting: Setting) -> &'static str {
+        match self {
+            Naming::Flags => setting.flag(),
+            Naming::Keys => setting.key(),
+        }
+    }
+}
+
+/// A CIDR network such as `127.0.0.0/8` or `::1/128`; a bare address means
+/// that address alone.
+pub(crate) fn parse_net(flag: &str, text: &str) -> Result<ipnet::IpNet> {
+    let trimmed = text.trim();
+    if let Ok(net) = trimmed.parse::<ipnet::IpNet>() {
+        return Ok(net.trunc());
+    }
+    match trimmed.parse::<std::net::IpAddr>() {
+        Ok(ip) => Ok(ipnet::IpNet::from(ip)),
+        Err(_) => bail!(
+            "invalid {flag} {text:?}: expected a network in CIDR form, e.g. 10.0.0.0/8 or ::1/128"
+        ),
+    }
+}
+
+/// `IP:PORT`, `HOST:PORT` or `unix:PATH`.
+pub(crate) fn parse_listen(flag: &str, text: &str) -> Result<ListenAddr> {
+    if let Some(path) = text.strip_prefix("unix:") {
+        if path.is_empty() {
+            bail!("invalid {flag} {text:?}: expected unix:PATH");
+        }
+        return Ok(ListenAddr::Unix(PathBuf::from(path)));
+    }
+    parse_socket_addr(flag, text).map(ListenAddr::Tcp)
+}
+
+/// Room for a Unix socket's path, its terminating NUL included
+/// (`sizeof(sockaddr_un.sun_path)` on Linux).
+const UNIX_PATH_ROOM: usize = 108;
+
+/// What `bind(2)` would refuse of a Unix socket path, found before anything
+/// binds: a path too long for `sockaddr_un`, or a directory that does not
+/// exist. `text` is the address as given.
+pub(crate) fn check_unix_path(flag: &str, text: &str, path: &Path) -> Result<()> {
+    let len = path.as_os_str().len();
+    if len >= UNIX_PATH_ROOM {
+        bail!(
+            "invalid {flag} {text:?}: the socket path {} is {len} bytes long; a Unix socket path has at most {} bytes",
+            path.display(),
+            UNIX_PATH_ROOM - 1
+        );
+    }
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(meta) if !meta.is_dir() => bail!(
+            "invalid {flag} {text:?}: {} is not a directory",
+            dir.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "invalid {flag} {text:?}: the directory {} does not exist",
+            dir.display()
+        ),
+        // Anything else (a permission, say) is for bind(2) to report.
+        _ => Ok(()),
+    }
+}
+
+/// Resolves a relative path against `base` (the config file's directory).
+pub(crate) fn relative_to(base: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+/// `500ms`, `30s`, `2m`, `1h30m`; zero is refused.
+pub(crate) fn parse_duration(flag: &str, text: &str) -> Result<Duration> {
+    let duration = humantime::parse_duration(text.trim()).map_err(|e| {
+        anyhow!("invalid {flag} {text:?}: {e} (expected a duration such as 500ms, 30s or 2m)")
+    })?;
+    if duration.is_zero() {
+        bail!("invalid {flag} {text:?}: must be longer than zero");
+    }
+    if duration > MAX_DURATION {
+        bail!("invalid {flag} {text:?}: must be at most 365 days");
+    }
+    Ok(duration)
+}
+
+/// `64MiB`, `512KiB`, `1GiB`, or bytes; between 64 KiB and 4 GiB.
+pub(crate) fn parse_size(flag: &str, text: &str) -> Result<u64> {
+    let size: bytesize::ByteSize = text
+        .trim()
+        .parse()
+        .map_err(|e| anyhow!("invalid {flag} {text:?}: {e} (expected a size such as 64MiB)"))?;
+    let bytes = size.as_u64();
+    if !(64 << 10..=MAX_MEMORY_LIMIT).contains(&bytes) {
+        bail!("invalid {flag} {text:?}: must be between 64KiB and 4GiB");
+    }
+    Ok(bytes)
+}
+
+/// `KEY=VALUE`.
+pub(crate) fn parse_env(text: &str) -> Result<(String, String)> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() && !key.contains('\0') && !value.contains('\0') => {
+            Ok((key.to_string(), value.to_string()))
+        }
+        _ => bail!("invalid --env {text:?}: expected KEY=VALUE"),
+    }
+}
+
+/// A variable name and value the guest can be given.
+pub(crate) fn check_env(name: &str, (key, value): &(String, String)) -> Result<(String, String)> {
+    if key.is_empty() || key.contains(['=', '\0']) {
+        bail!("invalid {name} name {key:?}: expected a name without '=' or NUL");
+    }
+    if value.contains('\0') {
+        bail!("invalid {name} value for {key:?}: it contains NUL");
+    }
+    Ok((key.clone(), value.clone()))
+}
+
+/// One read-only directory grant as given: `text` is how it was written
+/// (`HOST::GUEST` for `--dir`, the host path for a `dirs` key).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct DirOption {
+    pub text: String,
+    pub host: PathBuf,
+    pub guest: String,
+}
+
+/// `HOST_PATH::GUEST_PATH`, split; the directory is checked later.
+pub(crate) fn split_dir(text: &str) -> Result<DirOption> {
+    match text.split_once("::") {
+        Some((host, guest)) if !host.is_empty() && !guest.is_empty() => Ok(DirOption {
+            text: text.to_string(),
+            host: PathBuf::from(host),
+            guest: guest.to_string(),
+        }),
+        _ => bail!("invalid --dir {text:?}: expected HOST_PATH::GUEST_PATH"),
+    }
+}
+
+/// The grant of an existing host directory, `resolve`d.
+pub(crate) fn check_dir(
+    name: &str,
+    dir: &DirOption,
+    resolve: impl Fn(&Path) -> PathBuf,
+) -> Result<DirGrant> {
+    let text = &dir.text;
+    if dir.guest.is_empty() {
+        bail!("invalid {name} {text:?}: the guest path is empty");
+    }
+    let host = resolve(&dir.host);
+    let shown = host.display();
+    let meta =
+        std::fs::metadata(&host).map_err(|e| anyhow!("invalid {name} {text:?}: {shown}: {e}"))?;
+    if !meta.is_dir() {
+        bail!("invalid {name} {text:?}: {shown} is not a directory");
+    }
+    Ok(DirGrant {
+        host,
+        guest: dir.guest.clone(),
+    })
+}
+
+pub(crate) fn parse_socket_addr(flag: &str, text: &str) -> Result<SocketAddr> {
+    let bad = |why: String| anyhow!("invalid {flag} {text:?}: {why}");
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    // A host name such as localhost:7878.
+    let mut addrs = text
+        .to_socket_addrs()
+        .map_err(|e| bad(format!("{e} (expected IP:PORT, e.g. 127.0.0.1:7878)")))?;
+    addrs
+        .next()
+        .ok_or_else(|| bad("the name resolves to no address".to_string()))
+}
