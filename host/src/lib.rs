@@ -6,6 +6,7 @@
 //! `supervisor::run`: it forks a worker process per tenant (`worker::run`),
 //! each running `server::run`, the accept loop. ARCHITECTURE.md has the map.
 
+mod activation;
 mod check;
 mod conn;
 mod listener;
@@ -78,6 +79,8 @@ pub fn main() -> ExitCode {
 /// a `listening on ADDR tenant=NAME` line for each, then serve until
 /// `shutdown` is triggered.
 fn serve(config: HostConfig, shutdown: &Shutdown, options: &supervisor::Options) -> Result<()> {
+    // The sockets systemd passed, taken before any thread or child exists.
+    activation::take()?;
     supervisor::run(config, shutdown, options)
 }
 

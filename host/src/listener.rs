@@ -7,6 +7,9 @@
 //! server with a full backlog cannot hang start-up or a reload); the file is
 //! removed when the process that bound it drops the listener (never by a
 //! forked worker dropping its copy).
+//!
+//! A `systemd:NAME` listener is a copy of a socket systemd passed
+//! (`crate::activation`): never bound, unlinked nor shut down here.
 
 use std::fmt;
 use std::io;
@@ -38,6 +41,9 @@ pub struct Listener {
     /// identity, so only that process removes it, and only if it is still
     /// this socket's file.
     unix_file: Option<(u32, u64, u64)>,
+    /// A socket systemd passed: systemd keeps listening on it after the
+    /// host stops, so [`Listener::shut_down`] leaves it alone.
+    adopted: bool,
 }
 
 /// The other end of an accepted connection.
@@ -78,6 +84,7 @@ impl Listener {
                     bind_unix(path).with_context(|| format!("cannot listen on {addr}"))?;
                 (socket, Some(file))
             }
+            ListenAddr::Systemd(name) => (crate::activation::listener(name)?, None),
         };
         let local = match addr {
             ListenAddr::Tcp(_) => ListenAddr::Tcp(
@@ -88,12 +95,14 @@ impl Listener {
                     .context("cannot read the listener's address")?,
             ),
             ListenAddr::Unix(_) => addr.clone(),
+            ListenAddr::Systemd(_) => adopted_local(&socket).unwrap_or_else(|| addr.clone()),
         };
         Ok(Listener {
             socket,
             configured: addr.clone(),
             local,
             unix_file,
+            adopted: matches!(addr, ListenAddr::Systemd(_)),
         })
     }
 
@@ -112,8 +121,6 @@ impl Listener {
         Ok((socket, peer_of(&addr)))
     }
 
-    /// Stops listening for every process sharing this socket at once: their
-    /// `accept` fails with EINVAL, and new clients are refused.
     /// Another descriptor for the same socket (a worker's copy). It never
     /// removes the Unix socket file: only the listener that bound it does.
     pub(crate) fn duplicate(&self) -> io::Result<Listener> {
@@ -122,10 +129,19 @@ impl Listener {
             configured: self.configured.clone(),
             local: self.local.clone(),
             unix_file: None,
+            adopted: self.adopted,
         })
     }
 
+    /// Stops listening for every process sharing this socket at once: their
+    /// `accept` fails with EINVAL, and new clients are refused.
+    /// A socket systemd passed is left listening: systemd holds it for
+    /// the next start, and clients wait in its backlog meanwhile (the
+    /// workers stop accepting at their drain signal).
     pub fn shut_down(&self) {
+        if self.adopted {
+            return;
+        }
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
     }
 }
@@ -152,6 +168,17 @@ impl Drop for Listener {
             }
         }
     }
+}
+
+/// Where a passed socket listens: `IP:PORT`, or `unix:PATH` for a Unix
+/// socket with a path; `None` for one with no path (abstract, unnamed).
+fn adopted_local(socket: &Socket) -> Option<ListenAddr> {
+    let addr = socket.local_addr().ok()?;
+    if let Some(inet) = addr.as_socket() {
+        return Some(ListenAddr::Tcp(inet));
+    }
+    addr.as_pathname()
+        .map(|p| ListenAddr::Unix(p.to_path_buf()))
 }
 
 /// A listening TCP socket on `addr`. On `[::]` it is IPv6 only

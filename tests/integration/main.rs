@@ -15,4 +15,5 @@ mod live;
 mod sandbox;
 mod shutdown;
 mod soak;
+mod systemd;
 mod tenants;

@@ -190,6 +190,18 @@ impl TenantMetrics {
         InFlight(self.clone())
     }
 
+    /// The connections in flight now and those finished so far (every
+    /// outcome), for a one-line status.
+    pub(crate) fn counts(&self) -> (i64, u64) {
+        let slot = self.slot();
+        let finished = slot
+            .outcomes
+            .iter()
+            .map(|o| o.load(Ordering::Relaxed))
+            .sum();
+        (slot.in_flight.load(Ordering::Relaxed).max(0), finished)
+    }
+
     /// How one connection ended. `peak_memory` is the instance's peak memory
     /// in bytes (None when no instance was created, e.g. denied).
     ///

@@ -400,6 +400,7 @@ fn overlap(a: &ListenAddr, b: &ListenAddr) -> bool {
     };
     match (a, b) {
         (ListenAddr::Unix(a), ListenAddr::Unix(b)) => a == b,
+        (ListenAddr::Systemd(a), ListenAddr::Systemd(b)) => a == b,
         (ListenAddr::Tcp(a), ListenAddr::Tcp(b)) => {
             let (ip_a, ip_b) = (ip(a), ip(b));
             a.port() != 0
@@ -415,7 +416,7 @@ fn overlap(a: &ListenAddr, b: &ListenAddr) -> bool {
 fn port(addr: &ListenAddr) -> u16 {
     match addr {
         ListenAddr::Tcp(addr) => addr.port(),
-        ListenAddr::Unix(_) => 0,
+        ListenAddr::Unix(_) | ListenAddr::Systemd(_) => 0,
     }
 }
 

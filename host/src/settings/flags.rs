@@ -177,8 +177,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub handler: Option<PathBuf>,
 
-    /// The address to listen on: IP:PORT (port 0 picks a free port) or
-    /// unix:PATH.
+    /// The address to listen on: IP:PORT (port 0 picks a free port),
+    /// unix:PATH, or systemd:NAME (a socket systemd passed; systemd: alone
+    /// is the first).
     #[arg(long, visible_alias = "listen", value_name = "ADDR", default_value = DEFAULT_ADDR)]
     pub addr: String,
 

@@ -116,11 +116,13 @@ pub struct HostConfig {
     pub cache_dir: Option<PathBuf>,
 }
 
-/// One address a tenant listens on: `IP:PORT` or `unix:PATH`.
+/// One address a tenant listens on: `IP:PORT`, `unix:PATH`, or
+/// `systemd:NAME` (a socket systemd passed; an empty name is the first).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ListenAddr {
     Tcp(SocketAddr),
     Unix(PathBuf),
+    Systemd(String),
 }
 
 impl fmt::Display for ListenAddr {
@@ -128,6 +130,7 @@ impl fmt::Display for ListenAddr {
         match self {
             ListenAddr::Tcp(addr) => write!(f, "{addr}"),
             ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+            ListenAddr::Systemd(name) => write!(f, "systemd:{name}"),
         }
     }
 }

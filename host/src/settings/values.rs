@@ -207,8 +207,11 @@ pub(crate) fn parse_net(flag: &str, text: &str) -> Result<ipnet::IpNet> {
     }
 }
 
-/// `IP:PORT`, `HOST:PORT` or `unix:PATH`.
+/// `IP:PORT`, `HOST:PORT`, `unix:PATH` or `systemd:NAME`.
 pub(crate) fn parse_listen(flag: &str, text: &str) -> Result<ListenAddr> {
+    if let Some(name) = text.strip_prefix("systemd:") {
+        return parse_systemd_name(flag, text, name).map(ListenAddr::Systemd);
+    }
     if let Some(path) = text.strip_prefix("unix:") {
         if path.is_empty() {
             bail!("invalid {flag} {text:?}: expected unix:PATH");
@@ -216,6 +219,18 @@ pub(crate) fn parse_listen(flag: &str, text: &str) -> Result<ListenAddr> {
         return Ok(ListenAddr::Unix(PathBuf::from(path)));
     }
     parse_socket_addr(flag, text).map(ListenAddr::Tcp)
+}
+
+/// A socket name as systemd's `FileDescriptorName=` allows it: at most 255
+/// printable ASCII characters, no `:`. Empty: the first passed socket.
+fn parse_systemd_name(flag: &str, text: &str, name: &str) -> Result<String> {
+    let printable = |c: char| c.is_ascii_graphic() && c != ':';
+    if name.len() > 255 || !name.chars().all(printable) {
+        bail!(
+            "invalid {flag} {text:?}: expected systemd:NAME, NAME a socket's FileDescriptorName= (at most 255 printable ASCII characters, no ':' or space), or systemd: for the first passed socket"
+        );
+    }
+    Ok(name.to_string())
 }
 
 /// Room for a Unix socket's path, its terminating NUL included

@@ -18,11 +18,13 @@
 //! open for as long as some tenant lists that address (see `reload`).
 //!
 //! The rooms: `load` (compiling a tenant), `workers` (the worker processes'
-//! lifecycle), `reload` and `watch`, `metrics_process`. The worker process
+//! lifecycle), `reload` and `watch`, `metrics_process`, `notify` (telling
+//! systemd it is ready, reloading, stopping). The worker process
 //! itself is `crate::worker`, which gets only a `worker::Plan`.
 
 mod load;
 mod metrics_process;
+mod notify;
 mod reload;
 mod watch;
 mod workers;
@@ -39,6 +41,7 @@ use wasmtime::Engine;
 
 pub(crate) use load::open_cache;
 use load::{log_serving, raise_descriptor_limit};
+use notify::{Notifier, STATUS_INTERVAL};
 use watch::{watch_list, FileStamp, WATCH_INTERVAL};
 
 use crate::conn::service::{Service, LINGER};
@@ -119,6 +122,10 @@ struct Host {
     /// What `--watch` last saw of each watched file.
     watched: Vec<(PathBuf, Option<FileStamp>)>,
     shutting_down: bool,
+    /// systemd's notify socket (`NOTIFY_SOCKET`), if any.
+    notify: Notifier,
+    /// When the next `STATUS=` refresh is due (with a notify socket).
+    next_status: Instant,
 }
 
 /// `host serve`: everything in `config`, until `shutdown`.
@@ -146,6 +153,7 @@ fn start(config: HostConfig, shutdown: &Shutdown, options: &Options) -> Result<(
     // so a bad handler leaves nothing listening.
     // The host process runs one thread: what opens meanwhile is the
     // engine's, and every worker keeps it.
+    let notify = Notifier::from_env();
     let (engine, engine_fds) =
         process::descriptors_opened_by(|| engine::for_host(&config.tenants, config.file.is_some()));
     let (engine, pool_slots) = engine?;
@@ -170,6 +178,8 @@ fn start(config: HostConfig, shutdown: &Shutdown, options: &Options) -> Result<(
         // moment after that (even before `listening on`) is seen.
         watched: watch_list(&config),
         shutting_down: false,
+        notify,
+        next_status: Instant::now() + STATUS_INTERVAL,
     };
     let mut services = Vec::new();
     for tenant in &config.tenants {
@@ -231,15 +241,24 @@ impl Host {
             self.spawn_tenant(name);
         }
         self.spawn_metrics();
+        // Every tenant listens (the `listening on` lines are out).
+        self.notify.ready(&self.status_line());
         while !shutdown.is_triggered() {
             let mut wake = self.pending.iter().map(|p| p.0).min();
             if options.watch {
                 let next = Instant::now() + WATCH_INTERVAL;
                 wake = Some(wake.map_or(next, |w| w.min(next)));
             }
+            if self.notify.enabled() {
+                wake = Some(wake.map_or(self.next_status, |w| w.min(self.next_status)));
+            }
             shutdown.wait_until(wake)?;
             self.reap(false);
             self.respawn_due();
+            if self.notify.enabled() && Instant::now() >= self.next_status {
+                self.notify.status(&self.status_line());
+                self.next_status = Instant::now() + STATUS_INTERVAL;
+            }
             let mut reload = shutdown.take_reload();
             if options.watch && !reload {
                 let now = watch_list(&self.config);
@@ -271,6 +290,10 @@ impl Host {
     /// each worker drains on its own.
     fn stop(&mut self, shutdown: &Shutdown) -> Result<()> {
         self.shutting_down = true;
+        self.notify.stopping(&format!(
+            "stopping: draining {} worker process(es)",
+            self.workers.len()
+        ));
         for listener in self.listeners.values() {
             listener.shut_down();
         }
@@ -325,6 +348,24 @@ impl Host {
             );
         }
         Ok(())
+    }
+
+    /// The tenants and their connections, for systemd's `STATUS=`:
+    /// `serving 2 tenant(s): a (1 in flight, 20 served), b (...)`.
+    fn status_line(&self) -> String {
+        let tenants: Vec<String> = self
+            .tenants
+            .iter()
+            .map(|(name, tenant)| {
+                let (in_flight, served) = self.metrics.tenant(tenant.slot).counts();
+                format!("{name} ({in_flight} in flight, {served} served)")
+            })
+            .collect();
+        format!(
+            "serving {} tenant(s): {}",
+            tenants.len(),
+            tenants.join(", ")
+        )
     }
 
     /// Once every worker is reaped, what may remain are the orphans of a

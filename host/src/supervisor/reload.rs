@@ -24,6 +24,7 @@ impl Host {
     /// Re-reads the config (or, without a file, the handlers) and switches
     /// each changed tenant, or changes nothing and says why.
     pub(super) fn reload(&mut self) {
+        self.notify.reloading();
         match self.prepare_reload() {
             Ok(plan) => {
                 let summary = self.apply(plan);
@@ -35,6 +36,8 @@ impl Host {
                 tracing::error!("reload failed, still serving the previous configuration: {e:#}");
             }
         }
+        // Over, either way: systemd's `reload` returns.
+        self.notify.ready(&self.status_line());
     }
 
     /// Everything a reload needs, compiled and bound; nothing switched yet.

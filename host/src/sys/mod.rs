@@ -12,3 +12,4 @@ pub(crate) mod resources;
 pub(crate) mod shm;
 pub(crate) mod signals;
 pub(crate) mod socket;
+pub(crate) mod systemd;
