@@ -1,4 +1,4 @@
-//! How a connection ended: the ten outcomes, their stable names (the
+//! How a connection ended: the eleven outcomes, their stable names (the
 //! `outcome=` of the `closed` line and the `outcome` label of
 //! `host_connections_total`) and their order (the index of their counter in
 //! the shared metrics). Adding one here adds its name, its counter and its
@@ -28,11 +28,14 @@ pub(crate) enum Outcome {
     HostError,
     /// The tenant's allow/deny lists refused the peer; nothing ran.
     Denied,
+    /// A balancer's connection (`proxy-from`) did not start with a PROXY
+    /// protocol header the tenant takes, whole, in time; nothing ran.
+    BadProxyHeader,
 }
 
 impl Outcome {
     /// Every outcome, in label order: `ALL[o.index()] == o`.
-    pub(crate) const ALL: [Outcome; 10] = [
+    pub(crate) const ALL: [Outcome; 11] = [
         Outcome::Ok,
         Outcome::HandlerError,
         Outcome::Trap,
@@ -43,6 +46,7 @@ impl Outcome {
         Outcome::Shutdown,
         Outcome::HostError,
         Outcome::Denied,
+        Outcome::BadProxyHeader,
     ];
 
     /// The stable name in log lines and metrics labels.
@@ -58,6 +62,7 @@ impl Outcome {
             Outcome::Shutdown => "shutdown",
             Outcome::HostError => "host-error",
             Outcome::Denied => "denied",
+            Outcome::BadProxyHeader => "bad-proxy-header",
         }
     }
 

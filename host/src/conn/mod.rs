@@ -1,5 +1,6 @@
 //! The connection layer: one connection, start to end, whatever strategy
-//! runs it. `service` is the path itself (`Service::serve`); `report` names
+//! runs it. `service` is the path itself (`Service::serve`); `proxy` reads a
+//! balancer's PROXY protocol header first, `proxy_header` parses it; `report` names
 //! how it ended and writes its `closed` line; `socket` is the accepted socket
 //! and how the connection waits on it, `streams` the guest's `wasi:io`
 //! streams over it; `guest_log` turns the guest's stdout and
@@ -7,6 +8,8 @@
 //! same path.
 
 pub(crate) mod guest_log;
+pub(crate) mod proxy;
+pub(crate) mod proxy_header;
 pub(crate) mod report;
 pub(crate) mod service;
 pub(crate) mod socket;

@@ -133,6 +133,8 @@ pub(crate) enum Level {
 pub(crate) struct Closed<'a> {
     pub(crate) id: u64,
     pub(crate) peer: &'a Peer,
+    /// The balancer whose PROXY protocol header named `peer`, if one did.
+    pub(crate) via: Option<&'a Peer>,
     pub(crate) worker: Option<&'a str>,
     pub(crate) tenant: &'a str,
     pub(crate) usage: Option<Usage>,
@@ -143,10 +145,13 @@ pub(crate) struct Closed<'a> {
 }
 
 impl fmt::Display for Closed<'_> {
-    /// The line's text: `connection ID closed peer=... worker=... tenant=...
+    /// The line's text: `connection ID closed peer=... [via=...] worker=... tenant=...
     /// in=... out=... memory=...KiB duration=...ms outcome=... error="..."`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "connection {} closed peer={}", self.id, self.peer)?;
+        if let Some(via) = self.via {
+            write!(f, " via={via}")?;
+        }
         if let Some(worker) = self.worker {
             write!(f, " worker={worker}")?;
         }
@@ -181,6 +186,7 @@ pub(crate) fn log_closed(c: &Closed<'_>) {
                     $level,
                     connection = c.id,
                     peer = %c.peer,
+                    via = c.via.map(tracing::field::display),
                     worker = c.worker,
                     tenant = c.tenant,
                     bytes_in = c.usage.map(|u| u.bytes_in),
@@ -383,6 +389,7 @@ mod tests {
         let served = Closed {
             id: 7,
             peer: &peer,
+            via: None,
             worker: Some("worker-3"),
             tenant: "default",
             usage: Some(Usage {
@@ -443,6 +450,33 @@ mod tests {
             format!(
                 "connection 7 closed peer=127.0.0.1:4000 tenant=default outcome=host-error error=\"fork failed: {err}\""
             )
+        );
+    }
+
+    /// A connection whose client a balancer's PROXY protocol header named
+    /// says which balancer, right after the client.
+    #[test]
+    fn a_proxied_line_names_its_balancer() {
+        let client = Peer {
+            inet: Some("192.0.2.7:56324".parse().unwrap()),
+            text: "192.0.2.7:56324".to_string(),
+        };
+        let balancer = peer();
+        let line = Closed {
+            id: 9,
+            peer: &client,
+            via: Some(&balancer),
+            worker: Some("thread-1"),
+            tenant: "edge",
+            usage: None,
+            duration: None,
+            outcome: Outcome::BadProxyHeader,
+            error: Some("not a PROXY protocol header"),
+            level: Level::Info,
+        };
+        assert_eq!(
+            line.to_string(),
+            r#"connection 9 closed peer=192.0.2.7:56324 via=127.0.0.1:4000 worker=thread-1 tenant=edge outcome=bad-proxy-header error="not a PROXY protocol header""#
         );
     }
 }

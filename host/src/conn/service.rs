@@ -1,4 +1,5 @@
-//! One connection, start to end: a fresh `Store` and instance, the socket
+//! One connection, start to end: a balancer's PROXY protocol header if the
+//! tenant takes one, a fresh `Store` and instance, the socket
 //! wired in as the handler's streams, the `handle` call, the final flush and
 //! close, and the one log line that says how it went. This is *what* runs; the
 //! strategies only decide *where*.
@@ -16,13 +17,14 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream};
 
 use crate::conn::guest_log::GuestOutput;
+use crate::conn::proxy;
 use crate::conn::report::{classify, log_closed, CallResult, Closed, Ending, Level, Usage};
 use crate::conn::socket::{block_on, Socket, Waits};
 use crate::conn::streams::{SocketInput, SocketOutput};
 use crate::listener::{local_of, Peer};
 use crate::metrics::{InFlight, TenantMetrics};
 use crate::outcome::Outcome;
-use crate::settings::{Access, Grants, Limits};
+use crate::settings::{Access, Grants, Limits, ProxyProtocol};
 use crate::wasm::engine::EpochClock;
 use crate::wasm::guest_clock::GuestClock;
 use crate::wasm::handler::{ConnState, ConnectionInfo, Handler};
@@ -53,6 +55,8 @@ pub struct Service {
     clock: EpochClock,
     /// Which peers are served at all.
     access: Access,
+    /// The balancers whose connections start with a PROXY protocol header.
+    proxy: Option<ProxyProtocol>,
     /// The tenant's counters, shared by every process serving it.
     metrics: Option<TenantMetrics>,
     /// The sockets of the connections this process is serving, so a forced
@@ -76,6 +80,7 @@ impl Service {
             grants,
             clock,
             access: Access::default(),
+            proxy: None,
             metrics: None,
             live: Mutex::new(HashMap::new()),
             aborting: AtomicBool::new(false),
@@ -85,6 +90,12 @@ impl Service {
     /// Serves only the peers `access` permits.
     pub(crate) fn with_access(mut self, access: Access) -> Service {
         self.access = access;
+        self
+    }
+
+    /// Takes a PROXY protocol header from the balancers `proxy` names.
+    pub(crate) fn with_proxy(mut self, proxy: Option<ProxyProtocol>) -> Service {
+        self.proxy = proxy;
         self
     }
 
@@ -111,33 +122,57 @@ impl Service {
 
     /// The accept loop's check, before any instance exists: a peer the
     /// tenant's allow/deny lists refuse is closed unserved, logged and
-    /// counted with outcome `denied`.
+    /// counted with outcome `denied`. A balancer's connection
+    /// (`proxy-from`) is judged later, on the client its header names, by
+    /// what serves it: the accept loop never waits for a header.
     pub(crate) fn admit(&self, conn: Accepted) -> Option<Accepted> {
-        if self.access.permits(conn.peer.ip()) {
+        if self.balancer(&conn.peer).is_some() || self.access.permits(conn.peer.ip()) {
             return Some(conn);
         }
         let Accepted { stream, peer, id } = conn;
         drop(stream);
-        let outcome = Outcome::Denied;
-        if let Some(metrics) = &self.metrics {
-            metrics.record(outcome, 0, 0, Duration::ZERO, None);
-        }
-        log_closed(&Closed {
+        let unserved = Unserved {
             id,
             peer: &peer,
-            worker: Some("acceptor"),
+            via: None,
+            worker: "acceptor",
+            duration: Duration::ZERO,
+        };
+        self.unserved(unserved, Outcome::Denied, None);
+        None
+    }
+
+    /// The PROXY protocol settings, if `peer` is a balancer that must send
+    /// a header.
+    fn balancer(&self, peer: &Peer) -> Option<&ProxyProtocol> {
+        self.proxy.as_ref().filter(|proxy| proxy.trusts(peer.ip()))
+    }
+
+    /// Counts and logs a connection that ran no guest (already closed).
+    fn unserved(&self, c: Unserved<'_>, outcome: Outcome, error: Option<&str>) -> Ending {
+        if let Some(metrics) = &self.metrics {
+            metrics.record(outcome, 0, 0, c.duration, None);
+        }
+        log_closed(&Closed {
+            id: c.id,
+            peer: c.peer,
+            via: c.via,
+            worker: Some(c.worker),
             tenant: &self.tenant,
             usage: Some(Usage {
                 bytes_in: 0,
                 bytes_out: 0,
                 memory: 0,
             }),
-            duration: Some(Duration::ZERO),
+            duration: Some(c.duration),
             outcome,
-            error: None,
+            error,
             level: Level::Info,
         });
-        None
+        Ending {
+            outcome,
+            error: error.map(str::to_string),
+        }
     }
 
     pub(crate) fn handler(&self) -> &Handler {
@@ -189,6 +224,43 @@ impl Service {
         if self.aborting.load(Ordering::SeqCst) {
             socket.abort();
         }
+        // A balancer's connection: the client is the one its header names,
+        // and allow/deny judge that client.
+        let (peer, via) = match self.balancer(&peer) {
+            None => (peer, None),
+            Some(settings) => {
+                // Bounded by the connection's own `--timeout` too, as all it does.
+                let within = settings.header_timeout.min(self.limits.timeout);
+                let header = proxy::read_header(&socket, settings.version, within).await;
+                let aborted = socket.traffic.aborted.load(Ordering::SeqCst);
+                let (client, refused) = match &header {
+                    Err(_) if aborted => (peer.clone(), Some((Outcome::Shutdown, None))),
+                    Err(why) => (
+                        peer.clone(),
+                        Some((Outcome::BadProxyHeader, Some(why.as_str()))),
+                    ),
+                    Ok(header) => {
+                        let client = proxy::client(header, &peer);
+                        let denied = !self.access.permits(client.ip());
+                        (client, denied.then_some((Outcome::Denied, None)))
+                    }
+                };
+                if let Some((outcome, error)) = refused {
+                    drop(live);
+                    drop(socket);
+                    let via = header.is_ok().then_some(&peer);
+                    let unserved = Unserved {
+                        id,
+                        peer: &client,
+                        via,
+                        worker,
+                        duration: started.elapsed(),
+                    };
+                    return self.unserved(unserved, outcome, error);
+                }
+                (client, Some(peer))
+            }
+        };
         let info = ConnectionInfo {
             peer_address: peer.text.clone(),
             local_address: local,
@@ -223,6 +295,7 @@ impl Service {
         log_closed(&Closed {
             id,
             peer: &peer,
+            via: via.as_ref(),
             worker: Some(worker),
             tenant: &self.tenant,
             usage: Some(Usage {
@@ -388,6 +461,15 @@ impl Service {
         }
         Ok(store)
     }
+}
+
+/// A connection that ends before any guest runs, as its line tells it.
+struct Unserved<'a> {
+    id: u64,
+    peer: &'a Peer,
+    via: Option<&'a Peer>,
+    worker: &'a str,
+    duration: Duration,
 }
 
 /// What the guest's `handle` call came to.

@@ -16,6 +16,7 @@ use super::model::{
     Access, DirGrant, Grants, HandlerSource, HostConfig, Limits, ListenAddr, ServeConfig, Strategy,
     StrategyKind, MAX_TENANTS,
 };
+use super::proxy::ProxyLayer;
 use super::raw::{locate, Given, Layer, Place, RawHost, RawTenant};
 use super::values::{
     check_dir, check_env, check_unix_path, one_of, parse_duration, parse_listen, parse_net,
@@ -43,6 +44,7 @@ struct Checked {
     dirs: Option<Vec<DirGrant>>,
     allow: Option<Vec<IpNet>>,
     deny: Option<Vec<IpNet>>,
+    proxy: ProxyLayer,
     allow_precompiled: Option<bool>,
 }
 
@@ -158,6 +160,7 @@ impl Reader<'_> {
             .transpose()?;
         let allow = nets(Setting::Allow, &layer.allow)?;
         let deny = nets(Setting::Deny, &layer.deny)?;
+        let proxy = ProxyLayer::read(self.naming, layer)?;
         let timeout = duration(Setting::Timeout, &layer.timeout)?;
         let idle_timeout = duration(Setting::IdleTimeout, &layer.idle_timeout)?;
         let env = layer
@@ -198,6 +201,7 @@ impl Reader<'_> {
             dirs,
             allow,
             deny,
+            proxy,
             allow_precompiled: layer.allow_precompiled,
         })
     }
@@ -294,6 +298,7 @@ impl Reader<'_> {
             );
             return Err(locate(tenant.at.as_ref(), message));
         }
+        let proxy = own.proxy.over(&defaults.proxy, self.naming, tenant)?;
         let (places, listen) = listen.into_iter().unzip();
         let builtin = |setting, text| parse_duration(self.name(setting), text);
         let config = ServeConfig {
@@ -306,6 +311,7 @@ impl Reader<'_> {
                 allow: own.allow.or(defaults.allow.clone()).unwrap_or_default(),
                 deny: own.deny.or(defaults.deny.clone()).unwrap_or_default(),
             },
+            proxy,
             strategy,
             max_connections: own
                 .max_connections

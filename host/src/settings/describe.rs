@@ -67,6 +67,11 @@ fn describe_tenant(out: &mut String, tenant: &ServeConfig) {
     let nets = |nets: &[ipnet::IpNet]| toml_array(nets.iter().map(|n| toml_str(&n.to_string())));
     line(out, "allow", nets(&tenant.access.allow));
     line(out, "deny", nets(&tenant.access.deny));
+    if let Some(proxy) = &tenant.proxy {
+        line(out, "proxy-protocol", toml_str(proxy.version.name()));
+        line(out, "proxy-from", nets(&proxy.from));
+        line(out, "proxy-header-timeout", duration(proxy.header_timeout));
+    }
     line(
         out,
         "allow-precompiled",

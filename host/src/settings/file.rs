@@ -347,6 +347,9 @@ impl Doc<'_> {
             }),
             allow: self.texts(&table.allow),
             deny: self.texts(&table.deny),
+            proxy_protocol: self.text(&table.proxy_protocol),
+            proxy_from: self.texts(&table.proxy_from),
+            proxy_header_timeout: self.text(&table.proxy_header_timeout),
             allow_precompiled: table.allow_precompiled.as_ref().map(|f| f.0),
         }
     }

@@ -133,7 +133,7 @@ pub struct CompileArgs {
 }
 
 /// The flags that describe the one tenant of a host run without `--config`.
-const SINGLE_TENANT_FLAGS: [&str; 16] = [
+const SINGLE_TENANT_FLAGS: [&str; 19] = [
     "handler",
     "addr",
     "strategy",
@@ -150,6 +150,9 @@ const SINGLE_TENANT_FLAGS: [&str; 16] = [
     "allow",
     "deny",
     "allow_precompiled",
+    "proxy_protocol",
+    "proxy_from",
+    "proxy_header_timeout",
 ];
 
 #[derive(Args, Debug)]
@@ -191,6 +194,21 @@ pub struct ServeArgs {
     /// (repeatable; CIDR; wins over --allow).
     #[arg(long, value_name = "CIDR")]
     pub deny: Vec<String>,
+
+    /// Take a PROXY protocol header (v1, v2 or any) from the balancers
+    /// named by --proxy-from; the client it names is the peer.
+    #[arg(long, value_name = "VERSION", value_parser = ["v1", "v2", "any"])]
+    pub proxy_protocol: Option<String>,
+
+    /// A balancer's network: connections from it must start with a PROXY
+    /// protocol header (repeatable; CIDR; needed by --proxy-protocol).
+    #[arg(long, value_name = "CIDR")]
+    pub proxy_from: Vec<String>,
+
+    /// How long a balancer may take to send its PROXY protocol header
+    /// [default: 3s]
+    #[arg(long, value_name = "DURATION")]
+    pub proxy_header_timeout: Option<String>,
 
     /// Where each connection runs: a thread of its own (threading), a child
     /// process (forking), a thread of one of several worker processes
@@ -308,6 +326,13 @@ impl ServeArgs {
             dirs: Some(dirs),
             allow: flags(self.allow),
             deny: flags(self.deny),
+            proxy_protocol: self.proxy_protocol.map(Given::flag),
+            proxy_from: if self.proxy_from.is_empty() {
+                None
+            } else {
+                flags(self.proxy_from)
+            },
+            proxy_header_timeout: self.proxy_header_timeout.map(Given::flag),
             allow_precompiled: Some(self.allow_precompiled),
         };
         Ok(RawHost {

@@ -12,6 +12,7 @@ mod describe;
 mod file;
 mod flags;
 mod model;
+mod proxy;
 mod raw;
 mod schema;
 mod values;
@@ -23,8 +24,8 @@ use anyhow::Result;
 pub(crate) use describe::describe;
 pub(crate) use flags::{cache_dir, Cli, Command, ConfigCommand, LogFormat, ServeArgs};
 pub(crate) use model::{
-    Access, Grants, HandlerSource, HostConfig, Limits, ListenAddr, ServeConfig, Strategy,
-    StrategyKind, MAX_TENANTS,
+    Access, Grants, HandlerSource, HostConfig, Limits, ListenAddr, ProxyProtocol, ProxyVersion,
+    ServeConfig, Strategy, StrategyKind, MAX_TENANTS,
 };
 
 /// `host serve`'s config: the config file's tenants, or the one tenant

@@ -164,6 +164,47 @@ impl Access {
     }
 }
 
+/// Which PROXY protocol headers a tenant takes (`proxy-protocol`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyVersion {
+    V1,
+    V2,
+    Any,
+}
+
+impl ProxyVersion {
+    /// As written in `proxy-protocol`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProxyVersion::V1 => "v1",
+            ProxyVersion::V2 => "v2",
+            ProxyVersion::Any => "any",
+        }
+    }
+}
+
+/// A tenant behind balancers that speak the PROXY protocol: connections
+/// from `from` must start with a header of `version` within
+/// `header_timeout`, and the client it names is the peer from then on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyProtocol {
+    pub version: ProxyVersion,
+    /// The balancers' networks; never empty.
+    pub from: Vec<IpNet>,
+    pub header_timeout: Duration,
+}
+
+impl ProxyProtocol {
+    /// Whether a connection from `peer` must carry a header: a balancer's.
+    /// Unix-socket peers have no address and never do.
+    pub fn trusts(&self, peer: Option<IpAddr>) -> bool {
+        peer.is_some_and(|ip| {
+            let ip = ip.to_canonical();
+            self.from.iter().any(|net| net.contains(&ip))
+        })
+    }
+}
+
 /// Everything one tenant needs to run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServeConfig {
@@ -172,6 +213,8 @@ pub struct ServeConfig {
     pub listen: Vec<ListenAddr>,
     /// Which peers are served.
     pub access: Access,
+    /// The PROXY protocol, if the tenant is behind balancers that send it.
+    pub proxy: Option<ProxyProtocol>,
     /// Where connections run, with that strategy's knobs.
     pub strategy: Strategy,
     /// The most connections in flight at once, if narrower than the

@@ -68,6 +68,9 @@ pub(crate) struct Layer {
     pub dirs: Option<Vec<Given<DirOption>>>,
     pub allow: Option<Vec<Given<String>>>,
     pub deny: Option<Vec<Given<String>>>,
+    pub proxy_protocol: Option<Given<String>>,
+    pub proxy_from: Option<Vec<Given<String>>>,
+    pub proxy_header_timeout: Option<Given<String>>,
     pub allow_precompiled: Option<bool>,
 }
 

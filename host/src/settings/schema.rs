@@ -46,6 +46,9 @@ pub(super) struct FileLayer {
     pub dirs: Option<Entries<Dirs>>,
     pub allow: Option<List<Networks>>,
     pub deny: Option<List<Networks>>,
+    pub proxy_protocol: Option<Spanned<Text<ProxyVersionName>>>,
+    pub proxy_from: Option<List<Networks>>,
+    pub proxy_header_timeout: Option<Spanned<Text<Duration>>>,
     pub allow_precompiled: Option<Flag>,
 }
 
@@ -72,6 +75,7 @@ macro_rules! expect {
 expect!(HandlerPath, "a path to a component");
 expect!(Size, "a size such as \"64MiB\"");
 expect!(Duration, "a duration such as \"30s\"");
+expect!(ProxyVersionName, "\"v1\", \"v2\" or \"any\"");
 expect!(MetricsAddr, "an address such as \"127.0.0.1:9464\"");
 expect!(
     Addresses,

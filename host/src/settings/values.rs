@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 
-use super::model::{DirGrant, ListenAddr, StrategyKind};
+use super::model::{DirGrant, ListenAddr, ProxyVersion, StrategyKind};
 
 /// `--addr` when not given.
 pub(crate) const DEFAULT_ADDR: &str = "127.0.0.1:7878";
@@ -24,6 +24,9 @@ pub(crate) const DEFAULT_TIMEOUT: &str = "30s";
 pub(crate) const DEFAULT_IDLE_TIMEOUT: &str = "10s";
 /// `--drain-timeout` / `drain-timeout` when not given.
 pub(crate) const DEFAULT_DRAIN_TIMEOUT: &str = "10s";
+/// `--proxy-header-timeout` / `proxy-header-timeout` when not given: a
+/// balancer sends its header at once, with the connection's first bytes.
+pub(crate) const DEFAULT_PROXY_HEADER_TIMEOUT: &str = "3s";
 /// Child processes alive at once under forking. socketserver's
 /// `ForkingMixIn` stops at 40, which turns the 41st live client away until
 /// one leaves; a live child costs about 300 KiB of its own (its dirtied pages, its
@@ -73,10 +76,13 @@ pub(crate) enum Setting {
     Allow,
     Deny,
     AllowPrecompiled,
+    ProxyProtocol,
+    ProxyFrom,
+    ProxyHeaderTimeout,
 }
 
 impl Setting {
-    pub(crate) const ALL: [Setting; 16] = [
+    pub(crate) const ALL: [Setting; 19] = [
         Setting::Handler,
         Setting::Listen,
         Setting::Strategy,
@@ -93,6 +99,9 @@ impl Setting {
         Setting::Allow,
         Setting::Deny,
         Setting::AllowPrecompiled,
+        Setting::ProxyProtocol,
+        Setting::ProxyFrom,
+        Setting::ProxyHeaderTimeout,
     ];
 
     /// The config-file key.
@@ -114,6 +123,9 @@ impl Setting {
             Setting::Allow => "allow",
             Setting::Deny => "deny",
             Setting::AllowPrecompiled => "allow-precompiled",
+            Setting::ProxyProtocol => "proxy-protocol",
+            Setting::ProxyFrom => "proxy-from",
+            Setting::ProxyHeaderTimeout => "proxy-header-timeout",
         }
     }
 
@@ -136,6 +148,9 @@ impl Setting {
             Setting::Allow => "--allow",
             Setting::Deny => "--deny",
             Setting::AllowPrecompiled => "--allow-precompiled",
+            Setting::ProxyProtocol => "--proxy-protocol",
+            Setting::ProxyFrom => "--proxy-from",
+            Setting::ProxyHeaderTimeout => "--proxy-header-timeout",
         }
     }
 
@@ -204,6 +219,16 @@ pub(crate) fn parse_net(flag: &str, text: &str) -> Result<ipnet::IpNet> {
         Err(_) => bail!(
             "invalid {flag} {text:?}: expected a network in CIDR form, e.g. 10.0.0.0/8 or ::1/128"
         ),
+    }
+}
+
+/// `v1`, `v2` or `any`: the PROXY protocol versions a tenant takes.
+pub(crate) fn parse_proxy_version(flag: &str, text: &str) -> Result<ProxyVersion> {
+    match text.trim() {
+        "v1" => Ok(ProxyVersion::V1),
+        "v2" => Ok(ProxyVersion::V2),
+        "any" => Ok(ProxyVersion::Any),
+        _ => bail!("invalid {flag} {text:?}: expected v1, v2 or any"),
     }
 }
 

@@ -192,6 +192,7 @@ fn report_exit(pid: Pid, child: &Child, exit: Exit, tenant: &str) -> Option<Outc
     log_closed(&Closed {
         id: child.id,
         peer: &child.peer,
+        via: None,
         worker: Some(&format!("pid-{pid}")),
         tenant,
         usage: None,
@@ -227,6 +228,7 @@ impl Strategy for Forking {
                 log_closed(&Closed {
                     id: conn.id,
                     peer: &conn.peer,
+                    via: None,
                     worker: None,
                     tenant: self.service.tenant(),
                     usage: None,

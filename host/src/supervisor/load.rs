@@ -62,7 +62,8 @@ impl Host {
             tenant.grants.clone(),
             clock,
         )
-        .with_access(tenant.access.clone()))
+        .with_access(tenant.access.clone())
+        .with_proxy(tenant.proxy.clone()))
     }
 
     /// The metrics slot of a tenant name, kept for the whole run so a
@@ -95,7 +96,7 @@ pub(super) fn log_serving(config: &ServeConfig, service: &Service) {
     };
     let limits = &config.limits;
     tracing::info!(
-        "tenant {}: serving {} (sha256 {}) with the {} strategy ({workers}, at most {} connections in flight); limits: memory {}, timeout {:?}, idle timeout {:?}; grants: {}{}",
+        "tenant {}: serving {} (sha256 {}) with the {} strategy ({workers}, at most {} connections in flight); limits: memory {}, timeout {:?}, idle timeout {:?}; grants: {}{}{}",
         config.tenant,
         config.handler,
         &service.handler().digest()[..12.min(service.handler().digest().len())],
@@ -113,6 +114,15 @@ pub(super) fn log_serving(config: &ServeConfig, service: &Service) {
                 config.access.allow.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
                 config.access.deny.iter().map(|n| n.to_string()).collect::<Vec<_>>()
             )
+        },
+        match &config.proxy {
+            None => String::new(),
+            Some(proxy) => format!(
+                "; proxy protocol {} from {:?}, header timeout {:?}",
+                proxy.version.name(),
+                proxy.from.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+                proxy.header_timeout
+            ),
         }
     );
 }

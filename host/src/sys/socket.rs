@@ -84,6 +84,27 @@ pub(crate) fn send_nonblocking(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<us
     Ok(n as usize)
 }
 
+/// One `recv(2)` with `MSG_PEEK` that never blocks: copies what the socket
+/// holds, up to `buf.len()` bytes, into `buf` and leaves it there for the
+/// next read. How many came (0 at end of input), or the error
+/// (`WouldBlock` when nothing is there).
+pub(crate) fn peek_nonblocking(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid, writable buffer of `buf.len()` bytes and
+    // `fd` is open for the duration of the call.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// One `recv(2)` of at most `size` bytes that never blocks, appended to
 /// `buf`: how many came (0 at end of input), or the error (`WouldBlock` when
 /// nothing is there).
