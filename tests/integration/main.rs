@@ -12,6 +12,7 @@ mod echo;
 mod faults;
 mod guests;
 mod live;
+mod ops;
 mod sandbox;
 mod shutdown;
 mod soak;
