@@ -76,6 +76,24 @@ fn debug_writes_info_and_debug() {
 }
 
 #[test]
+fn the_stable_lines_are_written_at_every_level_in_json_too() {
+    let args: Vec<std::ffi::OsString> = ["serve", "--addr", "127.0.0.1:0"]
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    let mut server = Server::spawn(&args, &["--log-format", "json", "--log-level", "error"]);
+    let line = server.wait_for_log(|l| stable_line(l).is_some());
+    let addr = harness::listening_addr(&stable_line(&line).unwrap()).expect("IP:PORT");
+    server.set_addr(addr);
+    assert_eq!(exchange(server.addr(), b"json"), b"json");
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit().success());
+    let log = server.whole_log();
+    assert_eq!(log.len(), 1, "{log:#?}");
+    assert!(log[0].starts_with('{'), "{log:#?}");
+}
+
+#[test]
 fn a_bad_log_level_is_refused_with_its_value() {
     let output = run_host(&["serve", "--addr", "127.0.0.1:0", "--log-level", "loud"]);
     assert!(!output.status.success());
