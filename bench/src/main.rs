@@ -35,15 +35,19 @@ use crate::load::{Exchange, Measure, ShortConfig, StreamConfig};
 use crate::report::{Row, WASMTIME};
 use crate::server::{Server, ServerSpec};
 
-const SERVERS: [&str; 7] = [
+const SERVERS: [&str; 8] = [
     "native",
     "host-threading",
+    HOST_WARN,
     "host-forking",
     "host-prefork",
     "host-async",
     "py-threading",
     "py-forking",
 ];
+/// `host-threading` at `--log-level warn` (no `closed` line per
+/// connection): a row of the short scenario only, beside the one at info.
+const HOST_WARN: &str = "host-threading-warn";
 const SCENARIOS: [&str; 5] = ["short", "stream", "held", "http", "interactive"];
 /// The interactive scenario's extra row: `host-async` at scale.
 const INTERACTIVE_ASYNC: &str = "interactive-async";
@@ -93,8 +97,8 @@ struct Cli {
     quick: bool,
 
     /// Servers to run, comma-separated [default: all]: native,
-    /// host-threading, host-forking, host-prefork, host-async, py-threading,
-    /// py-forking. The http scenario runs the host-* ones among them, and
+    /// host-threading, host-threading-warn (short scenario only), host-forking,
+    /// host-prefork, host-async, py-threading, py-forking. The http scenario runs the host-* ones among them, and
     /// `wasmtime serve` whenever a `wasmtime` binary is found; the
     /// interactive scenario all but py-forking. A server that does not start
     /// (e.g. a host without `--strategy async`) is skipped with its reason.
@@ -396,6 +400,16 @@ fn specs(cli: &Cli, root: &Path) -> Result<Vec<ServerSpec>, String> {
             forking: true,
         },
         ServerSpec {
+            name: HOST_WARN,
+            program: host.clone(),
+            args: [
+                host_args("threading"),
+                vec!["--log-level".into(), "warn".into()],
+            ]
+            .concat(),
+            forking: true,
+        },
+        ServerSpec {
             name: "host-forking",
             program: host.clone(),
             args: host_args("forking"),
@@ -492,6 +506,13 @@ fn scenario_specs(
     plan: &Plan,
     wasmtime: Option<&Path>,
 ) -> Vec<ServerSpec> {
+    // The log level's row is a short-connections figure alone.
+    let servers: Vec<&str> = servers
+        .iter()
+        .copied()
+        .filter(|name| *name != HOST_WARN || scenario == "short")
+        .collect();
+    let servers = &servers[..];
     if scenario == "interactive" || scenario == INTERACTIVE_ASYNC {
         return interactive_specs(scenario, specs, servers, cli, plan);
     }
@@ -735,7 +756,8 @@ fn run(cli: &Cli) -> Result<(), String> {
         (
             "short",
             format!(
-                "short connections: {} clients, 64 B each, {} round(s) of {}",
+                "short connections: {} clients, 64 B each, {} round(s) of {} \
+                 (host-threading-warn: host-threading at --log-level warn)",
                 plan.short.clients,
                 plan.rounds,
                 rounds(plan.short.count, plan.short.duration)

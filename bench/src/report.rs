@@ -405,6 +405,17 @@ pub fn targets(rows: &[Row]) -> Vec<(String, Option<f64>, f64)> {
             0.8,
         ),
         (
+            "short conn/s: host-threading at --log-level warn vs at info".into(),
+            relative(
+                rows,
+                "short",
+                "host-threading-warn",
+                "host-threading",
+                Row::conn_per_s,
+            ),
+            1.0,
+        ),
+        (
             "short conn/s: host-forking vs py-forking".into(),
             relative(rows, "short", "host-forking", "py-forking", Row::conn_per_s),
             2.0,

@@ -28,7 +28,7 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result};
 use clap::Parser as _;
 
-use crate::settings::{Cli, Command, ConfigCommand, HostConfig, LogFormat, StrategyKind};
+use crate::settings::{Cli, Command, ConfigCommand, HostConfig, LogFormat, LogLevel, StrategyKind};
 use crate::shutdown::Shutdown;
 use crate::wasm::engine;
 use crate::wasm::handler::{self, HandlerSource};
@@ -37,15 +37,18 @@ use crate::wasm::handler::{self, HandlerSource};
 /// `error: ...` line and a non-zero exit.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let format = match &cli.command {
-        Command::Serve(args) => args.log_format,
-        _ => LogFormat::Text,
-    };
-    logging::init(format);
+    if !matches!(cli.command, Command::Serve(_)) {
+        logging::init(LogFormat::Text, &LogLevel::default());
+    }
     let result = match cli.command {
         Command::Serve(args) => {
             let options = supervisor::Options { watch: args.watch };
+            let format = args.log_format;
+            // The log starts once the settings are read, at the level they
+            // give (`--log-level` over the file's): nothing logs before,
+            // and an error in them is the one `error:` line below.
             settings::from_flags(args).and_then(|config| {
+                logging::init(format, &config.log_level);
                 let shutdown = Shutdown::new()?;
                 // SIGINT/SIGTERM drain; a second one ends at once.
                 shutdown.stop_on_signals()?;

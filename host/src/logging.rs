@@ -1,12 +1,21 @@
 //! The host's log on stderr through `tracing`: human-readable lines, or one
-//! JSON object per line for log shippers (`--log-format json`).
+//! JSON object per line for log shippers (`--log-format json`), filtered by
+//! `--log-level` (tracing-subscriber's `Targets`).
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::settings::LogFormat;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+use crate::settings::{LogFormat, LogLevel, LogLevelName};
+
+/// The target of the stable lines ([`announce`]), which every log level
+/// writes.
+const ANNOUNCE: &str = "host::announce";
 
 static JSON: AtomicBool = AtomicBool::new(false);
 
@@ -45,7 +54,7 @@ pub(crate) fn escape(text: &str) -> Cow<'_, str> {
 /// that line in the JSON log, so every line stays JSON there.
 pub fn announce(line: &str) {
     if json() {
-        tracing::info!("{line}");
+        tracing::info!(target: ANNOUNCE, "{line}");
     } else {
         // One write(2), so other processes' lines cannot land inside it.
         use std::io::Write as _;
@@ -69,19 +78,50 @@ impl std::io::Write for Stderr {
     }
 }
 
-/// Installs the stderr logger. Call once, before serving.
-pub fn init(format: LogFormat) {
+/// Installs the stderr logger, writing what `level` lets through. Call
+/// once, before serving (forked processes inherit it).
+pub fn init(format: LogFormat, level: &LogLevel) {
     JSON.store(format == LogFormat::Json, Ordering::Relaxed);
+    let mut targets = Targets::new().with_default(filter(level.default));
+    for (target, level) in &level.targets {
+        targets = targets.with_target(target.clone(), filter(*level));
+    }
+    let mut most = level.most_verbose();
+    if format == LogFormat::Json {
+        // The stable lines are events there: written at every level.
+        targets = targets.with_target(ANNOUNCE, LevelFilter::INFO);
+        most = most.max(LogLevelName::Info);
+    }
+    // The outer bound equals the filter's own, so events no target wants are
+    // turned away by the level check in `tracing`'s macros, as before.
     let builder = tracing_subscriber::fmt()
         .with_writer(|| Stderr)
         .with_target(false)
-        .with_max_level(tracing::Level::INFO);
+        .with_max_level(filter(most));
     let _ = match format {
         LogFormat::Text => builder
             .with_ansi(std::io::stderr().is_terminal())
+            .finish()
+            .with(targets)
             .try_init(),
-        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_ansi(false)
+            .finish()
+            .with(targets)
+            .try_init(),
     };
+}
+
+fn filter(level: LogLevelName) -> LevelFilter {
+    match level {
+        LogLevelName::Off => LevelFilter::OFF,
+        LogLevelName::Error => LevelFilter::ERROR,
+        LogLevelName::Warn => LevelFilter::WARN,
+        LogLevelName::Info => LevelFilter::INFO,
+        LogLevelName::Debug => LevelFilter::DEBUG,
+        LogLevelName::Trace => LevelFilter::TRACE,
+    }
 }
 
 #[cfg(test)]

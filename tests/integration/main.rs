@@ -12,6 +12,7 @@ mod echo;
 mod faults;
 mod guests;
 mod live;
+mod ops;
 mod proxy;
 mod sandbox;
 mod shutdown;

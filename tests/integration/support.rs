@@ -640,6 +640,15 @@ impl Server {
                 )
             })
     }
+
+    /// Waits until the log has ended (every process writing it has exited)
+    /// and returns all of it: a check that a line never came.
+    pub fn whole_log(&self) -> Vec<String> {
+        match self.process.wait_for_line(0, PATIENCE, |_| false) {
+            Err(missing) if missing.ended => missing.lines,
+            _ => panic!("the log did not end within {PATIENCE:?}"),
+        }
+    }
 }
 
 /// A string as a TOML basic string (quoted, escaped), for paths in configs.

@@ -1,6 +1,6 @@
-//! The small `/metrics` HTTP server of the metrics process: `GET /metrics`
-//! answered with the page, everything else refused, every client bounded in
-//! time and size.
+//! The small HTTP server of the metrics process: `GET /metrics` answered
+//! with the page, `/healthz`, `/readyz` and the index `/` (see `health`),
+//! everything else refused, every client bounded in time and size.
 
 use std::io::{self, Read as _, Write as _};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 
+use super::health::{Readiness, HEALTHY, INDEX};
 use super::page::CONTENT_TYPE;
 
 /// Metrics clients served at once, each on its own thread: far more than
@@ -29,9 +30,18 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 const DRAIN_LIMIT: usize = 64 << 10;
 
 type Render = dyn Fn() -> String + Send + Sync;
+type Ready = dyn Fn() -> Readiness + Send + Sync;
+
+/// What the server answers from: the page, and the host's readiness.
+struct Site {
+    render: Box<Render>,
+    ready: Box<Ready>,
+}
 
 /// Serves `GET /metrics` (and `GET /metrics?...`) on `listener` forever with
-/// `render()`'s page; any other path 404, other methods 405. Each client gets
+/// `render()`'s page, `/readyz` from `ready()`, `/healthz` and the index
+/// `/` (those three also to `HEAD`); any other path 404, other methods 405.
+/// Each client gets
 /// a thread (at most 128; beyond that a new client is answered 503 at once),
 /// 8 KiB for its request line and headers, 2 s to send them and 5 s to
 /// take the response. HTTP/1.0 and 1.1, one request per connection
@@ -39,11 +49,15 @@ type Render = dyn Fn() -> String + Send + Sync;
 pub(crate) fn serve_http(
     listener: TcpListener,
     render: impl Fn() -> String + Send + Sync + 'static,
+    ready: impl Fn() -> Readiness + Send + Sync + 'static,
 ) -> Result<()> {
     listener
         .set_nonblocking(false)
         .context("cannot make the metrics listener blocking")?;
-    let render: Arc<Render> = Arc::new(render);
+    let site = Arc::new(Site {
+        render: Box::new(render),
+        ready: Box::new(ready),
+    });
     let active = Arc::new(AtomicUsize::new(0));
     loop {
         let stream = match listener.accept() {
@@ -59,7 +73,7 @@ pub(crate) fn serve_http(
             continue;
         }
         let slot = ClientSlot(Arc::clone(&active));
-        let render = Arc::clone(&render);
+        let site = Arc::clone(&site);
         // On failure the closure, and with it the stream and the slot, is
         // dropped: the client is closed and the slot freed.
         let spawned = std::thread::Builder::new()
@@ -67,7 +81,7 @@ pub(crate) fn serve_http(
             .stack_size(256 << 10)
             .spawn(move || {
                 let _slot = slot;
-                serve_client(stream, &*render);
+                serve_client(stream, &site);
             });
         if let Err(e) = spawned {
             tracing::warn!("cannot start a thread for a metrics client: {e}");
@@ -136,9 +150,9 @@ enum HeadError {
     Gone,
 }
 
-fn serve_client(mut stream: TcpStream, render: &Render) {
+fn serve_client(mut stream: TcpStream, site: &Site) {
     let response = match read_head(&mut stream, Instant::now() + HEAD_TIMEOUT) {
-        Ok(head) => respond(&head, render),
+        Ok(head) => respond(&head, site),
         Err(HeadError::TooLarge) => Response::text(431, "Request Header Fields Too Large"),
         Err(HeadError::Gone) => return,
     };
@@ -230,7 +244,7 @@ impl Response {
 }
 
 /// The response to a request whose head is `head`.
-fn respond(head: &[u8], render: &Render) -> Response {
+fn respond(head: &[u8], site: &Site) -> Response {
     let line_end = head.iter().position(|b| *b == b'\n').unwrap_or(head.len());
     let line = &head[..line_end];
     let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -254,8 +268,28 @@ fn respond(head: &[u8], render: &Render) -> Response {
         return Response::text(505, "HTTP Version Not Supported");
     }
     let path = target.split_once('?').map_or(target, |(path, _)| path);
-    if path != "/metrics" {
-        return Response::text(404, "Not Found");
+    let health = match path {
+        "/" => Some((200, INDEX.trim_end())),
+        "/healthz" => Some((200, HEALTHY)),
+        "/readyz" => Some((site.ready)().answer()),
+        "/metrics" => None,
+        _ => return Response::text(404, "Not Found"),
+    };
+    if let Some((status, text)) = health {
+        let mut response = Response::text(status, text);
+        match method {
+            "GET" => {}
+            "HEAD" => response.body.clear(),
+            _ => {
+                return Response::new(
+                    405,
+                    "text/plain; charset=utf-8",
+                    "Allow: GET, HEAD\r\n",
+                    b"Method Not Allowed\n".to_vec(),
+                )
+            }
+        }
+        return response;
     }
     if method != "GET" {
         return Response::new(
@@ -265,7 +299,7 @@ fn respond(head: &[u8], render: &Render) -> Response {
             b"Method Not Allowed\n".to_vec(),
         );
     }
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(render)) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (site.render)())) {
         Ok(page) => Response::new(200, CONTENT_TYPE, "", page.into_bytes()),
         Err(_) => Response::text(500, "Internal Server Error"),
     }
@@ -323,9 +357,14 @@ mod tests {
 
     /// Starts `serve_http` on a fresh port with a fixed page.
     fn start_server() -> SocketAddr {
+        start_with(|| Readiness::Ready)
+    }
+
+    /// Starts `serve_http` on a fresh port with a fixed page and `ready`.
+    fn start_with(ready: impl Fn() -> Readiness + Send + Sync + 'static) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        std::thread::spawn(move || serve_http(listener, || "page 1\n".to_string()));
+        std::thread::spawn(move || serve_http(listener, || "page 1\n".to_string(), ready));
         addr
     }
 
@@ -380,6 +419,42 @@ mod tests {
         assert!(response.starts_with("HTTP/1.1 505 "), "{response}");
         let response = exchange(addr, b"\xff\xfe /metrics HTTP/1.1\r\n\r\n").unwrap();
         assert!(response.starts_with("HTTP/1.1 400 "), "{response}");
+    }
+
+    #[test]
+    fn http_serves_health_readiness_and_an_index() {
+        use std::sync::atomic::AtomicU64;
+        let state = Arc::new(AtomicU64::new(Readiness::Ready.code()));
+        let seen = Arc::clone(&state);
+        let addr = start_with(move || Readiness::from_code(seen.load(Ordering::SeqCst)));
+        let get = |path: &str| exchange(addr, format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes());
+        let response = get("/healthz").unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        assert!(response.ends_with("\r\n\r\nok\n"), "{response}");
+        let response = get("/readyz").unwrap();
+        assert!(response.ends_with("\r\n\r\nready\n"), "{response}");
+        state.store(Readiness::Draining.code(), Ordering::SeqCst);
+        let response = get("/readyz?verbose").unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{response}"
+        );
+        assert!(
+            response.ends_with("not ready: shutting down\n"),
+            "{response}"
+        );
+        let response = get("/").unwrap();
+        for path in ["/metrics", "/healthz", "/readyz"] {
+            assert!(response.contains(&format!("GET {path} ")), "{response}");
+        }
+        // HEAD: the head alone; other methods are refused.
+        let response = exchange(addr, b"HEAD /healthz HTTP/1.1\r\n\r\n").unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        assert!(response.contains("\r\nContent-Length: 3\r\n"), "{response}");
+        assert!(response.ends_with("\r\n\r\n"), "{response}");
+        let response = exchange(addr, b"POST /readyz HTTP/1.1\r\n\r\n").unwrap();
+        assert!(response.starts_with("HTTP/1.1 405 "), "{response}");
+        assert!(response.contains("\r\nAllow: GET, HEAD\r\n"), "{response}");
     }
 
     #[test]

@@ -14,11 +14,14 @@
 //! OpenMetrics text (`info` type, `# UNIT`, counters named without `_total`)
 //! is rejected or warned about by promtool.
 //!
-//! `shared` holds the counters, `page` renders them, `http` serves the page.
+//! `shared` holds the counters, `page` renders them, `http` serves the page,
+//! and `health` says what `/healthz`, `/readyz` and `/` answer.
 
+mod health;
 mod http;
 mod page;
 mod shared;
 
+pub(crate) use health::Readiness;
 pub(crate) use http::serve_http;
 pub(crate) use shared::{InFlight, Metrics, TenantInfo, TenantMetrics};

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 
+use super::health::Readiness;
 use crate::outcome::Outcome;
 use crate::sys::shm::SharedMapping;
 
@@ -40,6 +41,8 @@ pub(super) const MEMORY_BOUNDS: [u64; 9] = [
 pub(super) struct Header {
     /// Reload attempts: `[ok, failed]`.
     pub(super) reloads: [AtomicU64; 2],
+    /// The host process's readiness (`Readiness::code`; zero: starting).
+    pub(super) readiness: AtomicU64,
 }
 
 /// One tenant's counters. Histogram buckets are per bucket (not cumulative),
@@ -176,6 +179,20 @@ impl Metrics {
         let index = if ok { 0 } else { 1 };
         self.map.header().reloads[index].fetch_add(1, Ordering::Relaxed);
     }
+
+    /// The host process says how ready it is (`GET /readyz`). SeqCst: once
+    /// this returns, every later `/readyz` answer in any process says it.
+    pub(crate) fn set_readiness(&self, readiness: Readiness) {
+        self.map
+            .header()
+            .readiness
+            .store(readiness.code(), Ordering::SeqCst);
+    }
+
+    /// What the host process last said of its readiness.
+    pub(crate) fn readiness(&self) -> Readiness {
+        Readiness::from_code(self.map.header().readiness.load(Ordering::SeqCst))
+    }
 }
 
 impl TenantMetrics {
@@ -256,6 +273,17 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readiness_starts_as_starting_and_is_shared() {
+        let metrics = Metrics::new(1).unwrap();
+        assert_eq!(metrics.readiness(), Readiness::Starting);
+        let copy = metrics.clone();
+        for state in [Readiness::Ready, Readiness::NoWorker, Readiness::Draining] {
+            metrics.set_readiness(state);
+            assert_eq!(copy.readiness(), state);
+        }
+    }
 
     #[test]
     #[should_panic(expected = "out of range")]

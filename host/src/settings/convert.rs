@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Result};
 use ipnet::IpNet;
 
+use super::log_level::LogLevel;
 use super::model::{
     Access, DirGrant, Grants, HandlerSource, HostConfig, Limits, ListenAddr, ServeConfig, Strategy,
     StrategyKind, MAX_TENANTS,
@@ -92,12 +93,25 @@ pub(crate) fn host(raw: RawHost) -> Result<HostConfig> {
     }
     check_addresses(&configs, listening, metrics_addr.as_ref())?;
     configs.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+    // Checked even when the flag wins: the file must be right on its own.
+    let file_log_level = raw
+        .log_level
+        .as_ref()
+        .map(|given| LogLevel::parse("log-level", &given.value).map_err(|e| given.locate(e)))
+        .transpose()?;
+    let log_level = raw
+        .log_level_flag
+        .clone()
+        .or(file_log_level)
+        .unwrap_or_default();
     Ok(HostConfig {
         tenants: configs,
         metrics_addr: metrics_addr_flag.or(metrics_addr.map(|(addr, _)| addr)),
         file: raw.file,
         metrics_addr_flag,
         cache_dir: raw.cache_dir,
+        log_level,
+        log_level_flag: raw.log_level_flag,
     })
 }
 

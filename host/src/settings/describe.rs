@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use super::log_level::LogLevel;
 use super::model::{HandlerSource, HostConfig, ServeConfig, Strategy};
 
 /// The effective settings of every tenant, defaults filled in, as TOML a
@@ -12,6 +13,14 @@ pub(crate) fn describe(host: &HostConfig) -> String {
     if let Some(addr) = host.metrics_addr {
         out.push_str("[metrics]\n");
         line(&mut out, "addr", toml_str(&addr.to_string()));
+    }
+    // Only when not the default, so a file without it reads as before.
+    if host.log_level != LogLevel::default() {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str("[defaults]\n");
+        line(&mut out, "log-level", toml_str(&host.log_level.to_string()));
     }
     for tenant in &host.tenants {
         if !out.is_empty() {

@@ -47,6 +47,13 @@ pub(crate) fn read(file: &Path, cache_dir: Option<PathBuf>) -> Result<RawHost> {
     if let Some(table) = &parsed.tenants {
         for (name, layer) in &table.get_ref().0 {
             let name = doc.tenant_name(name)?;
+            if let Some(level) = &layer.get_ref().0.log_level {
+                let span = key_of(&doc.root, &level.span()).unwrap_or(level.span());
+                return Err(doc.error(
+                    span,
+                    "log-level is host-wide: set it in [defaults], not in a tenant's table",
+                ));
+            }
             tenants.push(RawTenant {
                 name,
                 at: Some(doc.place(layer.span())),
@@ -76,6 +83,10 @@ pub(crate) fn read(file: &Path, cache_dir: Option<PathBuf>) -> Result<RawHost> {
         tenants,
         tenants_at: Some(doc.place(parsed.tenants.map_or(0..0, |t| t.span()))),
         metrics_addr,
+        log_level: parsed
+            .defaults
+            .as_ref()
+            .and_then(|d| doc.text(&d.get_ref().0.log_level)),
         // As given: errors name it so, and a reload reads it again from here.
         file: Some(file.to_path_buf()),
         cache_dir,
@@ -233,7 +244,9 @@ impl Doc<'_> {
         let normalized = normalize(name);
         let message = match table {
             [] => {
-                let hint = if Setting::from_key(&normalized).is_some()
+                let hint = if normalized == "log-level" {
+                    "log-level goes in [defaults]".to_string()
+                } else if Setting::from_key(&normalized).is_some()
                     || Setting::from_flag_name(&normalized).is_some()
                 {
                     "tenant settings go in [defaults] or [tenants.NAME]".to_string()
@@ -256,7 +269,8 @@ impl Doc<'_> {
                 };
                 let near = Setting::from_flag_name(&normalized)
                     .map(Setting::key)
-                    .or_else(|| closest(name, Setting::ALL.map(Setting::key)));
+                    .or_else(|| closest(name, Setting::ALL.map(Setting::key)))
+                    .or_else(|| closest(name, ["log-level"]));
                 let hint = near.map_or(String::new(), |k| format!(" (did you mean {k:?}?)"));
                 format!("unknown key {name:?} in {context}{hint}")
             }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
+use super::log_level::LogLevel;
 use super::model::StrategyKind;
 use super::raw::{Given, Layer, RawHost, RawTenant};
 use super::values::{
@@ -175,6 +176,12 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// What the log writes: error, warn, info or debug (trace, off), or
+    /// per-target levels such as warn,host::supervisor=info; wins over the
+    /// config file's log-level [default: info]
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+
     /// The handler: a WebAssembly component of the host:handler/handler world
     /// [default: the built-in echo handler]
     #[arg(long, value_name = "PATH")]
@@ -287,6 +294,14 @@ impl ServeArgs {
         self.metrics_addr
             .as_deref()
             .map(|text| parse_socket_addr("--metrics-addr", text))
+            .transpose()
+    }
+
+    /// `--log-level`, parsed.
+    pub(crate) fn log_level(&self) -> Result<Option<LogLevel>> {
+        self.log_level
+            .as_deref()
+            .map(|text| LogLevel::parse("--log-level", text))
             .transpose()
     }
 

@@ -11,6 +11,7 @@ mod convert;
 mod describe;
 mod file;
 mod flags;
+mod log_level;
 mod model;
 mod proxy;
 mod raw;
@@ -23,6 +24,7 @@ use anyhow::Result;
 
 pub(crate) use describe::describe;
 pub(crate) use flags::{cache_dir, Cli, Command, ConfigCommand, LogFormat, ServeArgs};
+pub(crate) use log_level::{Level as LogLevelName, LogLevel};
 pub(crate) use model::{
     Access, Grants, HandlerSource, HostConfig, Limits, ListenAddr, ProxyProtocol, ProxyVersion,
     ServeConfig, Strategy, StrategyKind, MAX_TENANTS,
@@ -32,11 +34,13 @@ pub(crate) use model::{
 /// named `default` the flags describe.
 pub(crate) fn from_flags(args: ServeArgs) -> Result<HostConfig> {
     let metrics_addr_flag = args.metrics_addr()?;
+    let log_level_flag = args.log_level()?;
     let mut raw = match &args.config {
         Some(file) => file::read(file, args.cache_dir())?,
         None => args.into_raw()?,
     };
     raw.metrics_addr_flag = metrics_addr_flag;
+    raw.log_level_flag = log_level_flag;
     convert::host(raw)
 }
 
@@ -69,14 +73,23 @@ pub(crate) fn load(file: &Path, cache_dir: Option<PathBuf>) -> Result<HostConfig
 /// The config a reload switches to: the config file read again as it was
 /// at start-up (same compile cache, `--metrics-addr` still winning), or
 /// `current` itself when the tenants came from flags. The metrics address
-/// changes only at a restart: a file that changes it is warned about.
+/// and the log level change only at a restart: a file that changes one is
+/// warned about.
 pub(crate) fn reload(current: &HostConfig) -> Result<HostConfig> {
     let Some(file) = &current.file else {
         return Ok(current.clone());
     };
     let mut raw = file::read(file, current.cache_dir.clone())?;
     raw.metrics_addr_flag = current.metrics_addr_flag;
+    raw.log_level_flag = current.log_level_flag.clone();
     let mut config = convert::host(raw)?;
+    if config.log_level != current.log_level {
+        tracing::warn!(
+            "the log level changes only at a restart; still logging at {}",
+            current.log_level
+        );
+        config.log_level = current.log_level.clone();
+    }
     if config.metrics_addr != current.metrics_addr {
         tracing::warn!(
             "the metrics address changes only at a restart; still serving it on {}",

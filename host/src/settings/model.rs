@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use super::log_level::LogLevel;
+
 /// Where a handler comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HandlerSource {
@@ -114,6 +116,11 @@ pub struct HostConfig {
     /// The compile cache's directory (`--cache-dir`, `--no-cache`), which a
     /// reload reads the file with again; `None`: no cache.
     pub cache_dir: Option<PathBuf>,
+    /// What the log writes: `--log-level`, else `[defaults] log-level`,
+    /// else `info`.
+    pub log_level: LogLevel,
+    /// `--log-level`, which wins over the file at start and at every reload.
+    pub log_level_flag: Option<LogLevel>,
 }
 
 /// One address a tenant listens on: `IP:PORT`, `unix:PATH`, or

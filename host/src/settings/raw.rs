@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use super::log_level::LogLevel;
 use super::model::StrategyKind;
 use super::values::{DirOption, Naming};
 
@@ -102,6 +103,11 @@ pub(crate) struct RawHost {
     /// `--metrics-addr`: wins over `[metrics] addr`, at start and at every
     /// reload.
     pub metrics_addr_flag: Option<SocketAddr>,
+    /// `[defaults] log-level`.
+    pub log_level: Option<Given<String>>,
+    /// `--log-level`: wins over `[defaults] log-level`, at start and at
+    /// every reload.
+    pub log_level_flag: Option<LogLevel>,
     /// The config file, as named (re-read on reload).
     pub file: Option<PathBuf>,
     /// The compile cache's directory; `None`: no cache.

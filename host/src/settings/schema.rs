@@ -50,6 +50,9 @@ pub(super) struct FileLayer {
     pub proxy_from: Option<List<Networks>>,
     pub proxy_header_timeout: Option<Spanned<Text<Duration>>>,
     pub allow_precompiled: Option<Flag>,
+    /// Host-wide: read from `[defaults]` only (`file::read` refuses it in a
+    /// tenant's table).
+    pub log_level: Option<Spanned<Text<LogLevelText>>>,
 }
 
 /// What a value must be, for messages: `WHOLE` of the value, `ITEM` of
@@ -77,6 +80,7 @@ expect!(Size, "a size such as \"64MiB\"");
 expect!(Duration, "a duration such as \"30s\"");
 expect!(ProxyVersionName, "\"v1\", \"v2\" or \"any\"");
 expect!(MetricsAddr, "an address such as \"127.0.0.1:9464\"");
+expect!(LogLevelText, "a level such as \"warn\"");
 expect!(
     Addresses,
     "an array of addresses, e.g. [\"127.0.0.1:7001\", \"unix:/run/host.sock\"]",

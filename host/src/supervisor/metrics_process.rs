@@ -6,7 +6,10 @@
 //!
 //! The pipe's protocol: one line per tenant, `slot name digest strategy`,
 //! tab-separated (tenant names hold no tabs), then an empty line that ends
-//! the list.
+//! the list. Readiness (`GET /readyz`) does not go through the pipe: the
+//! host process writes it into the shared mapping (`Metrics::set_readiness`,
+//! `supervisor::readiness`), where it is seen at once, with no message to
+//! wait for, and by a restarted metrics process too.
 
 use std::io::{BufRead as _, Write as _};
 use std::net::TcpListener;
@@ -137,9 +140,12 @@ fn serve(
             // The host process is gone: PR_SET_PDEATHSIG ends this one.
         })
         .context("cannot start the metrics update thread")?;
-    crate::metrics::serve_http(listener, move || {
-        metrics.render(&tenants.read().unwrap_or_else(|e| e.into_inner()))
-    })
+    let readiness = metrics.clone();
+    crate::metrics::serve_http(
+        listener,
+        move || metrics.render(&tenants.read().unwrap_or_else(|e| e.into_inner())),
+        move || readiness.readiness(),
+    )
 }
 
 #[cfg(test)]

@@ -18,13 +18,15 @@
 //! open for as long as some tenant lists that address (see `reload`).
 //!
 //! The rooms: `load` (compiling a tenant), `workers` (the worker processes'
-//! lifecycle), `reload` and `watch`, `metrics_process`, `notify` (telling
-//! systemd it is ready, reloading, stopping). The worker process
+//! lifecycle), `reload` and `watch`, `metrics_process`, `readiness` (what
+//! `/readyz` says), `notify` (telling systemd it is ready, reloading,
+//! stopping). The worker process
 //! itself is `crate::worker`, which gets only a `worker::Plan`.
 
 mod load;
 mod metrics_process;
 mod notify;
+mod readiness;
 mod reload;
 mod watch;
 mod workers;
@@ -240,6 +242,8 @@ impl Host {
         for name in &names {
             self.spawn_tenant(name);
         }
+        // Before the metrics process answers its first `/readyz`.
+        self.update_readiness();
         self.spawn_metrics();
         // Every tenant listens (the `listening on` lines are out).
         self.notify.ready(&self.status_line());
@@ -282,14 +286,18 @@ impl Host {
                     )
                     .collect();
             }
+            self.update_readiness();
         }
         self.stop(shutdown)
     }
 
-    /// Stops everything: listeners first, for every process at once, then
-    /// each worker drains on its own.
+    /// Stops everything: `/readyz` says so first, then the listeners
+    /// close, for every process at once, then each worker drains on its
+    /// own. The metrics process answers through the drain and is stopped
+    /// last.
     fn stop(&mut self, shutdown: &Shutdown) -> Result<()> {
         self.shutting_down = true;
+        self.update_readiness();
         self.notify.stopping(&format!(
             "stopping: draining {} worker process(es)",
             self.workers.len()
@@ -299,11 +307,6 @@ impl Host {
         }
         // Closes the host's copies and removes Unix socket files.
         self.listeners.clear();
-        if let Some(pid) = self.metrics_pid.take() {
-            process::signal_child(pid, libc::SIGKILL);
-        }
-        self.metrics_listener = None;
-        self.metrics_tx = None;
         let count = self.workers.len();
         tracing::info!("shutting down: stopping {count} worker process(es)");
         self.signal_workers(DRAIN_SIGNAL, |_| true);
@@ -340,6 +343,12 @@ impl Host {
             }
             shutdown.wait_until(Some(deadline))?;
         }
+        // Reaped with the orphans below.
+        if let Some(pid) = self.metrics_pid.take() {
+            process::signal_child(pid, libc::SIGKILL);
+        }
+        self.metrics_listener = None;
+        self.metrics_tx = None;
         if self.reap_orphans(shutdown)? {
             tracing::info!("stopped; every worker process reaped");
         } else {

@@ -46,6 +46,7 @@ impl Host {
         });
         match started {
             Ok(pid) => {
+                tracing::debug!("tenant {name}: worker process pid-{pid} started");
                 self.workers.insert(
                     pid,
                     Worker {
