@@ -46,14 +46,25 @@ impl Plan {
 /// the host process's destructors.
 pub(crate) fn run(plan: Plan) -> ! {
     let tenant = plan.config.tenant.clone();
-    let code = match serve(plan) {
-        Ok(()) => 0,
-        Err(e) => {
+    // A panic must not unwind out of here into the host process's code,
+    // whose destructors (of descriptors this process no longer has, of the
+    // shared mapping) are not this process's to run.
+    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve(plan)));
+    let code = match served {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
             tracing::error!(
                 "tenant {tenant}: worker process pid-{}: {e:#}",
                 std::process::id()
             );
             1
+        }
+        Err(_) => {
+            tracing::error!(
+                "tenant {tenant}: worker process pid-{}: the host panicked",
+                std::process::id()
+            );
+            101
         }
     };
     process::exit_now(code)
@@ -129,7 +140,7 @@ fn fit_descriptors(tenant: &ServeConfig, wanted: usize) -> usize {
     let Some(limit) = resources::descriptor_limit() else {
         return wanted;
     };
-    let open = process::open_descriptors().len();
+    let open = process::open_descriptors().map_or(0, |fds| fds.len());
     let per_connection = 1 + tenant.grants.dirs.len();
     let budget = (limit as usize).saturating_sub(open + RESERVED_DESCRIPTORS) / per_connection;
     let fits = wanted.min(budget).max(1);

@@ -18,7 +18,7 @@ impl Host {
     /// Compiles (or loads from the cache) a tenant's handler, and says which
     /// descriptors it holds (its image file), which its workers must keep.
     pub(super) fn load_service(&mut self, tenant: &ServeConfig) -> Result<(Service, Vec<RawFd>)> {
-        let (service, fds) = process::descriptors_opened_by(|| self.compile(tenant));
+        let (service, fds) = process::descriptors_opened_by(|| self.compile(tenant))?;
         Ok((service?, fds))
     }
 
@@ -33,7 +33,7 @@ impl Host {
             match &self.async_engine {
                 Some(engine) => engine.clone(),
                 None => {
-                    let (engine, fds) = process::descriptors_opened_by(engine::for_async);
+                    let (engine, fds) = process::descriptors_opened_by(engine::for_async)?;
                     self.engine_fds.extend(fds);
                     self.async_engine.insert(engine?).clone()
                 }

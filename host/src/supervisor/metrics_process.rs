@@ -57,15 +57,19 @@ impl Host {
         match process::fork(&child) {
             Err(e) => tracing::error!("cannot start the metrics process: {e}"),
             Ok(process::Forked::Child) => {
-                let served =
+                // As a worker: no panic unwinds into the host's code.
+                let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     listener
                         .try_clone()
                         .map_err(anyhow::Error::from)
                         .and_then(|listener| {
                             serve(listener, self.metrics.clone(), tenants, read.into())
-                        });
-                if let Err(e) = served {
-                    tracing::error!("the metrics server stopped: {e:#}");
+                        })
+                }));
+                match served {
+                    Ok(Err(e)) => tracing::error!("the metrics server stopped: {e:#}"),
+                    Err(_) => tracing::error!("the metrics server stopped: the host panicked"),
+                    Ok(Ok(())) => {}
                 }
                 process::exit_now(1)
             }

@@ -156,8 +156,9 @@ fn start(config: HostConfig, shutdown: &Shutdown, options: &Options) -> Result<(
     // The host process runs one thread: what opens meanwhile is the
     // engine's, and every worker keeps it.
     let notify = Notifier::from_env();
-    let (engine, engine_fds) =
-        process::descriptors_opened_by(|| engine::for_host(&config.tenants, config.file.is_some()));
+    let (engine, engine_fds) = process::descriptors_opened_by(|| {
+        engine::for_host(&config.tenants, config.file.is_some())
+    })?;
     let (engine, pool_slots) = engine?;
     let metrics = Metrics::new(MAX_TENANTS)?;
     let mut host = Host {

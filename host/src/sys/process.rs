@@ -45,19 +45,31 @@ pub(crate) enum Forked {
 /// one of them held would stay locked in the child forever.
 pub(crate) fn fork(child: &Child) -> io::Result<Forked> {
     match thread_count() {
-        Some(1) | None => {}
+        Some(1) => {}
         Some(n) => {
             return Err(io::Error::other(format!(
                 "refusing to fork a process that runs {n} threads"
             )))
         }
+        None => return Err(io::Error::other(
+            "refusing to fork: cannot tell how many threads run (/proc/self/stat is unreadable)",
+        )),
     }
     let parent = std::process::id();
+    // The child must not take its parent's orders before it can: they are
+    // blocked from before the fork, so one sent to the new pid at once
+    // stays pending instead of killing it (their default action).
+    let mask = signals::Mask::block(&[signals::DRAIN_SIGNAL, signals::END_NOW_SIGNAL]);
     // SAFETY: this process runs one thread (checked above), so the child
     // starts with consistent memory.
     match unsafe { libc::fork() } {
-        -1 => Err(io::Error::last_os_error()),
+        -1 => {
+            let err = io::Error::last_os_error();
+            mask.restore();
+            Err(err)
+        }
         0 => {
+            // The orders stay blocked (the inherited mask).
             leave_parent(child.keep);
             // SAFETY: prctl and getppid on this process.
             unsafe {
@@ -69,7 +81,10 @@ pub(crate) fn fork(child: &Child) -> io::Result<Forked> {
             }
             Ok(Forked::Child)
         }
-        pid => Ok(Forked::Parent(pid)),
+        pid => {
+            mask.restore();
+            Ok(Forked::Parent(pid))
+        }
     }
 }
 
@@ -84,7 +99,6 @@ fn leave_parent(keep: &[RawFd]) {
             libc::signal(signal, libc::SIG_IGN);
         }
     }
-    signals::block(&[signals::DRAIN_SIGNAL, signals::END_NOW_SIGNAL]);
     close_all_but(keep);
 }
 
@@ -149,18 +163,15 @@ pub(crate) fn thread_count() -> Option<usize> {
 
 /// The descriptors this process has open, from /proc (leaving out the one
 /// that reads /proc).
-pub(crate) fn open_descriptors() -> Vec<RawFd> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return Vec::new();
-    };
-    let listed: Vec<RawFd> = dir
+pub(crate) fn open_descriptors() -> io::Result<Vec<RawFd>> {
+    let listed: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     // The directory's own descriptor was open while it was read, and is
     // closed now: what is still open is what counts.
     let mut fds: Vec<RawFd> = listed.into_iter().filter(|&fd| is_open(fd)).collect();
     fds.sort_unstable();
-    fds
+    Ok(fds)
 }
 
 /// Whether `fd` is an open descriptor of this process.
@@ -174,15 +185,20 @@ fn is_open(fd: RawFd) -> bool {
 /// the ones a child that uses what `f` made must keep (a compiled
 /// handler's image file, say). Only meaningful while this process runs
 /// one thread, so that nothing else opens a descriptor meanwhile.
-pub(crate) fn descriptors_opened_by<T>(f: impl FnOnce() -> T) -> (T, Vec<RawFd>) {
-    let before = open_descriptors();
+pub(crate) fn descriptors_opened_by<T>(f: impl FnOnce() -> T) -> io::Result<(T, Vec<RawFd>)> {
+    let unlisted = |e: io::Error| {
+        io::Error::other(format!(
+            "cannot list this process's descriptors (/proc/self/fd): {e}"
+        ))
+    };
+    let before = open_descriptors().map_err(unlisted)?;
     let value = f();
-    let after = open_descriptors();
+    let after = open_descriptors().map_err(unlisted)?;
     let new = after
         .into_iter()
         .filter(|fd| before.binary_search(fd).is_err())
         .collect();
-    (value, new)
+    Ok((value, new))
 }
 
 /// Ends this process at once, without running destructors or exit

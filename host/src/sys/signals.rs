@@ -41,9 +41,33 @@ fn mask(how: libc::c_int, signals: &[libc::c_int]) {
     }
 }
 
-/// Holds `signals` pending for the calling thread until [`unblock`].
-pub(crate) fn block(signals: &[libc::c_int]) {
-    mask(libc::SIG_BLOCK, signals);
+/// A thread's signal mask, to put back with [`Mask::restore`].
+pub(crate) struct Mask(libc::sigset_t);
+
+impl Mask {
+    /// Blocks `signals` for the calling thread, and returns the mask it
+    /// had before.
+    pub(crate) fn block(signals: &[libc::c_int]) -> Mask {
+        // SAFETY: builds signal sets on the stack and changes the calling
+        // thread's mask, saving the old one.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for &signal in signals {
+                libc::sigaddset(&mut set, signal);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+            Mask(old)
+        }
+    }
+
+    /// Puts the saved mask back (a signal that arrived meanwhile is
+    /// delivered now).
+    pub(crate) fn restore(self) {
+        // SAFETY: sets the calling thread's mask from a valid saved set.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+    }
 }
 
 /// Delivers `signals` to the calling thread again (one pending arrives now).
