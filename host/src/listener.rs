@@ -14,7 +14,7 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -260,8 +260,10 @@ fn probe_unix(path: &Path) -> Probe {
         };
         let in_progress = error.raw_os_error() == Some(libc::EINPROGRESS);
         if in_progress {
-            let ready = crate::sys::poll::writable_within(socket.as_raw_fd(), PROBE_TIMEOUT);
-            if !ready {
+            use crate::sys::socket::{poll_one, Interest};
+            // A failed wait counts as a busy server, as a timed-out one.
+            let ready = poll_one(socket.as_fd(), Interest::Write, Some(PROBE_TIMEOUT));
+            if !ready.unwrap_or(false) {
                 return Ok(Probe::Busy);
             }
             return Ok(match socket.take_error()? {

@@ -31,16 +31,3 @@ pub(crate) fn readable(fds: &[Option<RawFd>], until: Option<Instant>) -> io::Res
     }
     Ok(pollfds.iter().map(|p| p.revents != 0).collect())
 }
-
-/// Waits up to `timeout` for `fd` to become writable (a connect in
-/// progress to finish); says whether it did.
-pub(crate) fn writable_within(fd: RawFd, timeout: std::time::Duration) -> bool {
-    let mut pollfd = libc::pollfd {
-        fd,
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: poll on one valid pollfd for a bounded time.
-    unsafe { libc::poll(&mut pollfd, 1, ms) > 0 }
-}

@@ -139,16 +139,13 @@ fn close_range(first: u32, last: u32) {
         return;
     }
     // Before Linux 5.9: close the open ones one by one.
-    let open: Vec<u32> = match std::fs::read_dir("/proc/self/fd") {
-        Ok(dir) => dir
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .filter(|fd| (first..=last).contains(fd))
-            .collect(),
-        Err(_) => return,
-    };
-    for fd in open {
+    let open = open_descriptors().unwrap_or_default();
+    for fd in open
+        .into_iter()
+        .filter(|&fd| (first..=last).contains(&(fd as u32)))
+    {
         // SAFETY: as above; closing a descriptor that is open.
-        unsafe { libc::close(fd as RawFd) };
+        unsafe { libc::close(fd) };
     }
 }
 

@@ -28,16 +28,20 @@ pub(crate) fn install(signal: libc::c_int, handler: extern "C" fn(libc::c_int)) 
     Ok(())
 }
 
-fn mask(how: libc::c_int, signals: &[libc::c_int]) {
-    // SAFETY: builds a signal set on the stack and changes the calling
-    // thread's mask.
+/// Changes the calling thread's mask by `how` for `signals`; returns the
+/// mask it had before.
+fn mask(how: libc::c_int, signals: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: builds signal sets on the stack and changes the calling
+    // thread's mask, saving the old one.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         for &signal in signals {
             libc::sigaddset(&mut set, signal);
         }
-        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+        libc::pthread_sigmask(how, &set, &mut old);
+        old
     }
 }
 
@@ -48,18 +52,7 @@ impl Mask {
     /// Blocks `signals` for the calling thread, and returns the mask it
     /// had before.
     pub(crate) fn block(signals: &[libc::c_int]) -> Mask {
-        // SAFETY: builds signal sets on the stack and changes the calling
-        // thread's mask, saving the old one.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            let mut old: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for &signal in signals {
-                libc::sigaddset(&mut set, signal);
-            }
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
-            Mask(old)
-        }
+        Mask(mask(libc::SIG_BLOCK, signals))
     }
 
     /// Puts the saved mask back (a signal that arrived meanwhile is
@@ -72,7 +65,7 @@ impl Mask {
 
 /// Delivers `signals` to the calling thread again (one pending arrives now).
 pub(crate) fn unblock(signals: &[libc::c_int]) {
-    mask(libc::SIG_UNBLOCK, signals);
+    let _ = mask(libc::SIG_UNBLOCK, signals);
 }
 
 /// Calls `handler` (async-signal-safe) once, `after` from now, on SIGALRM.
