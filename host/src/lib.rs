@@ -9,6 +9,7 @@
 mod activation;
 mod check;
 mod conn;
+mod handoff;
 mod listener;
 mod logging;
 mod metrics;
@@ -42,7 +43,11 @@ pub fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Serve(args) => {
-            let options = supervisor::Options { watch: args.watch };
+            let options = supervisor::Options {
+                watch: args.watch,
+                upgrade_socket: args.upgrade_socket.clone(),
+                take_over: args.take_over,
+            };
             let format = args.log_format;
             // The log starts once the settings are read, at the level they
             // give (`--log-level` over the file's): nothing logs before,

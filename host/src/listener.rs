@@ -41,8 +41,9 @@ pub struct Listener {
     /// identity, so only that process removes it, and only if it is still
     /// this socket's file.
     unix_file: Option<(u32, u64, u64)>,
-    /// A socket systemd passed: systemd keeps listening on it after the
-    /// host stops, so [`Listener::shut_down`] leaves it alone.
+    /// A socket systemd passed, or one handed to a successor: someone else
+    /// keeps listening on it after this host stops, so
+    /// [`Listener::shut_down`] leaves it alone.
     adopted: bool,
 }
 
@@ -106,6 +107,53 @@ impl Listener {
         })
     }
 
+    /// The socket for `addr` a predecessor handed over
+    /// (`crate::handoff`), checked to be listening. Its Unix socket file
+    /// stays the predecessor's until [`Listener::claim_file`] (once the
+    /// predecessor drains), so a successor that fails first removes
+    /// nothing.
+    pub(crate) fn handed(addr: &ListenAddr, socket: std::os::fd::OwnedFd) -> Result<Listener> {
+        match crate::sys::systemd::is_listening_stream(socket.as_fd()) {
+            Ok(true) => {}
+            Ok(false) => bail!("cannot listen on {addr}: the socket handed over is not listening"),
+            Err(e) => {
+                bail!("cannot listen on {addr}: the descriptor handed over is not a socket: {e}")
+            }
+        }
+        let socket = Socket::from(socket);
+        let local = adopted_local(&socket).unwrap_or_else(|| addr.clone());
+        let local = match addr {
+            // As configured, as `bind` gives it (the same text in the log).
+            ListenAddr::Unix(_) => addr.clone(),
+            _ => local,
+        };
+        Ok(Listener {
+            socket,
+            configured: addr.clone(),
+            local,
+            unix_file: None,
+            adopted: matches!(addr, ListenAddr::Systemd(_)),
+        })
+    }
+
+    /// Makes this process the one to remove the Unix socket file at exit
+    /// (a handed-over listener, once its predecessor has let it go).
+    pub(crate) fn claim_file(&mut self) {
+        if let (ListenAddr::Unix(path), None) = (&self.configured, self.unix_file) {
+            self.unix_file = std::fs::symlink_metadata(path)
+                .ok()
+                .filter(|m| m.file_type().is_socket())
+                .map(|m| (std::process::id(), m.dev(), m.ino()));
+        }
+    }
+
+    /// Gives the socket to a successor: this process never shuts it down
+    /// nor removes its Unix socket file any more.
+    pub(crate) fn release(&mut self) {
+        self.adopted = true;
+        self.unix_file = None;
+    }
+
     /// The address it listens on, with port 0 resolved.
     pub fn local(&self) -> &ListenAddr {
         &self.local
@@ -143,6 +191,12 @@ impl Listener {
             return;
         }
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.socket.as_fd()
     }
 }
 

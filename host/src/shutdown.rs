@@ -167,6 +167,22 @@ impl Shutdown {
         Ok(())
     }
 
+    /// As [`Shutdown::wait_until`], also waking when one of `fds` is
+    /// readable; says which of them were.
+    pub(crate) fn wait_for(
+        &self,
+        until: Option<Instant>,
+        fds: &[Option<RawFd>],
+    ) -> Result<Vec<bool>> {
+        let mut all = vec![Some(self.read_end())];
+        all.extend_from_slice(fds);
+        let rang = poll::readable(&all, until).context("poll failed")?;
+        if rang[0] {
+            self.drain();
+        }
+        Ok(rang[1..].to_vec())
+    }
+
     /// A second shutdown signal arrived: do not wait for anything.
     pub fn is_forced(&self) -> bool {
         self.inner.signals.load(Ordering::SeqCst) >= 2

@@ -19,3 +19,4 @@ mod shutdown;
 mod soak;
 mod systemd;
 mod tenants;
+mod upgrade;

@@ -168,6 +168,19 @@ pub struct ServeArgs {
     #[arg(long)]
     pub watch: bool,
 
+    /// Listen on this Unix socket for a successor: a new `host serve
+    /// --take-over` given the same path is handed every listening socket,
+    /// and this host drains once the successor is ready
+    /// (docs/deployment.md, "Upgrades").
+    #[arg(long, value_name = "PATH")]
+    pub upgrade_socket: Option<PathBuf>,
+
+    /// Take over the listening sockets of the host on --upgrade-socket
+    /// (starting afresh if none runs there), then tell it to drain once
+    /// this one is ready.
+    #[arg(long, requires = "upgrade_socket")]
+    pub take_over: bool,
+
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "IP:PORT")]
     pub metrics_addr: Option<String>,

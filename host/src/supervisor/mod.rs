@@ -28,6 +28,7 @@ mod metrics_process;
 mod notify;
 mod readiness;
 mod reload;
+mod upgrade;
 mod watch;
 mod workers;
 
@@ -38,7 +39,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, Result};
 use wasmtime::Engine;
 
 pub(crate) use load::open_cache;
@@ -47,6 +48,7 @@ use notify::{Notifier, STATUS_INTERVAL};
 use watch::{watch_list, FileStamp, WATCH_INTERVAL};
 
 use crate::conn::service::{Service, LINGER};
+use crate::handoff::{self, Handed, Predecessor, Successor, UpgradeSocket};
 use crate::listener::Listener;
 use crate::metrics::Metrics;
 use crate::server::ConnectionIds;
@@ -64,6 +66,10 @@ const ORPHAN_WAIT: Duration = Duration::from_secs(5);
 pub struct Options {
     /// Reload when the config file or a handler file changes.
     pub watch: bool,
+    /// Where to listen for a successor (`--upgrade-socket`).
+    pub upgrade_socket: Option<PathBuf>,
+    /// Take over from the host on `upgrade_socket` (`--take-over`).
+    pub take_over: bool,
 }
 
 /// One tenant as currently served.
@@ -128,6 +134,15 @@ struct Host {
     notify: Notifier,
     /// When the next `STATUS=` refresh is due (with a notify socket).
     next_status: Instant,
+    /// The upgrade socket (`--upgrade-socket`), while this host may be
+    /// replaced.
+    upgrade: Option<UpgradeSocket>,
+    /// A successor that holds this host's sockets and is starting.
+    successor: Option<Successor>,
+    /// The successor is ready: this host drains and leaves the sockets to it.
+    handed_over: bool,
+    /// The host this one took over from, told to drain once this one is ready.
+    predecessor: Option<Predecessor>,
 }
 
 /// `host serve`: everything in `config`, until `shutdown`.
@@ -183,16 +198,24 @@ fn start(config: HostConfig, shutdown: &Shutdown, options: &Options) -> Result<(
         shutting_down: false,
         notify,
         next_status: Instant::now() + STATUS_INTERVAL,
+        upgrade: None,
+        successor: None,
+        handed_over: false,
+        predecessor: None,
     };
     let mut services = Vec::new();
     for tenant in &config.tenants {
         services.push(host.load_service(tenant)?);
     }
     raise_descriptor_limit();
+    // Once every handler compiled: a successor that cannot start asks the
+    // running host for nothing.
+    let mut handed = match (&options.upgrade_socket, options.take_over) {
+        (Some(path), true) => handoff::take_over(path)?,
+        _ => Handed::nothing(),
+    };
     if let Some(addr) = config.metrics_addr {
-        let listener = crate::listener::bind_tcp(addr)
-            .with_context(|| format!("cannot serve metrics on {addr}"))?;
-        host.metrics_listener = Some(listener.into());
+        host.metrics_listener = Some(upgrade::metrics_listener_for(&mut handed, addr)?);
     }
     for tenant in &config.tenants {
         for addr in &tenant.listen {
@@ -200,9 +223,15 @@ fn start(config: HostConfig, shutdown: &Shutdown, options: &Options) -> Result<(
             if host.listeners.contains_key(&key) {
                 bail!("tenant {}: {addr} is listed twice", tenant.tenant);
             }
-            host.listeners.insert(key, Listener::bind(addr)?);
+            let listener = upgrade::listener_for(&mut handed, &key)?;
+            host.listeners.insert(key, listener);
         }
     }
+    if let Some(path) = &options.upgrade_socket {
+        host.upgrade = Some(handed.upgrade_socket(path)?);
+    }
+    upgrade::log_leftovers(&mut handed);
+    host.predecessor = handed.predecessor();
     for (tenant, (service, handler_fds)) in config.tenants.iter().zip(services) {
         log_serving(tenant, &service);
         let slot = host.slot_for(&tenant.tenant)?;
@@ -248,7 +277,8 @@ impl Host {
         self.spawn_metrics();
         // Every tenant listens (the `listening on` lines are out).
         self.notify.ready(&self.status_line());
-        while !shutdown.is_triggered() {
+        self.relieve_predecessor();
+        while !shutdown.is_triggered() && !self.handed_over {
             let mut wake = self.pending.iter().map(|p| p.0).min();
             if options.watch {
                 let next = Instant::now() + WATCH_INTERVAL;
@@ -257,7 +287,15 @@ impl Host {
             if self.notify.enabled() {
                 wake = Some(wake.map_or(self.next_status, |w| w.min(self.next_status)));
             }
-            shutdown.wait_until(wake)?;
+            let [knocked, spoke] = shutdown.wait_for(wake, &self.upgrade_fds())?[..] else {
+                unreachable!("one answer per descriptor");
+            };
+            if knocked {
+                self.answer_successor();
+            }
+            if spoke && self.hear_successor() {
+                break;
+            }
             self.reap(false);
             self.respawn_due();
             if self.notify.enabled() && Instant::now() >= self.next_status {
@@ -303,6 +341,7 @@ impl Host {
             "stopping: draining {} worker process(es)",
             self.workers.len()
         ));
+        self.release_to_successor();
         for listener in self.listeners.values() {
             listener.shut_down();
         }
