@@ -43,22 +43,27 @@ pub fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Serve(args) => {
-            let options = supervisor::Options {
-                watch: args.watch,
-                upgrade_socket: args.upgrade_socket.clone(),
-                take_over: args.take_over,
-            };
             let format = args.log_format;
+            let options = args
+                .shutdown_delay()
+                .map(|shutdown_delay| supervisor::Options {
+                    watch: args.watch,
+                    upgrade_socket: args.upgrade_socket.clone(),
+                    take_over: args.take_over,
+                    shutdown_delay,
+                });
             // The log starts once the settings are read, at the level they
             // give (`--log-level` over the file's): nothing logs before,
             // and an error in them is the one `error:` line below.
-            settings::from_flags(args).and_then(|config| {
-                logging::init(format, &config.log_level);
-                let shutdown = Shutdown::new()?;
-                // SIGINT/SIGTERM drain; a second one ends at once.
-                shutdown.stop_on_signals()?;
-                serve(config, &shutdown, &options)
-            })
+            options
+                .and_then(|options| Ok((options, settings::from_flags(args)?)))
+                .and_then(|(options, config)| {
+                    logging::init(format, &config.log_level);
+                    let shutdown = Shutdown::new()?;
+                    // SIGINT/SIGTERM drain; a second one ends at once.
+                    shutdown.stop_on_signals()?;
+                    serve(config, &shutdown, &options)
+                })
         }
         Command::Compile(args) => compile(&args.handler, &args.output, args.strategy.into()),
         Command::Check(args) => match check::check(&args.handler, args.run, args.strategy.into()) {

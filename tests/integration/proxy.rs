@@ -15,8 +15,8 @@ use harness::{Launch, Process};
 
 use crate::for_each_strategy;
 use crate::support::{
-    connect, connect_from, eventually, fields, guest, run_host, run_host_in, send_and_read, Server,
-    Strategy, TempDir, PATIENCE,
+    connect, connect_from, eventually, fields, guest, run_host, run_host_in, send_and_read, Load,
+    Server, Strategy, TempDir, PATIENCE,
 };
 
 for_each_strategy!(
@@ -358,15 +358,15 @@ fn free_port() -> SocketAddr {
 
 /// HAProxy running `docs/haproxy.cfg` in the foreground, killed when
 /// dropped.
-fn start_haproxy(bin: &Path, env: &[(&str, SocketAddr)]) -> Process {
+fn start_haproxy(bin: &Path, env: &[(&str, String)]) -> Process {
     let config = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
         .join("docs/haproxy.cfg");
     let mut command = Command::new(bin);
     command.arg("-f").arg(&config).arg("-db");
-    for (name, addr) in env {
-        command.env(name, addr.to_string());
+    for (name, value) in env {
+        command.env(name, value);
     }
     let mut process = Launch::new(command)
         .own_group()
@@ -379,10 +379,33 @@ fn start_haproxy(bin: &Path, env: &[(&str, SocketAddr)]) -> Process {
             if let Ok(Some(status)) = process.try_wait() {
                 panic!("haproxy exited ({status}):\n{}", process.log().join("\n"));
             }
-            TcpStream::connect(addr).map_err(|e| format!("{name} {addr}: {e}"))
+            TcpStream::connect(addr.as_str()).map_err(|e| format!("{name} {addr}: {e}"))
         });
     }
     process
+}
+
+/// docs/haproxy.cfg's environment: its two frontends, and each host's
+/// address and health-check port (its metrics port).
+fn haproxy_env(
+    front_v2: SocketAddr,
+    front_v1: SocketAddr,
+    hosts: [&Server; 3],
+) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("FRONT_V2", front_v2.to_string()),
+        ("FRONT_V1", front_v1.to_string()),
+    ];
+    for (i, host) in hosts.iter().enumerate() {
+        let [addr, check] = [
+            ["HOST1", "HOST1_CHECK_PORT"],
+            ["HOST2", "HOST2_CHECK_PORT"],
+            ["HOST3", "HOST3_CHECK_PORT"],
+        ][i];
+        env.push((addr, host.addr().to_string()));
+        env.push((check, host.metrics_addr().port().to_string()));
+    }
+    env
 }
 
 /// Two hosts behind one HAProxy frontend that sends v2 headers (threading
@@ -407,6 +430,8 @@ fn behind_haproxy_the_guest_sees_the_client_and_deny_judges_it() {
                 "127.0.0.1/32",
                 "--deny",
                 "127.0.0.9/32",
+                "--metrics-addr",
+                "127.0.0.1:0",
             ],
         )
     };
@@ -416,13 +441,7 @@ fn behind_haproxy_the_guest_sees_the_client_and_deny_judges_it() {
     let (front_v2, front_v1) = (free_port(), free_port());
     let _haproxy = start_haproxy(
         &bin,
-        &[
-            ("FRONT_V2", front_v2),
-            ("FRONT_V1", front_v1),
-            ("HOST1", host1.addr()),
-            ("HOST2", host2.addr()),
-            ("HOST3", host3.addr()),
-        ],
+        &haproxy_env(front_v2, front_v1, [&host1, &host2, &host3]),
     );
     let v2_hosts = [&host1, &host2];
 
@@ -457,4 +476,74 @@ fn behind_haproxy_the_guest_sees_the_client_and_deny_judges_it() {
         let (reply, client) = ask(connect_from(front, 8).unwrap(), b"info\n");
         assert_eq!(info(&reply)["peer-address"], client.to_string(), "{reply}");
     }
+}
+
+/// HAProxy's health check (`option httpchk GET /readyz` in
+/// docs/haproxy.cfg): a host that starts to drain (SIGTERM, with
+/// `--shutdown-delay`) answers 503, HAProxy takes it out of rotation while
+/// it still accepts, and the clients going through the balancer meanwhile
+/// (short connections without pause) see no error; the drained host exits
+/// by itself, and the other serves on.
+#[test]
+fn draining_a_host_takes_it_out_of_rotation_with_no_client_error() {
+    let Some(bin) = haproxy_binary() else {
+        return;
+    };
+    let host = |version| {
+        Server::start(
+            Strategy::Threading,
+            None,
+            &[
+                "--proxy-protocol",
+                version,
+                "--proxy-from",
+                "127.0.0.1/32",
+                "--metrics-addr",
+                "127.0.0.1:0",
+                // Far longer than HAProxy needs to see the 503 (checks
+                // every 100 ms here): the test waits for HAProxy's own line.
+                "--shutdown-delay",
+                "5s",
+            ],
+        )
+    };
+    let mut host1 = host("v2");
+    let host2 = host("v2");
+    let host3 = host("v1");
+    let (front_v2, front_v1) = (free_port(), free_port());
+    let mut env = haproxy_env(front_v2, front_v1, [&host1, &host2, &host3]);
+    env.push(("CHECK_INTER", "100ms".to_string()));
+    let haproxy = start_haproxy(&bin, &env);
+
+    let load = Load::start(front_v2);
+    load.wait_for_more(20);
+    let served_by = |host: &Server| {
+        host.log()
+            .iter()
+            .filter(|l| l.contains(" closed peer=") && l.contains(" via=127.0.0.1:"))
+            .count()
+    };
+    assert!(
+        served_by(&host1) > 0 && served_by(&host2) > 0,
+        "round robin reaches both"
+    );
+
+    host1.signal(libc::SIGTERM);
+    host1.wait_for_log(|l| l.contains("/readyz answers 503; still accepting for 5s"));
+    let down = haproxy
+        .wait_for_line(0, PATIENCE, |l| l.contains("Server hosts_v2/host1 is DOWN"))
+        .unwrap_or_else(|missing| panic!("{}", missing.why("haproxy")));
+    assert!(down.contains("503"), "{down}");
+    // From now on HAProxy sends every client to host2; host1 still
+    // accepts, then drains and exits.
+    let on_host2 = served_by(&host2);
+    load.wait_for_more(50);
+    assert!(
+        served_by(&host2) >= on_host2 + 50,
+        "host2 serves the clients"
+    );
+    assert!(host1.wait_exit().success(), "{:#?}", host1.log());
+    load.wait_for_more(20);
+    let (served, failures) = load.finish();
+    assert_eq!(failures, Vec::<String>::new(), "after {served} served");
 }

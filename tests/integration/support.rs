@@ -9,7 +9,8 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread;
 use std::time::Duration;
 
@@ -399,6 +400,15 @@ impl Server {
 
     pub fn connect(&self) -> TcpStream {
         connect(self.addr)
+    }
+
+    /// Where `/metrics` is served (waits for the `metrics on` line).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        let line = stable_line(&self.wait_for_log(is_metrics_line)).unwrap();
+        line.trim_start_matches("metrics on http://")
+            .trim_end_matches("/metrics")
+            .parse()
+            .unwrap_or_else(|_| panic!("metrics on http://IP:PORT/metrics: {line}"))
     }
 
     /// Sends `signal` to the host process.
@@ -816,15 +826,6 @@ impl ConfigServer {
             .unwrap_or_else(|| panic!("tenant {tenant} listens on no Unix socket"))
     }
 
-    /// Where `/metrics` is served.
-    pub fn metrics_addr(&self) -> SocketAddr {
-        let line = stable_line(&self.server.wait_for_log(is_metrics_line)).unwrap();
-        line.trim_start_matches("metrics on http://")
-            .trim_end_matches("/metrics")
-            .parse()
-            .unwrap_or_else(|_| panic!("metrics on http://IP:PORT/metrics: {line}"))
-    }
-
     /// `GET /metrics`: the body of a 200 response.
     pub fn metrics(&self) -> String {
         let (status, body) = http_get(self.metrics_addr(), "/metrics");
@@ -882,4 +883,88 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
         .unwrap_or_else(|| panic!("no end of the headers in:\n{response}"));
     let status = head.lines().next().unwrap_or_default().to_string();
     (status, body.to_string())
+}
+
+/// One short connection: sends `data`, half-closes, reads the reply to EOF.
+pub fn short_exchange(addr: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(PATIENCE))?;
+    stream.set_write_timeout(Some(PATIENCE))?;
+    stream.write_all(data)?;
+    stream.shutdown(Shutdown::Write)?;
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply)?;
+    Ok(reply)
+}
+
+/// Continuous load: short echo connections to one address, one after
+/// another on a thread of its own, until [`Load::finish`]. Counts those
+/// served and keeps what went wrong with the others, for the tests that
+/// change the server under a running client (upgrades, a drain behind a
+/// balancer).
+pub struct Load {
+    served: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr) -> Load {
+        let served = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = thread::spawn({
+            let (served, failures, stop) = (served.clone(), failures.clone(), stop.clone());
+            move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let data = format!("short {n}");
+                    let failed = match short_exchange(addr, data.as_bytes()) {
+                        Ok(reply) if reply == data.as_bytes() => None,
+                        Ok(reply) => Some(format!(
+                            "connection {n}: echoed {:?}",
+                            String::from_utf8_lossy(&reply)
+                        )),
+                        Err(e) => Some(format!("connection {n}: {e}")),
+                    };
+                    match failed {
+                        None => served.fetch_add(1, Ordering::SeqCst),
+                        Some(what) => {
+                            failures.lock().unwrap().push(what);
+                            0
+                        }
+                    };
+                }
+            }
+        });
+        Load {
+            served,
+            failures,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits until `more` connections beyond those served so far are served.
+    pub fn wait_for_more(&self, more: usize) {
+        let target = self.served.load(Ordering::SeqCst) + more;
+        eventually(PATIENCE, || {
+            let served = self.served.load(Ordering::SeqCst);
+            if served >= target {
+                Ok(())
+            } else {
+                Err(format!("{served} of {target} short connections served"))
+            }
+        });
+    }
+
+    /// Stops it; returns how many were served and what failed.
+    pub fn finish(mut self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap();
+        let failures = self.failures.lock().unwrap().clone();
+        (self.served.load(Ordering::SeqCst), failures)
+    }
 }

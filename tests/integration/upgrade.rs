@@ -10,12 +10,11 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread;
 
 use crate::for_each_strategy;
-use crate::support::{connect, eventually, run_host, Server, Strategy, TempDir, PATIENCE};
+use crate::support::{
+    connect, run_host, short_exchange, Load, Server, Strategy, TempDir, PATIENCE,
+};
 
 /// Held streams, and how many upgrades happen while they are held.
 const HELD: usize = 50;
@@ -33,85 +32,6 @@ fn host_args(strategy: Strategy, addr: &str, upgrade: &Path) -> Vec<OsString> {
     args.push("--drain-timeout".into());
     args.push("120s".into());
     args
-}
-
-/// One short connection: sends `data`, half-closes, reads the echo to EOF.
-fn short_exchange(addr: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(PATIENCE))?;
-    stream.set_write_timeout(Some(PATIENCE))?;
-    stream.write_all(data)?;
-    stream.shutdown(Shutdown::Write)?;
-    let mut reply = Vec::new();
-    stream.read_to_end(&mut reply)?;
-    Ok(reply)
-}
-
-/// Short connections, one after another, until `stop`: counts those
-/// served, and keeps what went wrong with the others.
-struct Load {
-    served: Arc<AtomicUsize>,
-    failures: Arc<Mutex<Vec<String>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(addr: SocketAddr) -> Load {
-        let served = Arc::new(AtomicUsize::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = thread::spawn({
-            let (served, failures, stop) = (served.clone(), failures.clone(), stop.clone());
-            move || {
-                let mut n = 0u64;
-                while !stop.load(Ordering::SeqCst) {
-                    n += 1;
-                    let data = format!("short {n}");
-                    match short_exchange(addr, data.as_bytes()) {
-                        Ok(reply) if reply == data.as_bytes() => {
-                            served.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Ok(reply) => failures.lock().unwrap().push(format!(
-                            "connection {n}: echoed {:?}",
-                            String::from_utf8_lossy(&reply)
-                        )),
-                        Err(e) => failures
-                            .lock()
-                            .unwrap()
-                            .push(format!("connection {n}: {e}")),
-                    }
-                }
-            }
-        });
-        Load {
-            served,
-            failures,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// Waits until `more` connections beyond those served so far are served.
-    fn wait_for_more(&self, more: usize) {
-        let target = self.served.load(Ordering::SeqCst) + more;
-        eventually(PATIENCE, || {
-            let served = self.served.load(Ordering::SeqCst);
-            if served >= target {
-                Ok(())
-            } else {
-                Err(format!("{served} of {target} short connections served"))
-            }
-        });
-    }
-
-    /// Stops it; returns how many were served and what failed.
-    fn finish(mut self) -> (usize, Vec<String>) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.take().unwrap().join().unwrap();
-        let failures = self.failures.lock().unwrap().clone();
-        (self.served.load(Ordering::SeqCst), failures)
-    }
 }
 
 /// 50 connections that stay open and talk: each round sends every one a

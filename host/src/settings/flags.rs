@@ -181,6 +181,12 @@ pub struct ServeArgs {
     #[arg(long, requires = "upgrade_socket")]
     pub take_over: bool,
 
+    /// At SIGINT/SIGTERM, go on accepting this long while /readyz answers
+    /// 503, so health-checking balancers take this host out of rotation
+    /// before its listeners close; then drain [default: none]
+    #[arg(long, value_name = "DURATION")]
+    pub shutdown_delay: Option<String>,
+
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "IP:PORT")]
     pub metrics_addr: Option<String>,
@@ -302,6 +308,15 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// `--shutdown-delay`, parsed (zero when not given).
+    pub(crate) fn shutdown_delay(&self) -> Result<std::time::Duration> {
+        self.shutdown_delay
+            .as_deref()
+            .map_or(Ok(std::time::Duration::ZERO), |text| {
+                super::values::parse_duration("--shutdown-delay", text)
+            })
+    }
+
     /// `--metrics-addr`, parsed.
     pub(crate) fn metrics_addr(&self) -> Result<Option<SocketAddr>> {
         self.metrics_addr

@@ -66,6 +66,9 @@ const ORPHAN_WAIT: Duration = Duration::from_secs(5);
 pub struct Options {
     /// Reload when the config file or a handler file changes.
     pub watch: bool,
+    /// How long to go on accepting, not ready, after a stop signal
+    /// (`--shutdown-delay`; zero: none).
+    pub shutdown_delay: Duration,
     /// Where to listen for a successor (`--upgrade-socket`).
     pub upgrade_socket: Option<PathBuf>,
     /// Take over from the host on `upgrade_socket` (`--take-over`).
@@ -130,6 +133,8 @@ struct Host {
     /// What `--watch` last saw of each watched file.
     watched: Vec<(PathBuf, Option<FileStamp>)>,
     shutting_down: bool,
+    /// In `--shutdown-delay`: still serving, but `/readyz` says draining.
+    delaying: bool,
     /// systemd's notify socket (`NOTIFY_SOCKET`), if any.
     notify: Notifier,
     /// When the next `STATUS=` refresh is due (with a notify socket).
@@ -196,6 +201,7 @@ fn start(config: HostConfig, shutdown: &Shutdown, options: &Options) -> Result<(
         // moment after that (even before `listening on`) is seen.
         watched: watch_list(&config),
         shutting_down: false,
+        delaying: false,
         notify,
         next_status: Instant::now() + STATUS_INTERVAL,
         upgrade: None,
@@ -327,7 +333,36 @@ impl Host {
             }
             self.update_readiness();
         }
+        if !self.handed_over {
+            self.delay_shutdown(shutdown, options.shutdown_delay)?;
+        }
         self.stop(shutdown)
+    }
+
+    /// `--shutdown-delay`: `/readyz` answers 503 at once, but the host
+    /// serves on (and replaces a worker that dies) until the delay has
+    /// passed or a second signal comes, so a balancer's health check takes
+    /// it out of rotation before its listeners close.
+    fn delay_shutdown(&mut self, shutdown: &Shutdown, delay: Duration) -> Result<()> {
+        if delay.is_zero() || shutdown.is_forced() {
+            return Ok(());
+        }
+        self.delaying = true;
+        self.update_readiness();
+        self.notify.stopping(&format!(
+            "stopping: not ready, still accepting for {delay:?} before draining"
+        ));
+        tracing::info!(
+            "shutting down: /readyz answers 503; still accepting for {delay:?} (--shutdown-delay), then draining"
+        );
+        let until = Instant::now() + delay;
+        while Instant::now() < until && !shutdown.is_forced() {
+            let wake = self.pending.iter().map(|p| p.0).min();
+            shutdown.wait_until(Some(wake.map_or(until, |w| w.min(until))))?;
+            self.reap(false);
+            self.respawn_due();
+        }
+        Ok(())
     }
 
     /// Stops everything: `/readyz` says so first, then the listeners

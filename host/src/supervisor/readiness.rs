@@ -23,7 +23,7 @@ impl Host {
     }
 
     fn readiness(&self) -> Readiness {
-        if self.shutting_down {
+        if self.shutting_down || self.delaying {
             return Readiness::Draining;
         }
         let live: HashSet<(&str, u64)> = self
