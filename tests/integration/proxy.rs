@@ -3,7 +3,7 @@
 //! client's address and judge allow/deny on it; headers written by hand
 //! check every kind of header on every strategy, a balancer slow to send
 //! its header holding up no one, bad headers refused as `bad-proxy-header`,
-//! and a forged header from outside `proxy-from` never trusted.
+//! and a forged header from outside `proxy-from` refused.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -21,7 +21,7 @@ use crate::support::{
 
 for_each_strategy!(
     a_balancers_header_names_the_client,
-    bad_and_forged_headers_are_refused_or_not_trusted,
+    bad_and_forged_headers_are_refused,
 );
 
 // ---------------------------------------------------------------------------
@@ -195,11 +195,11 @@ fn a_balancers_header_names_the_client(strategy: Strategy) {
 /// With `proxy-header-timeout` and `[metrics]` from a config file: a slow
 /// header, a v2 header to a v1 tenant, and a connection that is no header
 /// at all end as `bad-proxy-header` (logged and counted), running no guest.
-/// A client outside `proxy-from` that forges a header is not trusted: its
-/// header is plain data to the guest (the echo sends it back) and the log
-/// shows its own address; and if its own address is denied, it is refused,
+/// A client outside `proxy-from` that forges a header (v1 or v2) is
+/// refused as `bad-proxy-header` under its own address, while its plain
+/// data is served; and if its own address is denied, it is refused,
 /// whatever its header claims.
-fn bad_and_forged_headers_are_refused_or_not_trusted(strategy: Strategy) {
+fn bad_and_forged_headers_are_refused(strategy: Strategy) {
     let toml = format!(
         r#"
 [metrics]
@@ -258,10 +258,33 @@ deny = ["127.0.0.7/32"]
         "{line}"
     );
 
-    // Not a balancer: the header is data, the peer is who connected.
+    // Not a balancer: a header is refused, as the peer who connected,
+    // before any guest runs (v1 and v2 signatures alike).
     let forged = b"PROXY TCP4 10.1.2.3 127.0.0.1 1 2\r\nhello";
     let (reply, from) = ask(connect_from(addr, 8).unwrap(), forged);
-    assert_eq!(reply.as_bytes(), forged);
+    assert_eq!(reply, "");
+    let line = closed_line(&[server], &from.to_string());
+    assert!(!line.contains(" via="), "{line}");
+    assert!(
+        line.ends_with(
+            "outcome=bad-proxy-header error=\"a PROXY protocol v1 header from a peer outside proxy-from\""
+        ),
+        "{line}"
+    );
+    let mut forged = v2_proxy("10.1.2.3:1".parse().unwrap(), addr);
+    forged.extend_from_slice(b"hello");
+    let (reply, from) = ask(connect_from(addr, 8).unwrap(), &forged);
+    assert_eq!(reply, "");
+    let line = closed_line(&[server], &from.to_string());
+    assert!(
+        line.ends_with(
+            "outcome=bad-proxy-header error=\"a PROXY protocol v2 header from a peer outside proxy-from\""
+        ),
+        "{line}"
+    );
+    // And its plain data is served, at once, as from the peer itself.
+    let (reply, from) = ask(connect_from(addr, 8).unwrap(), b"PROXIMITY hello");
+    assert_eq!(reply, "PROXIMITY hello");
     let line = closed_line(&[server], &from.to_string());
     assert!(!line.contains(" via="), "{line}");
     assert!(line.ends_with("outcome=ok"), "{line}");
@@ -275,7 +298,7 @@ deny = ["127.0.0.7/32"]
     assert!(line.ends_with("outcome=denied"), "{line}");
 
     let page = config.metrics();
-    for (outcome, count) in [("bad-proxy-header", 3), ("denied", 1), ("ok", 1)] {
+    for (outcome, count) in [("bad-proxy-header", 5), ("denied", 1), ("ok", 1)] {
         let series =
             format!("host_connections_total{{tenant=\"edge\",outcome=\"{outcome}\"}} {count}");
         assert!(page.lines().any(|l| l == series), "{series} in:\n{page}");

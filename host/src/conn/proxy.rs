@@ -11,19 +11,86 @@
 
 use std::io;
 use std::os::fd::AsFd as _;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use wasmtime_wasi_io::bytes::BytesMut;
 
-use crate::conn::proxy_header::{parse, Header, Parsed, MAX_LEN};
+use crate::conn::proxy_header::{parse, signature, Header, Parsed, Signature, MAX_LEN};
 use crate::conn::socket::Socket;
 use crate::listener::Peer;
-use crate::settings::ProxyVersion;
+use crate::outcome::Outcome;
+use crate::settings::{Access, ProxyProtocol, ProxyVersion};
 use crate::sys::socket::{peek_nonblocking, recv_nonblocking};
+
+/// A connection refused before any instance: the peer to log, the balancer
+/// it came through, and why.
+pub(crate) struct Refused {
+    pub(crate) peer: Peer,
+    pub(crate) via: Option<Peer>,
+    pub(crate) outcome: Outcome,
+    pub(crate) error: Option<String>,
+}
+
+/// Who the client of a connection from `peer` is, and the balancer it came
+/// through, for a tenant with `proxy` settings (if any) and `access` lists,
+/// everything bounded by `cap` (the connection's `--timeout`) too. From a
+/// balancer (`proxy-from`): the client its header names, judged by
+/// `access`. From anyone else: `peer` itself (the accept loop judged it),
+/// unless it starts with a PROXY protocol header it may not send.
+pub(crate) async fn identify(
+    socket: &Socket,
+    proxy: Option<&ProxyProtocol>,
+    peer: Peer,
+    access: &Access,
+    cap: Duration,
+) -> Result<(Peer, Option<Peer>), Refused> {
+    let Some(settings) = proxy else {
+        return Ok((peer, None));
+    };
+    let within = settings.header_timeout.min(cap);
+    if !settings.trusts(peer.ip()) {
+        return match forged_header(socket, within).await {
+            None => Ok((peer, None)),
+            Some(why) => Err(Refused {
+                peer,
+                via: None,
+                outcome: Outcome::BadProxyHeader,
+                error: Some(why),
+            }),
+        };
+    }
+    let header = match read_header(socket, settings.version, within).await {
+        Ok(header) => header,
+        Err(why) => {
+            let aborted = socket.traffic.aborted.load(Ordering::SeqCst);
+            let (outcome, error) = match aborted {
+                true => (Outcome::Shutdown, None),
+                false => (Outcome::BadProxyHeader, Some(why)),
+            };
+            return Err(Refused {
+                peer,
+                via: None,
+                outcome,
+                error,
+            });
+        }
+    };
+    let client = client(&header, &peer);
+    if !access.permits(client.ip()) {
+        return Err(Refused {
+            peer: client,
+            via: Some(peer),
+            outcome: Outcome::Denied,
+            error: None,
+        });
+    }
+    Ok((client, Some(peer)))
+}
 
 /// Reads the header `socket` starts with, a tenant taking `version`, within
 /// `timeout`. The error says why there is none, for the `closed` line.
-pub(crate) async fn read_header(
+async fn read_header(
     socket: &Socket,
     version: ProxyVersion,
     timeout: Duration,
@@ -69,6 +136,43 @@ pub(crate) async fn read_header(
     }
 }
 
+/// Whether a client outside `proxy-from`, on a tenant behind a balancer,
+/// begins with a PROXY protocol signature: a header it may not send (it
+/// would claim another client's address), said in the error. Its first
+/// bytes are peeked, never taken, and judged as soon as any have come, so
+/// a client that sends data is served without delay; one that sends
+/// nothing waits for its first bytes up to `timeout`, and is then served.
+/// A signature cut by the network (its first bytes alone) is served as
+/// data: the refusal is a courtesy, since a header from outside
+/// `proxy-from` is never trusted anyway.
+async fn forged_header(socket: &Socket, timeout: Duration) -> Option<String> {
+    let deadline = Instant::now() + timeout;
+    let mut peeked = [0u8; 12];
+    loop {
+        match peek_nonblocking(socket.stream().as_fd(), &mut peeked) {
+            // Closed: nothing forged; the guest sees the end.
+            Ok(0) => return None,
+            Ok(n) => {
+                return match signature(&peeked[..n]) {
+                    Signature::Whole(version) => Some(format!(
+                        "a PROXY protocol {} header from a peer outside proxy-from",
+                        version.name()
+                    )),
+                    Signature::Maybe | Signature::No => None,
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // The guest meets the same error on its first read.
+            Err(_) => return None,
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || !socket.readable_within(left).await {
+            return None;
+        }
+    }
+}
+
 /// Takes `count` bytes the socket is known to hold (they were peeked).
 fn consume(socket: &Socket, mut count: usize) -> Result<(), String> {
     let mut sink = BytesMut::with_capacity(count);
@@ -87,7 +191,7 @@ fn consume(socket: &Socket, mut count: usize) -> Result<(), String> {
 /// The client a header names, or, when it names none (v2 `LOCAL`, v1
 /// `UNKNOWN`: the balancer's own connection, such as a health check), the
 /// balancer itself, as the spec says.
-pub(crate) fn client(header: &Header, balancer: &Peer) -> Peer {
+fn client(header: &Header, balancer: &Peer) -> Peer {
     match header.source {
         Some(addr) => Peer {
             inet: Some(addr),

@@ -135,6 +135,31 @@ pub(crate) fn parse(bytes: &[u8], accept: ProxyVersion) -> Result<Parsed, Header
 }
 
 /// Whether `bytes` and `signature` agree as far as both go.
+/// What the first bytes of a connection say about a PROXY protocol
+/// signature (either version's), for a client that may not send one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Signature {
+    /// A whole signature: `PROXY ` or v2's twelve bytes.
+    Whole(ProxyVersion),
+    /// What came so far (maybe nothing) could still become one.
+    Maybe,
+    /// Not a signature.
+    No,
+}
+
+/// Whether `bytes` begin with a PROXY protocol signature.
+pub(crate) fn signature(bytes: &[u8]) -> Signature {
+    if bytes.len() >= V2_SIGNATURE.len() && begins(bytes, V2_SIGNATURE) {
+        Signature::Whole(ProxyVersion::V2)
+    } else if bytes.len() >= V1_SIGNATURE.len() && begins(bytes, V1_SIGNATURE) {
+        Signature::Whole(ProxyVersion::V1)
+    } else if begins(bytes, V2_SIGNATURE) || begins(bytes, V1_SIGNATURE) {
+        Signature::Maybe
+    } else {
+        Signature::No
+    }
+}
+
 fn begins(bytes: &[u8], signature: &[u8]) -> bool {
     let n = bytes.len().min(signature.len());
     bytes[..n] == signature[..n]
@@ -307,6 +332,21 @@ mod tests {
     use super::*;
 
     const ANY: ProxyVersion = ProxyVersion::Any;
+
+    #[test]
+    fn a_signature_is_seen_whole_as_a_prefix_or_not_at_all() {
+        assert_eq!(signature(b""), Signature::Maybe);
+        assert_eq!(signature(b"PROX"), Signature::Maybe);
+        assert_eq!(signature(b"PROXY TCP4"), Signature::Whole(ProxyVersion::V1));
+        assert_eq!(signature(b"\r\n\r\n"), Signature::Maybe);
+        assert_eq!(
+            signature(b"\r\n\r\n\0\r\nQUIT\n!"),
+            Signature::Whole(ProxyVersion::V2)
+        );
+        assert_eq!(signature(b"GET /"), Signature::No);
+        assert_eq!(signature(b"PROXZ"), Signature::No);
+        assert_eq!(signature(b"\r\nX"), Signature::No);
+    }
 
     fn complete(bytes: &[u8], accept: ProxyVersion) -> Header {
         match parse(bytes, accept) {

@@ -224,43 +224,25 @@ impl Service {
         if self.aborting.load(Ordering::SeqCst) {
             socket.abort();
         }
-        // A balancer's connection: the client is the one its header names,
-        // and allow/deny judge that client.
-        let (peer, via) = match self.balancer(&peer) {
-            None => (peer, None),
-            Some(settings) => {
-                // Bounded by the connection's own `--timeout` too, as all it does.
-                let within = settings.header_timeout.min(self.limits.timeout);
-                let header = proxy::read_header(&socket, settings.version, within).await;
-                let aborted = socket.traffic.aborted.load(Ordering::SeqCst);
-                let (client, refused) = match &header {
-                    Err(_) if aborted => (peer.clone(), Some((Outcome::Shutdown, None))),
-                    Err(why) => (
-                        peer.clone(),
-                        Some((Outcome::BadProxyHeader, Some(why.as_str()))),
-                    ),
-                    Ok(header) => {
-                        let client = proxy::client(header, &peer);
-                        let denied = !self.access.permits(client.ip());
-                        (client, denied.then_some((Outcome::Denied, None)))
-                    }
-                };
-                if let Some((outcome, error)) = refused {
+        // Behind a balancer, the client is the one its header names, and
+        // allow/deny judge that client; anyone else's header is refused.
+        let within = self.limits.timeout;
+        let (peer, via) =
+            match proxy::identify(&socket, self.proxy.as_ref(), peer, &self.access, within).await {
+                Ok(client) => client,
+                Err(refused) => {
                     drop(live);
                     drop(socket);
-                    let via = header.is_ok().then_some(&peer);
                     let unserved = Unserved {
                         id,
-                        peer: &client,
-                        via,
+                        peer: &refused.peer,
+                        via: refused.via.as_ref(),
                         worker,
                         duration: started.elapsed(),
                     };
-                    return self.unserved(unserved, outcome, error);
+                    return self.unserved(unserved, refused.outcome, refused.error.as_deref());
                 }
-                (client, Some(peer))
-            }
-        };
+            };
         let info = ConnectionInfo {
             peer_address: peer.text.clone(),
             local_address: local,
