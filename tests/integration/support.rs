@@ -968,3 +968,16 @@ impl Load {
         (self.served.load(Ordering::SeqCst), failures)
     }
 }
+
+/// One exchange over a Unix socket: sends `data`, half-closes, reads the
+/// reply to EOF.
+pub fn unix_exchange(path: &Path, data: &[u8]) -> Vec<u8> {
+    let mut stream = std::os::unix::net::UnixStream::connect(path)
+        .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", path.display()));
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.write_all(data).unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).unwrap();
+    reply
+}

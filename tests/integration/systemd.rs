@@ -4,15 +4,16 @@
 //! error, and a `NOTIFY_SOCKET` listener here records `READY=1`,
 //! `RELOADING=1` + `MONOTONIC_USEC`, `READY=1` and `STOPPING=1` in order.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener};
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use harness::{Launch, Process};
 
-use crate::support::{exchange, host_binary, run_host, test_cache_dir, TempDir, PATIENCE};
+use crate::support::{
+    exchange, host_binary, run_host, test_cache_dir, unix_exchange, TempDir, PATIENCE,
+};
 
 const ACTIVATE: &str = "systemd-socket-activate";
 
@@ -68,15 +69,6 @@ fn wait_line(process: &Process, since: usize, matches: impl Fn(&str) -> bool) ->
                 missing.lines.join("\n")
             )
         })
-}
-
-fn unix_exchange(path: &Path, data: &[u8]) -> Vec<u8> {
-    let mut stream = UnixStream::connect(path).expect("connect to the passed Unix socket");
-    stream.write_all(data).unwrap();
-    stream.shutdown(Shutdown::Write).unwrap();
-    let mut reply = Vec::new();
-    stream.read_to_end(&mut reply).unwrap();
-    reply
 }
 
 #[test]

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use crate::for_each_strategy;
 use crate::support::{
     connect, connect_from, eventually, exchange, fields, guest, pattern, read_to_end, run_host,
-    send_and_read, stable_line, test_cache_dir, toml_path, toml_string, ConfigServer, Server,
-    Strategy, TempDir, PATIENCE,
+    send_and_read, stable_line, test_cache_dir, toml_path, toml_string, unix_exchange,
+    ConfigServer, Server, Strategy, TempDir, PATIENCE,
 };
 
 // The scenarios a tenant of each strategy goes through; the others name
@@ -52,17 +52,6 @@ fn text(bytes: Vec<u8>) -> String {
 }
 
 /// Sends `data` over the Unix socket at `path`, half-closes, reads the reply.
-fn unix_exchange(path: &Path, data: &[u8]) -> Vec<u8> {
-    let mut stream = UnixStream::connect(path)
-        .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", path.display()));
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    stream.write_all(data).unwrap();
-    stream.shutdown(Shutdown::Write).unwrap();
-    let mut reply = Vec::new();
-    stream.read_to_end(&mut reply).unwrap();
-    reply
-}
-
 /// The variables of the test guest's `env: [A=1, B=2]` reply, sorted.
 fn env_vars(reply: &str) -> Vec<String> {
     let list = reply

@@ -8,12 +8,11 @@
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use crate::for_each_strategy;
 use crate::support::{
-    connect, run_host, short_exchange, Load, Server, Strategy, TempDir, PATIENCE,
+    connect, run_host, short_exchange, unix_exchange, Load, Server, Strategy, TempDir,
 };
 
 /// Held streams, and how many upgrades happen while they are held.
@@ -153,16 +152,6 @@ fn upgrades_drop_nothing(strategy: Strategy) {
 }
 
 for_each_strategy!(upgrades_drop_nothing);
-
-fn unix_exchange(path: &Path, data: &[u8]) -> Vec<u8> {
-    let mut stream = UnixStream::connect(path).expect("connect to the Unix listener");
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    stream.write_all(data).unwrap();
-    stream.shutdown(Shutdown::Write).unwrap();
-    let mut reply = Vec::new();
-    stream.read_to_end(&mut reply).unwrap();
-    reply
-}
 
 #[test]
 fn a_successor_that_fails_leaves_the_running_host_serving() {
