@@ -379,18 +379,9 @@ fn host_new_and_the_readmes_build_step_serve_a_new_handler() {
     let again = run_host_in(root.path(), &["new", "handlers/my-handler"]);
     assert_eq!(again.status.code(), Some(1));
 
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let args: Vec<&str> = steps[1].split(' ').skip(1).collect();
-    let status = Command::new(cargo)
+    let status = cargo(root.path())
         .args(&args)
-        .current_dir(root.path())
-        // Every dependency is in the lock file and the local registry.
-        .env("CARGO_NET_OFFLINE", "true")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("RUSTFLAGS")
-        .env_remove("RUSTC_WORKSPACE_WRAPPER")
-        .env_remove("RUSTC_WRAPPER")
-        .env_remove("CLIPPY_ARGS")
         .status()
         .expect("cannot run cargo");
     assert!(status.success(), "{steps:?} failed");
@@ -407,6 +398,44 @@ fn host_new_and_the_readmes_build_step_serve_a_new_handler() {
     );
     let check = run_host(&["check", wasm.to_str().unwrap()]);
     assert!(check.status.success(), "{}", text(&check.stdout));
+
+    // Outside a workspace the crate is one of its own, built as printed.
+    let made = run_host_in(root.path(), &["new", "solo"]);
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let said = text(&made.stdout);
+    let build = said
+        .lines()
+        .find_map(|l| l.strip_prefix("build it:  cargo "))
+        .unwrap_or_else(|| panic!("{said}"));
+    assert_eq!(
+        build,
+        "build --release --target wasm32-wasip2 --manifest-path solo/Cargo.toml"
+    );
+    let status = cargo(root.path())
+        .args(build.split(' '))
+        .arg("--target-dir")
+        .arg(env!("HOST_GUEST_TARGET_DIR"))
+        .status()
+        .expect("cannot run cargo");
+    assert!(status.success(), "building solo failed");
+    let solo = Path::new(env!("HOST_GUEST_TARGET_DIR")).join("wasm32-wasip2/release/solo.wasm");
+    let check = run_host(&["check", "--run", solo.to_str().unwrap()]);
+    assert!(check.status.success(), "{}", text(&check.stdout));
+}
+
+/// cargo in `dir`, offline (every dependency is in the lock file and the
+/// local registry), without the flags meant for the host.
+fn cargo(dir: &Path) -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command
+        .current_dir(dir)
+        .env("CARGO_NET_OFFLINE", "true")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTFLAGS")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("CLIPPY_ARGS");
+    command
 }
 
 #[test]
