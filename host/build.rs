@@ -15,6 +15,7 @@ fn main() {
         println!("cargo:rerun-if-changed={}", handlers.join(path).display());
     }
     println!("cargo:rerun-if-changed={}", root.join("wit").display());
+    wasmtime_version(&root.join("Cargo.lock"));
 
     let target_dir = guest_target_dir();
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -58,6 +59,24 @@ fn main() {
         "cargo:rustc-env=HOST_GUEST_TARGET_DIR={}",
         target_dir.display()
     );
+}
+
+/// Exports the version of wasmtime in the lock file, for `host --version`
+/// (wasmtime has no public constant for it).
+fn wasmtime_version(lock: &Path) {
+    println!("cargo:rerun-if-changed={}", lock.display());
+    let text = std::fs::read_to_string(lock).expect("cannot read Cargo.lock");
+    let version = text
+        .split("[[package]]")
+        .find_map(|package| {
+            let mut lines = package.lines().map(str::trim);
+            lines.find(|l| *l == "name = \"wasmtime\"")?;
+            lines
+                .find_map(|l| l.strip_prefix("version = \""))
+                .and_then(|v| v.strip_suffix('"'))
+        })
+        .expect("Cargo.lock has no wasmtime package");
+    println!("cargo:rustc-env=HOST_WASMTIME_VERSION={version}");
 }
 
 /// `<cargo target dir>/handlers`: OUT_DIR is `<target>/<profile>/build/<pkg>/out`.

@@ -6,6 +6,7 @@
 //! `supervisor::run`: it forks a worker process per tenant (`worker::run`),
 //! each running `server::run`, the accept loop. ARCHITECTURE.md has the map.
 
+mod about;
 mod activation;
 mod check;
 mod conn;
@@ -14,6 +15,7 @@ mod listener;
 mod logging;
 mod metrics;
 mod outcome;
+mod scaffold;
 mod server;
 mod settings;
 mod shutdown;
@@ -27,7 +29,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
-use clap::Parser as _;
+use clap::FromArgMatches as _;
 
 use crate::settings::{Cli, Command, ConfigCommand, HostConfig, LogFormat, LogLevel, StrategyKind};
 use crate::shutdown::Shutdown;
@@ -37,7 +39,12 @@ use crate::wasm::handler::{self, HandlerSource};
 /// `host`: parses the flags, runs the command, and turns any error into one
 /// `error: ...` line and a non-zero exit.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut command = settings::command();
+    if about::asked(std::env::args_os()) {
+        // Built once, for the one run that prints it.
+        command = command.long_version(&*Box::leak(about::long_version().into_boxed_str()));
+    }
+    let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
     if !matches!(cli.command, Command::Serve(_)) {
         logging::init(LogFormat::Text, &LogLevel::default());
     }
@@ -78,6 +85,16 @@ pub fn main() -> ExitCode {
         }) => config_check(&file, settings::cache_dir(cache_dir, no_cache)).map(|text| {
             print!("{text}");
         }),
+        Command::New(args) => scaffold::new_handler(&args.path).map(|made| {
+            print!("{}", made.next_steps());
+        }),
+        Command::Completions(args) => {
+            use std::io::Write as _;
+            std::io::stdout()
+                .write_all(&settings::completions(args.shell))
+                .context("cannot write the completions")
+        }
+        Command::Manpage(args) => settings::manpage(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

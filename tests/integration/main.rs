@@ -11,6 +11,7 @@ mod conformance;
 mod echo;
 mod faults;
 mod guests;
+mod habits;
 mod live;
 mod ops;
 mod proxy;

@@ -20,6 +20,8 @@
 //! - `flood N`: writes N bytes to stdout.
 //! - `read-file PATH`, `env`, `connect ADDR`: try what the sandbox denies and
 //!   reply what happened (also written to stderr, so it shows in the log).
+//! - `write-file PATH TEXT`: writes TEXT into the file PATH (created or
+//!   truncated), and replies what happened, like `read-file`.
 //! - `sleep MS`: sleeps (a blocking host call), then replies `slept`.
 //! - `nap MS`: replies `napping` at once, then sleeps like `sleep`.
 //! - `lines N`: writes N empty lines to stdout, replies `lined N`.
@@ -134,6 +136,13 @@ impl Guest for TestGuest {
                 ),
                 Err(e) => format!("denied: {e}"),
             }),
+            "write-file" => {
+                let (path, text) = arg.split_once(' ').unwrap_or((arg, ""));
+                report(match std::fs::write(path, text) {
+                    Ok(()) => format!("wrote {} bytes", text.len()),
+                    Err(e) => format!("denied: {e}"),
+                })
+            }
             "env" => {
                 let vars: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
                 report(format!("env: [{}]", vars.join(", ")))

@@ -400,7 +400,12 @@ impl Service {
             wasi.env(key, value);
         }
         for dir in &self.grants.dirs {
-            wasi.preopened_dir(&dir.host, &dir.guest, FsPerms::ReadOnly)
+            let perms = if dir.writable {
+                FsPerms::ReadWrite
+            } else {
+                FsPerms::ReadOnly
+            };
+            wasi.preopened_dir(&dir.host, &dir.guest, perms)
                 .map_err(|e| {
                     format!("cannot open --dir {}: {}", dir.host.display(), one_line(&e))
                 })?;

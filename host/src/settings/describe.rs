@@ -70,7 +70,12 @@ fn describe_tenant(out: &mut String, tenant: &ServeConfig) {
     line(out, "env", toml_inline_table(env));
     let dirs = tenant.grants.dirs.iter().map(|d| {
         let host = d.host.display().to_string();
-        (toml_key(&host), toml_str(&d.guest))
+        let guest = if d.writable {
+            format!("{{ guest = {}, mode = \"rw\" }}", toml_str(&d.guest))
+        } else {
+            toml_str(&d.guest)
+        };
+        (toml_key(&host), guest)
     });
     line(out, "dirs", toml_inline_table(dirs));
     let nets = |nets: &[ipnet::IpNet]| toml_array(nets.iter().map(|n| toml_str(&n.to_string())));

@@ -262,6 +262,14 @@ impl Doc<'_> {
                     .map_or(String::new(), |k| format!(" (did you mean {k:?}?)"));
                 format!("unknown key {name:?} in [metrics]{hint}")
             }
+            [.., "dirs", host] => {
+                let hint = closest(name, ["guest", "mode"])
+                    .map_or(String::new(), |k| format!(" (did you mean {k:?}?)"));
+                format!(
+                    "unknown key {name:?} in dirs.{} (expected guest and mode){hint}",
+                    toml_key(host)
+                )
+            }
             table => {
                 let context = match table {
                     ["tenants", tenant] => format!("[tenants.{}]", toml_key(tenant)),
@@ -349,11 +357,12 @@ impl Doc<'_> {
             dirs: table.dirs.as_ref().map(|dirs| {
                 dirs.0
                     .iter()
-                    .map(|(host, guest)| {
+                    .map(|(host, target)| {
                         let dir = DirOption {
                             text: host.get_ref().clone(),
                             host: PathBuf::from(host.get_ref()),
-                            guest: guest.clone(),
+                            guest: target.guest.clone(),
+                            writable: target.writable,
                         };
                         self.given(dir, host.span())
                     })
@@ -504,7 +513,7 @@ max-connections = 64
 max-memory = "32MiB"
 timeout = "5s"
 env = { GREETING = "hi", "ODD KEY" = "a \"quoted\" value" }
-dirs = { "static" = "/static", "/tmp" = "/scratch" }
+dirs = { "static" = "/static", "/tmp" = { guest = "/scratch", mode = "rw" } }
 allow = ["127.0.0.0/8", "::1/128"]
 deny = ["127.0.0.3"]
 allow-precompiled = true
@@ -558,11 +567,13 @@ processes = 2
             vec![
                 DirGrant {
                     host: dir.join("static"),
-                    guest: "/static".into()
+                    guest: "/static".into(),
+                    writable: false,
                 },
                 DirGrant {
                     host: "/tmp".into(),
-                    guest: "/scratch".into()
+                    guest: "/scratch".into(),
+                    writable: true,
                 },
             ]
         );
@@ -631,7 +642,7 @@ timeout = "5s"
 idle-timeout = "10s"
 drain-timeout = "10s"
 env = {{ GREETING = "hi", "ODD KEY" = "a \"quoted\" value" }}
-dirs = {{ "{static_}" = "/static", "/tmp" = "/scratch" }}
+dirs = {{ "{static_}" = "/static", "/tmp" = {{ guest = "/scratch", mode = "rw" }} }}
 allow = ["127.0.0.0/8", "::1/128"]
 deny = ["127.0.0.3/32"]
 allow-precompiled = true

@@ -43,6 +43,14 @@ pub enum Command {
     /// Work with a multi-tenant config file.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Make a new Rust handler crate at PATH (named after its last
+    /// component), an echo handler to start from.
+    New(super::extras::NewArgs),
+    /// Print a shell completion script for SHELL to stdout.
+    Completions(super::extras::CompletionsArgs),
+    /// Print the man page (roff) of host or of one of its commands to
+    /// stdout, or write them all into a directory.
+    Manpage(super::extras::ManpageArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -134,8 +142,9 @@ pub struct CompileArgs {
 }
 
 /// The flags that describe the one tenant of a host run without `--config`.
-const SINGLE_TENANT_FLAGS: [&str; 19] = [
+const SINGLE_TENANT_FLAGS: [&str; 20] = [
     "handler",
+    "handler_path",
     "addr",
     "strategy",
     "workers",
@@ -206,6 +215,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub handler: Option<PathBuf>,
 
+    /// The handler, as wasmtime takes it: `host serve app.wasm` is `host
+    /// serve --handler app.wasm` (give one or the other).
+    #[arg(value_name = "HANDLER", conflicts_with = "handler")]
+    pub handler_path: Option<PathBuf>,
+
     /// The address to listen on: IP:PORT (port 0 picks a free port),
     /// unix:PATH, or systemd:NAME (a socket systemd passed; systemd: alone
     /// is the first).
@@ -265,7 +279,8 @@ pub struct ServeArgs {
     pub max_connections: Option<u32>,
 
     /// The most memory one instance may use: all its memories and tables
-    /// together (e.g. 64MiB).
+    /// together, in binary units (KiB, MiB, GiB) or bytes, e.g. 64MiB;
+    /// decimal units (64MB, 64M) are refused as ambiguous.
     #[arg(long, value_name = "SIZE", default_value = DEFAULT_MAX_MEMORY)]
     pub max_memory: String,
 
@@ -283,13 +298,16 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", default_value = DEFAULT_DRAIN_TIMEOUT)]
     pub drain_timeout: String,
 
-    /// Grant the guest an environment variable (repeatable).
-    #[arg(long, value_name = "KEY=VALUE")]
+    /// Grant the guest an environment variable: NAME=VALUE, or NAME alone
+    /// for the host's own value of NAME (only the names given are passed;
+    /// repeatable).
+    #[arg(long, value_name = "NAME[=VALUE]")]
     pub env: Vec<String>,
 
-    /// Grant the guest read-only access to a host directory, seen at
-    /// GUEST_PATH (repeatable).
-    #[arg(long, value_name = "HOST_PATH::GUEST_PATH")]
+    /// Grant the guest a host directory, seen at GUEST_PATH (default: the
+    /// same path); read-only, or with ::rw read-write (create, write, rename
+    /// and remove files under it) (repeatable).
+    #[arg(long, value_name = "HOST_PATH[::GUEST_PATH[::rw]]")]
     pub dir: Vec<String>,
 
     /// Where compiled handlers are cached between runs [default:
@@ -354,7 +372,7 @@ impl ServeArgs {
         let cache_dir = self.cache_dir();
         let flags = |texts: Vec<String>| Some(texts.into_iter().map(Given::flag).collect());
         let layer = Layer {
-            handler: self.handler.map(Given::flag),
+            handler: self.handler.or(self.handler_path).map(Given::flag),
             listen: Some(vec![Given::flag(self.addr)]),
             strategy: Some(Given::flag(self.strategy.into())),
             workers: self.workers.map(Given::flag),
@@ -557,12 +575,17 @@ mod tests {
             vec![("A".into(), "1".into()), ("B".into(), "x=y".into())]
         );
         assert_eq!(config.grants.dirs[0].guest, "/scratch");
-        let err = args(&["--env", "NOVALUE"]).unwrap_err().to_string();
-        assert_eq!(err, "invalid --env \"NOVALUE\": expected KEY=VALUE");
-        let err = args(&["--dir", "/tmp"]).unwrap_err().to_string();
+        let err = args(&["--env", "HOST_TEST_SURELY_UNSET"])
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             err,
-            "invalid --dir \"/tmp\": expected HOST_PATH::GUEST_PATH"
+            "invalid --env \"HOST_TEST_SURELY_UNSET\": HOST_TEST_SURELY_UNSET is not set in the host's environment (write HOST_TEST_SURELY_UNSET=VALUE to give a value)"
+        );
+        let err = args(&["--dir", "/tmp::/x::rwx"]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid --dir \"/tmp::/x::rwx\": expected HOST_PATH, HOST_PATH::GUEST_PATH or HOST_PATH::GUEST_PATH::rw"
         );
         let err = args(&["--dir", "/no/such::/x"]).unwrap_err().to_string();
         assert!(

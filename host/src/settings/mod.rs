@@ -9,6 +9,7 @@
 
 mod convert;
 mod describe;
+mod extras;
 mod file;
 mod flags;
 mod log_level;
@@ -23,6 +24,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 
 pub(crate) use describe::describe;
+pub(crate) use extras::{command, completions, manpage};
 pub(crate) use flags::{cache_dir, Cli, Command, ConfigCommand, LogFormat, ServeArgs};
 pub(crate) use log_level::{Level as LogLevelName, LogLevel};
 pub(crate) use model::{

@@ -260,11 +260,13 @@ pub struct Grants {
     pub dirs: Vec<DirGrant>,
 }
 
-/// One read-only preopened directory.
+/// One preopened directory: read-only unless `writable` (`::rw`,
+/// `mode = "rw"`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirGrant {
     pub host: PathBuf,
     pub guest: String,
+    pub writable: bool,
 }
 
 impl Grants {
@@ -280,9 +282,14 @@ impl Grants {
         }
         for dir in &self.dirs {
             parts.push(format!(
-                "dir {} as {} (read-only)",
+                "dir {} as {} ({})",
                 dir.host.display(),
-                dir.guest
+                dir.guest,
+                if dir.writable {
+                    "read-write"
+                } else {
+                    "read-only"
+                }
             ));
         }
         parts.push("no network".to_string());

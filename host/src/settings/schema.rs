@@ -43,7 +43,7 @@ pub(super) struct FileLayer {
     pub idle_timeout: Option<Spanned<Text<Duration>>>,
     pub drain_timeout: Option<Spanned<Text<Duration>>>,
     pub env: Option<Entries<Env>>,
-    pub dirs: Option<Entries<Dirs>>,
+    pub dirs: Option<DirEntries>,
     pub allow: Option<List<Networks>>,
     pub deny: Option<List<Networks>>,
     pub proxy_protocol: Option<Spanned<Text<ProxyVersionName>>>,
@@ -99,8 +99,9 @@ expect!(
 expect!(
     Dirs,
     "a table of host path = guest path, e.g. { \"/srv/static\" = \"/static\" }",
-    "a guest path such as \"/static\""
+    "a guest path such as \"/static\", or { guest = \"/data\", mode = \"rw\" }"
 );
+expect!(DirMode, "\"ro\" or \"rw\"");
 
 /// The items of `E`: expected to be `E::ITEM`.
 pub(super) struct Item<E>(PhantomData<E>);
@@ -176,6 +177,99 @@ impl<'de, E: Expect> Deserialize<'de> for Entries<E> {
             }
         }
         deserializer.deserialize_any(V(PhantomData))
+    }
+}
+
+/// `dirs`: host path = guest path, or host path = `{ guest = "/data",
+/// mode = "rw" }`; each entry spanned by its key, in file order.
+pub(super) struct DirEntries(pub Vec<(Spanned<String>, DirTarget)>);
+
+/// Where a granted directory is seen, and whether the guest may write there.
+pub(super) struct DirTarget {
+    pub guest: String,
+    pub writable: bool,
+}
+
+/// The table form of a [`DirTarget`].
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DirTable {
+    guest: Option<Text<Item<Dirs>>>,
+    mode: Option<ModeName>,
+}
+
+/// `"ro"` (false) or `"rw"` (true).
+struct ModeName(bool);
+
+impl<'de> Deserialize<'de> for ModeName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ModeName;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(f, "{EXPECTED}{}", DirMode::WHOLE)
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<ModeName, E> {
+                match text {
+                    "ro" => Ok(ModeName(false)),
+                    "rw" => Ok(ModeName(true)),
+                    _ => Err(E::invalid_value(Unexpected::Str(text), &self)),
+                }
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for DirEntries {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = DirEntries;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(f, "{EXPECTED}{}", Dirs::WHOLE)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<DirEntries, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry::<Spanned<String>, DirTarget>()? {
+                    entries.push(entry);
+                }
+                entries.sort_by_key(|(key, _)| key.span().start);
+                Ok(DirEntries(entries))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for DirTarget {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = DirTarget;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(f, "{EXPECTED}{}", Dirs::ITEM)
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<DirTarget, E> {
+                Ok(DirTarget {
+                    guest: text.to_string(),
+                    writable: false,
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<DirTarget, A::Error> {
+                let table = DirTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                let guest = table.guest.ok_or_else(|| {
+                    de::Error::custom(
+                        "a directory's table needs guest, the path the guest sees it at, e.g. { guest = \"/data\", mode = \"rw\" }",
+                    )
+                })?;
+                Ok(DirTarget {
+                    guest: guest.0,
+                    writable: table.mode.is_some_and(|m| m.0),
+                })
+            }
+        }
+        deserializer.deserialize_any(V)
     }
 }
 

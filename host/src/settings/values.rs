@@ -315,8 +315,11 @@ pub(crate) fn parse_duration(flag: &str, text: &str) -> Result<Duration> {
     Ok(duration)
 }
 
-/// `64MiB`, `512KiB`, `1GiB`, or bytes; between 64 KiB and 4 GiB.
+/// `64MiB`, `512KiB`, `1GiB`, or bytes; between 64 KiB and 4 GiB. Decimal
+/// units (`64MB`, `64M`, `1G`) are refused as ambiguous: the docs write
+/// binary units, and `64MB` would be 61 MiB.
 pub(crate) fn parse_size(flag: &str, text: &str) -> Result<u64> {
+    refuse_decimal_unit(flag, text)?;
     let size: bytesize::ByteSize = text
         .trim()
         .parse()
@@ -328,13 +331,55 @@ pub(crate) fn parse_size(flag: &str, text: &str) -> Result<u64> {
     Ok(bytes)
 }
 
-/// `KEY=VALUE`.
+/// A size written with a decimal unit (`MB`, `M`, `gb`...): refused, with
+/// the binary spelling to use instead.
+fn refuse_decimal_unit(flag: &str, text: &str) -> Result<()> {
+    let trimmed = text.trim();
+    let number_end = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(number_end);
+    let unit = unit.trim();
+    let letter = unit.chars().next().map(|c| c.to_ascii_uppercase());
+    let decimal = matches!(unit.len(), 1 | 2)
+        && matches!(letter, Some('K' | 'M' | 'G' | 'T' | 'P'))
+        && (unit.len() == 1 || unit[1..].eq_ignore_ascii_case("b"));
+    if decimal && !number.is_empty() {
+        let binary = format!("{}iB", letter.unwrap_or('M'));
+        bail!(
+            "invalid {flag} {text:?}: {unit} is ambiguous (decimal or binary?); write {number}{binary} for binary units, or the size in bytes"
+        );
+    }
+    Ok(())
+}
+
+/// `KEY=VALUE`, or `KEY` alone: the host's own value of `KEY`, read here,
+/// once (only the variables named are ever passed; never the whole
+/// environment). A `KEY` the host's environment lacks is refused.
 pub(crate) fn parse_env(text: &str) -> Result<(String, String)> {
+    parse_env_from(text, |key| std::env::var_os(key))
+}
+
+/// [`parse_env`], reading the host's environment through `lookup`.
+pub(crate) fn parse_env_from(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<(String, String)> {
+    let no_nul = |s: &str| !s.contains('\0');
     match text.split_once('=') {
-        Some((key, value)) if !key.is_empty() && !key.contains('\0') && !value.contains('\0') => {
+        Some((key, value)) if !key.is_empty() && no_nul(key) && no_nul(value) => {
             Ok((key.to_string(), value.to_string()))
         }
-        _ => bail!("invalid --env {text:?}: expected KEY=VALUE"),
+        None if !text.is_empty() && no_nul(text) => match lookup(text) {
+            Some(value) => match value.into_string() {
+                Ok(value) if no_nul(&value) => Ok((text.to_string(), value)),
+                _ => bail!("invalid --env {text:?}: the host's value of {text} is not UTF-8 text"),
+            },
+            None => bail!(
+                "invalid --env {text:?}: {text} is not set in the host's environment (write {text}=VALUE to give a value)"
+            ),
+        },
+        _ => bail!("invalid --env {text:?}: expected NAME=VALUE, or NAME to pass the host's value"),
     }
 }
 
@@ -349,25 +394,42 @@ pub(crate) fn check_env(name: &str, (key, value): &(String, String)) -> Result<(
     Ok((key.clone(), value.clone()))
 }
 
-/// One read-only directory grant as given: `text` is how it was written
+/// One directory grant as given: `text` is how it was written
 /// (`HOST::GUEST` for `--dir`, the host path for a `dirs` key).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct DirOption {
     pub text: String,
     pub host: PathBuf,
     pub guest: String,
+    /// `::rw` / `mode = "rw"`: the guest may also create, write, rename and
+    /// remove files and directories under it. Read-only otherwise.
+    pub writable: bool,
 }
 
-/// `HOST_PATH::GUEST_PATH`, split; the directory is checked later.
+/// `HOST`, `HOST::GUEST`, `HOST::GUEST::ro` or `HOST::GUEST::rw`, split;
+/// `HOST` alone is seen at the same path in the guest (as wasmtime's
+/// `--dir`). The directory is checked later.
 pub(crate) fn split_dir(text: &str) -> Result<DirOption> {
-    match text.split_once("::") {
-        Some((host, guest)) if !host.is_empty() && !guest.is_empty() => Ok(DirOption {
-            text: text.to_string(),
-            host: PathBuf::from(host),
-            guest: guest.to_string(),
-        }),
-        _ => bail!("invalid --dir {text:?}: expected HOST_PATH::GUEST_PATH"),
+    let bad = || {
+        anyhow!("invalid --dir {text:?}: expected HOST_PATH, HOST_PATH::GUEST_PATH or HOST_PATH::GUEST_PATH::rw")
+    };
+    let mut parts = text.split("::");
+    let host = parts.next().filter(|h| !h.is_empty()).ok_or_else(bad)?;
+    let guest = parts.next().unwrap_or(host);
+    let writable = match parts.next() {
+        None | Some("ro") => false,
+        Some("rw") => true,
+        Some(_) => return Err(bad()),
+    };
+    if guest.is_empty() || parts.next().is_some() {
+        return Err(bad());
     }
+    Ok(DirOption {
+        text: text.to_string(),
+        host: PathBuf::from(host),
+        guest: guest.to_string(),
+        writable,
+    })
 }
 
 /// The grant of an existing host directory, `resolve`d.
@@ -390,6 +452,7 @@ pub(crate) fn check_dir(
     Ok(DirGrant {
         host,
         guest: dir.guest.clone(),
+        writable: dir.writable,
     })
 }
 
@@ -398,6 +461,9 @@ pub(crate) fn parse_socket_addr(flag: &str, text: &str) -> Result<SocketAddr> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(addr);
     }
+    if let Some(why) = not_an_ip(text) {
+        return Err(bad(why));
+    }
     // A host name such as localhost:7878.
     let mut addrs = text
         .to_socket_addrs()
@@ -405,4 +471,113 @@ pub(crate) fn parse_socket_addr(flag: &str, text: &str) -> Result<SocketAddr> {
     addrs
         .next()
         .ok_or_else(|| bad("the name resolves to no address".to_string()))
+}
+
+/// Why `text`, which did not parse as `IP:PORT`, is not worth a name lookup:
+/// its host part is written like an IP address (digits and dots, or in
+/// brackets) but is not one, e.g. `999.1.1.1:80`.
+fn not_an_ip(text: &str) -> Option<String> {
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Some("expected IP:PORT, e.g. 127.0.0.1:7878".to_string());
+    };
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if bare.parse::<std::net::IpAddr>().is_ok() {
+        return Some(format!("{port:?} is not a port (0 to 65535)"));
+    }
+    let bracketed = host.starts_with('[') || host.ends_with(']');
+    let dotted = !host.is_empty() && host.chars().all(|c| c.is_ascii_digit() || c == '.');
+    if bracketed || dotted {
+        return Some(format!(
+            "{host} is not an IP address (expected IP:PORT, e.g. 127.0.0.1:7878 or [::1]:7878)"
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dir_is_written_as_wasmtime_writes_it_or_with_rw() {
+        let same = split_dir("/srv/data").unwrap();
+        assert_eq!((same.guest.as_str(), same.writable), ("/srv/data", false));
+        let moved = split_dir("/srv/data::/data").unwrap();
+        assert_eq!((moved.guest.as_str(), moved.writable), ("/data", false));
+        let ro = split_dir("/srv/data::/data::ro").unwrap();
+        assert!(!ro.writable);
+        let rw = split_dir("/srv/data::/data::rw").unwrap();
+        assert_eq!((rw.guest.as_str(), rw.writable), ("/data", true));
+        for bad in ["", "::/x", "/a::", "/a::/b::rw::x", "/a::/b::w"] {
+            assert!(split_dir(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn env_name_alone_takes_the_hosts_value_only_if_it_has_one() {
+        let host = |key: &str| (key == "HOME").then(|| "/root".into());
+        let value = |text| parse_env_from(text, host);
+        assert_eq!(value("HOME").unwrap(), ("HOME".into(), "/root".into()));
+        assert_eq!(value("A=b=c").unwrap(), ("A".into(), "b=c".into()));
+        assert_eq!(value("A=").unwrap(), ("A".into(), String::new()));
+        assert_eq!(
+            value("NOPE").unwrap_err().to_string(),
+            "invalid --env \"NOPE\": NOPE is not set in the host's environment (write NOPE=VALUE to give a value)"
+        );
+        assert_eq!(
+            value("=x").unwrap_err().to_string(),
+            "invalid --env \"=x\": expected NAME=VALUE, or NAME to pass the host's value"
+        );
+    }
+
+    #[test]
+    fn decimal_size_units_are_refused_binary_ones_taken() {
+        assert_eq!(parse_size("--max-memory", "64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("--max-memory", "67108864").unwrap(), 64 << 20);
+        assert_eq!(parse_size("--max-memory", "512 KiB").unwrap(), 512 << 10);
+        assert_eq!(parse_size("--max-memory", "1gib").unwrap(), 1 << 30);
+        for (text, unit, binary) in [
+            ("64MB", "MB", "64MiB"),
+            ("64M", "M", "64MiB"),
+            ("64 mb", "mb", "64MiB"),
+            ("1GB", "GB", "1GiB"),
+            ("512kb", "kb", "512KiB"),
+        ] {
+            let err = parse_size("--max-memory", text).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!("invalid --max-memory {text:?}: {unit} is ambiguous (decimal or binary?); write {binary} for binary units, or the size in bytes")
+            );
+        }
+    }
+
+    #[test]
+    fn an_address_that_is_no_ip_is_not_looked_up() {
+        let err = |text| parse_socket_addr("--addr", text).unwrap_err().to_string();
+        assert_eq!(
+            err("999.1.1.1:80"),
+            "invalid --addr \"999.1.1.1:80\": 999.1.1.1 is not an IP address (expected IP:PORT, e.g. 127.0.0.1:7878 or [::1]:7878)"
+        );
+        assert!(err("[::g]:80").contains("[::g] is not an IP address"));
+        assert_eq!(
+            err("127.0.0.1:99999"),
+            "invalid --addr \"127.0.0.1:99999\": \"99999\" is not a port (0 to 65535)"
+        );
+        assert_eq!(
+            err("127.0.0.1"),
+            "invalid --addr \"127.0.0.1\": expected IP:PORT, e.g. 127.0.0.1:7878"
+        );
+        assert!(parse_socket_addr("--addr", "localhost:7878").is_ok());
+        assert!(matches!(
+            parse_listen("--addr", "systemd:web").unwrap(),
+            ListenAddr::Systemd(name) if name == "web"
+        ));
+        assert!(matches!(
+            parse_listen("--addr", "unix:/run/h.sock").unwrap(),
+            ListenAddr::Unix(_)
+        ));
+    }
 }

@@ -46,6 +46,16 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The engine half of a cache entry's name: the host's version and the
+/// engine's compatibility hash (wasmtime's version and every setting that
+/// affects code), hashed. `host --version` prints it.
+pub(crate) fn engine_key(engine: &Engine) -> String {
+    let mut key = Sha256Hasher(Sha256::new());
+    env!("CARGO_PKG_VERSION").hash(&mut key);
+    engine.precompile_compatibility_hash().hash(&mut key);
+    hex(&key.0.finalize()[..8])
+}
+
 impl CompileCache {
     /// Opens (creating it, mode 0700) the cache at `dir`.
     pub(crate) fn open(dir: &Path) -> Result<CompileCache> {
@@ -73,11 +83,8 @@ impl CompileCache {
     /// Where the compiled form for `engine` of the component whose SHA-256
     /// is `digest` lives.
     pub(crate) fn entry(&self, engine: &Engine, digest: &str) -> PathBuf {
-        let mut key = Sha256Hasher(Sha256::new());
-        env!("CARGO_PKG_VERSION").hash(&mut key);
-        engine.precompile_compatibility_hash().hash(&mut key);
-        let engine_key = hex(&key.0.finalize()[..8]);
-        self.dir.join(format!("{engine_key}-{digest}.cwasm"))
+        self.dir
+            .join(format!("{}-{digest}.cwasm", engine_key(engine)))
     }
 
     /// Loads the cached compilation of the component with `digest`, if there
