@@ -43,6 +43,15 @@ use crate::sys::handoff as sys;
 /// sockets are handed over, and the successor for `draining`.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the running host waits for a successor's request after it
+/// connected (it sends it at once): the host's supervise loop waits
+/// meanwhile, so a peer that connects and says nothing holds it up no
+/// longer than this.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long probing a socket file may wait for the host behind it.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// The protocol's version, in the first message.
 const VERSION: &str = "v1";
 
@@ -60,7 +69,7 @@ impl UpgradeSocket {
     pub(crate) fn bind(path: &Path) -> Result<UpgradeSocket> {
         let shown = path.display();
         match std::fs::symlink_metadata(path) {
-            Ok(meta) if meta.file_type().is_socket() => match sys::connect(path) {
+            Ok(meta) if meta.file_type().is_socket() => match sys::connect(path, PROBE_TIMEOUT) {
                 Ok(_) => bail!(
                     "cannot listen for upgrades on {shown}: a host is already listening there (start this one with --take-over to replace it)"
                 ),
@@ -70,6 +79,9 @@ impl UpgradeSocket {
                     })?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => bail!(
+                    "cannot listen for upgrades on {shown}: a host is already listening there, and busy"
+                ),
                 Err(e) => bail!("cannot tell whether a host listens on {shown}: {e}"),
             },
             Ok(_) => bail!("cannot listen for upgrades on {shown}: it exists and is not a socket"),
@@ -99,7 +111,7 @@ impl UpgradeSocket {
 
     /// Makes this process the one to remove the file at exit (once the
     /// predecessor that handed it over has let it go).
-    pub(crate) fn claim_file(&mut self) {
+    pub(crate) fn claim(&mut self) {
         if self.file.is_none() {
             self.own_file();
         }
@@ -128,46 +140,64 @@ impl UpgradeSocket {
 
     /// Takes a successor's request: checks who asks, reads `take`, hands
     /// over every socket in `offers` (key, socket) and this one, and
-    /// returns the successor, which then owns copies of them all. An
-    /// error means nothing was handed over to anyone.
-    pub(crate) fn hand_over(&self, offers: &[(String, BorrowedFd<'_>)]) -> Result<Successor> {
-        let conn = sys::accept(self.socket.as_fd()).context("cannot accept")?;
-        sys::set_timeouts(conn.as_fd(), ANSWER_TIMEOUT)?;
-        let uid = sys::peer_uid(conn.as_fd())?;
+    /// returns the successor, which then holds copies of them all (also
+    /// when an error cut the hand-over short: the caller treats them as
+    /// handed until the successor is gone). `None`: no one was waiting.
+    pub(crate) fn hand_over(
+        &self,
+        offers: &[(String, BorrowedFd<'_>)],
+    ) -> Result<Option<Successor>> {
+        let conn = match sys::accept(self.socket.as_fd()) {
+            Ok(conn) => conn,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(anyhow!(e).context("cannot accept")),
+        };
+        sys::set_timeouts(conn.as_fd(), REQUEST_TIMEOUT)?;
+        let (uid, pid) = sys::peer_cred(conn.as_fd())?;
         if uid != sys::own_uid() && uid != 0 {
             let _ = sys::send(conn.as_fd(), b"refused not the host's user", None);
-            bail!("refused a successor running as uid {uid}");
+            bail!("refused pid {pid}, which runs as uid {uid}");
         }
-        let request = receive(&conn)?.ok_or_else(|| anyhow!("it closed at once"))?;
-        let pid = parse_take(&request)?;
+        let request = receive(&conn)?.ok_or_else(|| anyhow!("pid {pid} closed at once"))?;
+        parse_take(&request).with_context(|| format!("pid {pid}"))?;
+        sys::set_timeouts(conn.as_fd(), ANSWER_TIMEOUT)?;
+        // From the first socket sent, the successor may hold copies: it is
+        // returned whatever happens next, and its connection tells the rest.
         let mut handed = 0;
-        for (key, socket) in offers {
+        let mut sent = || -> io::Result<()> {
+            for (key, socket) in offers {
+                sys::send(
+                    conn.as_fd(),
+                    format!("socket {key}").as_bytes(),
+                    Some(*socket),
+                )?;
+                handed += 1;
+            }
             sys::send(
                 conn.as_fd(),
-                format!("socket {key}").as_bytes(),
-                Some(*socket),
+                format!("socket {}", self.key()).as_bytes(),
+                Some(self.socket.as_fd()),
             )?;
-            handed += 1;
+            sys::send(
+                conn.as_fd(),
+                format!("done pid={}", std::process::id()).as_bytes(),
+                None,
+            )
+        };
+        if let Err(e) = sent() {
+            tracing::warn!("upgrade: handing the sockets to pid {pid} failed: {e}");
         }
-        sys::send(
-            conn.as_fd(),
-            format!("socket {}", self.key()).as_bytes(),
-            Some(self.socket.as_fd()),
-        )?;
-        sys::send(
-            conn.as_fd(),
-            format!("done pid={}", std::process::id()).as_bytes(),
-            None,
-        )?;
-        sys::set_nonblocking(conn.as_fd(), true)?;
-        Ok(Successor { conn, pid, handed })
+        let _ = sys::set_nonblocking(conn.as_fd(), true);
+        Ok(Some(Successor { conn, pid, handed }))
     }
 
-    /// Answers a successor that comes while this host cannot hand over
-    /// (one is already taking over, or this host is stopping).
+    /// Answers a successor that comes while another one is taking over.
     pub(crate) fn refuse(&self, reason: &str) {
         if let Ok(conn) = sys::accept(self.socket.as_fd()) {
-            let _ = sys::set_timeouts(conn.as_fd(), ANSWER_TIMEOUT);
+            let _ = sys::set_timeouts(conn.as_fd(), REQUEST_TIMEOUT);
+            // Its request is read first: a Unix socket closed with a
+            // message unread resets the peer, which would lose the answer.
+            let _ = receive_with_fd(&conn);
             let _ = sys::send(conn.as_fd(), format!("refused {reason}").as_bytes(), None);
         }
     }
@@ -211,7 +241,8 @@ fn receive_with_fd(conn: &OwnedFd) -> Result<(String, Option<OwnedFd>)> {
     Ok((text, fd))
 }
 
-/// The successor's pid from `take v1 pid=N`.
+/// Checks `take v1 pid=N` (the pid is for a person reading the protocol;
+/// the host uses the one the kernel gives, `SO_PEERCRED`).
 fn parse_take(request: &str) -> Result<u32> {
     let mut words = request.split(' ');
     match (words.next(), words.next(), words.next(), words.next()) {
@@ -266,6 +297,8 @@ impl Successor {
     }
 
     /// Confirms the drain: the successor's last message from this host.
+    /// Also sent unasked when this host is stopped while the successor
+    /// starts: it then finds the answer waiting when it asks.
     pub(crate) fn confirm_drain(&self) {
         let _ = sys::set_nonblocking(self.conn.as_fd(), false);
         let _ = sys::send(self.conn.as_fd(), b"draining", None);
@@ -328,10 +361,15 @@ impl Predecessor {
         self.pid
     }
 
-    /// Tells it to drain, and waits for it to say it does.
+    /// Tells it to drain, and waits for it to say it does (it may have said
+    /// so already, if it was stopped meanwhile: then the send may fail,
+    /// and the answer is still there to read).
     pub(crate) fn drain(self) -> Result<()> {
-        sys::send(self.conn.as_fd(), b"drain", None)?;
-        match receive(&self.conn)? {
+        let sent = sys::send(self.conn.as_fd(), b"drain", None);
+        match receive(&self.conn).map_err(|e| match sent {
+            Err(send) => anyhow!(send),
+            Ok(()) => e,
+        })? {
             Some(text) if text == "draining" => Ok(()),
             Some(text) => bail!("it answered {text:?}"),
             None => bail!("it closed the connection"),
@@ -344,7 +382,7 @@ impl Predecessor {
 /// caller binds everything, as at a first start.
 pub(crate) fn take_over(path: &Path) -> Result<Handed> {
     let shown = path.display();
-    let conn = match sys::connect(path) {
+    let conn = match sys::connect(path, ANSWER_TIMEOUT) {
         Ok(conn) => conn,
         Err(e)
             if e.kind() == io::ErrorKind::NotFound
@@ -356,9 +394,16 @@ pub(crate) fn take_over(path: &Path) -> Result<Handed> {
         Err(e) => bail!("cannot take over from the host at {shown}: {e}"),
     };
     let fail = |e: anyhow::Error| anyhow!("cannot take over from the host at {shown}: {e:#}");
-    sys::set_timeouts(conn.as_fd(), ANSWER_TIMEOUT).map_err(|e| fail(e.into()))?;
+    // Sockets are taken only from the host's own user (or root): the
+    // user that made the upgrade socket, which every host since shares.
+    let (uid, _) = sys::peer_cred(conn.as_fd()).map_err(|e| fail(e.into()))?;
+    if uid != sys::own_uid() && uid != 0 {
+        return Err(fail(anyhow!("it runs as uid {uid}, not as this user")));
+    }
     let request = format!("take {VERSION} pid={}", std::process::id());
-    sys::send(conn.as_fd(), request.as_bytes(), None).map_err(|e| fail(e.into()))?;
+    // A host that refuses may answer and close before the request is
+    // sent: its answer is read either way.
+    let sent = sys::send(conn.as_fd(), request.as_bytes(), None);
     let mut sockets = BTreeMap::new();
     loop {
         let (text, fd) = receive_with_fd(&conn).map_err(fail)?;
@@ -366,6 +411,9 @@ pub(crate) fn take_over(path: &Path) -> Result<Handed> {
             let socket = fd.ok_or_else(|| fail(anyhow!("{text:?} came without its socket")))?;
             sockets.insert(key.to_string(), socket);
         } else if let Some(pid) = text.strip_prefix("done pid=") {
+            // The pid the answering host gives: SO_PEERCRED names the
+            // process that made the listening socket, which after an
+            // upgrade is an older host.
             let pid = pid
                 .parse()
                 .map_err(|_| fail(anyhow!("a malformed message {text:?}")))?;
@@ -376,7 +424,10 @@ pub(crate) fn take_over(path: &Path) -> Result<Handed> {
         } else if let Some(reason) = text.strip_prefix("refused ") {
             return Err(fail(anyhow!("it refused: {reason}")));
         } else if text.is_empty() {
-            return Err(fail(anyhow!("it closed the connection")));
+            return Err(fail(match &sent {
+                Err(e) => anyhow!("it closed the connection ({e})"),
+                Ok(()) => anyhow!("it closed the connection"),
+            }));
         } else {
             return Err(fail(anyhow!("a malformed message {text:?}")));
         }

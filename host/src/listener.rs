@@ -108,10 +108,10 @@ impl Listener {
     }
 
     /// The socket for `addr` a predecessor handed over
-    /// (`crate::handoff`), checked to be listening. Its Unix socket file
-    /// stays the predecessor's until [`Listener::claim_file`] (once the
-    /// predecessor drains), so a successor that fails first removes
-    /// nothing.
+    /// (`crate::handoff`), checked to be listening. It stays the
+    /// predecessor's until [`Listener::claim`] (once the predecessor has
+    /// agreed to drain): a successor that fails or is stopped first never
+    /// shuts it down nor removes its file.
     pub(crate) fn handed(addr: &ListenAddr, socket: std::os::fd::OwnedFd) -> Result<Listener> {
         match crate::sys::systemd::is_listening_stream(socket.as_fd()) {
             Ok(true) => {}
@@ -132,13 +132,15 @@ impl Listener {
             configured: addr.clone(),
             local,
             unix_file: None,
-            adopted: matches!(addr, ListenAddr::Systemd(_)),
+            adopted: true,
         })
     }
 
-    /// Makes this process the one to remove the Unix socket file at exit
-    /// (a handed-over listener, once its predecessor has let it go).
-    pub(crate) fn claim_file(&mut self) {
+    /// Makes a handed-over listener this process's own, once its
+    /// predecessor has let it go: shut down at this host's stop (a
+    /// `systemd:` one excepted), its Unix socket file removed at exit.
+    pub(crate) fn claim(&mut self) {
+        self.adopted = matches!(self.configured, ListenAddr::Systemd(_));
         if let (ListenAddr::Unix(path), None) = (&self.configured, self.unix_file) {
             self.unix_file = std::fs::symlink_metadata(path)
                 .ok()

@@ -897,53 +897,58 @@ pub fn short_exchange(addr: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>>
     Ok(reply)
 }
 
-/// Continuous load: short echo connections to one address, one after
-/// another on a thread of its own, until [`Load::finish`]. Counts those
-/// served and keeps what went wrong with the others, for the tests that
-/// change the server under a running client (upgrades, a drain behind a
-/// balancer).
+/// Continuous load: short echo connections to one address from
+/// [`LOAD_CLIENTS`] clients at once, each one connection after another, on
+/// threads of their own, until [`Load::finish`]. Counts those served and
+/// keeps what went wrong with the others, for the tests that change the
+/// server under running clients (upgrades, a drain behind a balancer).
 pub struct Load {
     served: Arc<AtomicUsize>,
     failures: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
+    threads: Vec<thread::JoinHandle<()>>,
 }
+
+/// The clients of a [`Load`].
+pub const LOAD_CLIENTS: usize = 4;
 
 impl Load {
     pub fn start(addr: SocketAddr) -> Load {
         let served = Arc::new(AtomicUsize::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let thread = thread::spawn({
-            let (served, failures, stop) = (served.clone(), failures.clone(), stop.clone());
-            move || {
-                let mut n = 0u64;
-                while !stop.load(Ordering::SeqCst) {
-                    n += 1;
-                    let data = format!("short {n}");
-                    let failed = match short_exchange(addr, data.as_bytes()) {
-                        Ok(reply) if reply == data.as_bytes() => None,
-                        Ok(reply) => Some(format!(
-                            "connection {n}: echoed {:?}",
-                            String::from_utf8_lossy(&reply)
-                        )),
-                        Err(e) => Some(format!("connection {n}: {e}")),
-                    };
-                    match failed {
-                        None => served.fetch_add(1, Ordering::SeqCst),
-                        Some(what) => {
-                            failures.lock().unwrap().push(what);
-                            0
-                        }
-                    };
-                }
-            }
-        });
+        let threads = (0..LOAD_CLIENTS)
+            .map(|client| {
+                let (served, failures, stop) = (served.clone(), failures.clone(), stop.clone());
+                thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::SeqCst) {
+                        n += 1;
+                        let data = format!("client {client} short {n}");
+                        let failed = match short_exchange(addr, data.as_bytes()) {
+                            Ok(reply) if reply == data.as_bytes() => None,
+                            Ok(reply) => Some(format!(
+                                "client {client} connection {n}: echoed {:?}",
+                                String::from_utf8_lossy(&reply)
+                            )),
+                            Err(e) => Some(format!("client {client} connection {n}: {e}")),
+                        };
+                        match failed {
+                            None => served.fetch_add(1, Ordering::SeqCst),
+                            Some(what) => {
+                                failures.lock().unwrap().push(what);
+                                0
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
         Load {
             served,
             failures,
             stop,
-            thread: Some(thread),
+            threads,
         }
     }
 
@@ -961,9 +966,11 @@ impl Load {
     }
 
     /// Stops it; returns how many were served and what failed.
-    pub fn finish(mut self) -> (usize, Vec<String>) {
+    pub fn finish(self) -> (usize, Vec<String>) {
         self.stop.store(true, Ordering::SeqCst);
-        self.thread.take().unwrap().join().unwrap();
+        for thread in self.threads {
+            thread.join().unwrap();
+        }
         let failures = self.failures.lock().unwrap().clone();
         (self.served.load(Ordering::SeqCst), failures)
     }

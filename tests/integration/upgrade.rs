@@ -228,3 +228,124 @@ fn take_over_with_no_host_running_starts_afresh() {
     host.signal(libc::SIGTERM);
     assert!(host.wait_exit().success());
 }
+
+/// A stand-in successor in Python: takes the sockets, says which, then on
+/// a line from stdin asks for the drain, prints the answer, and serves one
+/// echo connection on the handed tenant socket.
+const FAKE_SUCCESSOR: &str = r#"
+import socket, sys
+path = sys.argv[1]
+conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+conn.connect(path)
+conn.send(b"take v1 pid=1")
+listen = None
+keys = []
+while True:
+    msg, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+    text = msg.decode()
+    if text.startswith("socket "):
+        keys.append(text[7:])
+        if text.startswith("socket listen "):
+            listen = socket.socket(fileno=fds[0])
+    elif text.startswith("done "):
+        break
+    else:
+        sys.exit("unexpected: " + text)
+print("HANDED " + ";".join(keys), flush=True)
+sys.stdin.readline()
+try:
+    conn.send(b"drain")
+except OSError:
+    pass
+print("ANSWER " + conn.recv(64).decode(), flush=True)
+listen.settimeout(60)
+client, _ = listen.accept()
+client.sendall(client.recv(64))
+client.close()
+print("SERVED", flush=True)
+"#;
+
+/// While a successor holds the sockets and is starting: a second one is
+/// refused; a reload waits; and the running host, stopped by SIGTERM,
+/// tells the successor it drains and leaves every socket to it, so the
+/// successor still accepts on the very socket afterwards.
+#[test]
+fn a_pending_successor_keeps_the_sockets_and_a_second_is_refused() {
+    use std::io::BufRead as _;
+    let dir = TempDir::new("upgrade-pending");
+    let upgrade = dir.path().join("upgrade.sock");
+    let args = host_args(Strategy::Threading, "127.0.0.1:0", &upgrade);
+    let mut running = Server::spawn(&args, &[]);
+    let line = running.wait_for_log(|l| l.starts_with("listening on "));
+    let addr = harness::listening_addr(&line).unwrap();
+
+    let mut fake = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(FAKE_SUCCESSOR)
+        .arg(&upgrade)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs the stand-in successor");
+    let mut said = std::io::BufReader::new(fake.stdout.take().unwrap());
+    let mut handed = String::new();
+    said.read_line(&mut handed).unwrap();
+    assert_eq!(
+        handed.trim_end(),
+        format!(
+            "HANDED listen 127.0.0.1:0 tenant=default;upgrade {}",
+            upgrade.display()
+        )
+    );
+    running.wait_for_log(|l| {
+        l.contains(&format!(
+            "upgrade: handed 1 listening socket(s) to the host with pid {}",
+            fake.id()
+        ))
+    });
+    assert_eq!(short_exchange(addr, b"still mine").unwrap(), b"still mine");
+
+    // A second successor is refused, and a reload waits.
+    let out = run_host(&[
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--upgrade-socket",
+        upgrade.to_str().unwrap(),
+        "--take-over",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!(
+            "it refused: the host with pid {} is already taking over",
+            fake.id()
+        )),
+        "{stderr}"
+    );
+    running.signal(libc::SIGHUP);
+    running.wait_for_log(|l| l.contains("reload postponed: a successor holds the listeners"));
+
+    // Stopped now, the running host leaves the sockets to the successor.
+    running.signal(libc::SIGTERM);
+    running.wait_for_log(|l| {
+        l.contains(&format!(
+            "upgrade: stopping while the host with pid {} starts; it keeps the listeners",
+            fake.id()
+        ))
+    });
+    assert!(running.wait_exit().success());
+    assert!(
+        upgrade.exists(),
+        "the upgrade socket's file is the successor's"
+    );
+    writeln!(fake.stdin.as_mut().unwrap(), "go").unwrap();
+    let mut answer = String::new();
+    said.read_line(&mut answer).unwrap();
+    assert_eq!(answer.trim_end(), "ANSWER draining");
+    assert_eq!(short_exchange(addr, b"successor").unwrap(), b"successor");
+    let mut served = String::new();
+    said.read_line(&mut served).unwrap();
+    assert_eq!(served.trim_end(), "SERVED");
+    assert!(fake.wait().unwrap().success());
+}

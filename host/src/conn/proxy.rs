@@ -50,6 +50,10 @@ pub(crate) async fn identify(
     };
     let within = settings.header_timeout.min(cap);
     if !settings.trusts(peer.ip()) {
+        // A Unix socket's peers carry no header either way.
+        if peer.ip().is_none() {
+            return Ok((peer, None));
+        }
         return match forged_header(socket, within).await {
             None => Ok((peer, None)),
             Some(why) => Err(Refused {

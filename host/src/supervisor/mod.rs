@@ -148,6 +148,11 @@ struct Host {
     handed_over: bool,
     /// The host this one took over from, told to drain once this one is ready.
     predecessor: Option<Predecessor>,
+    /// Until when the upgrade socket is not listened to (after an error).
+    upgrade_paused: Option<Instant>,
+    /// A reload asked for while a successor was starting: done once it is
+    /// gone (the successor holds this host's listeners as they are).
+    reload_postponed: bool,
 }
 
 /// `host serve`: everything in `config`, until `shutdown`.
@@ -208,6 +213,8 @@ fn start(config: HostConfig, shutdown: &Shutdown, options: &Options) -> Result<(
         successor: None,
         handed_over: false,
         predecessor: None,
+        upgrade_paused: None,
+        reload_postponed: false,
     };
     let mut services = Vec::new();
     for tenant in &config.tenants {
@@ -283,9 +290,12 @@ impl Host {
         self.spawn_metrics();
         // Every tenant listens (the `listening on` lines are out).
         self.notify.ready(&self.status_line());
-        self.relieve_predecessor();
+        self.relieve_predecessor(shutdown.is_triggered());
         while !shutdown.is_triggered() && !self.handed_over {
             let mut wake = self.pending.iter().map(|p| p.0).min();
+            if let Some(until) = self.upgrade_paused {
+                wake = Some(wake.map_or(until, |w| w.min(until)));
+            }
             if options.watch {
                 let next = Instant::now() + WATCH_INTERVAL;
                 wake = Some(wake.map_or(next, |w| w.min(next)));
@@ -316,6 +326,14 @@ impl Host {
                     reload = true;
                 }
             }
+            if reload && self.successor.is_some() {
+                tracing::info!("reload postponed: a successor holds the listeners as they are");
+                self.reload_postponed = true;
+                reload = false;
+            } else if self.reload_postponed && self.successor.is_none() && !self.handed_over {
+                self.reload_postponed = false;
+                reload = true;
+            }
             if reload && !shutdown.is_triggered() {
                 // Stamped before the files are read: an edit made while
                 // the reload reads them differs from this and reloads again.
@@ -332,8 +350,11 @@ impl Host {
                     .collect();
             }
             self.update_readiness();
+            self.relieve_predecessor(false);
         }
-        if !self.handed_over {
+        // Stopped before it was ready: the predecessor serves on.
+        self.relieve_predecessor(true);
+        if self.successor.is_none() {
             self.delay_shutdown(shutdown, options.shutdown_delay)?;
         }
         self.stop(shutdown)
@@ -347,6 +368,8 @@ impl Host {
         if delay.is_zero() || shutdown.is_forced() {
             return Ok(());
         }
+        // No successor waits on a host that is going away.
+        self.upgrade = None;
         self.delaying = true;
         self.update_readiness();
         self.notify.stopping(&format!(
@@ -370,13 +393,13 @@ impl Host {
     /// own. The metrics process answers through the drain and is stopped
     /// last.
     fn stop(&mut self, shutdown: &Shutdown) -> Result<()> {
+        self.release_to_successor();
         self.shutting_down = true;
         self.update_readiness();
         self.notify.stopping(&format!(
             "stopping: draining {} worker process(es)",
             self.workers.len()
         ));
-        self.release_to_successor();
         for listener in self.listeners.values() {
             listener.shut_down();
         }

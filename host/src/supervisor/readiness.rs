@@ -22,7 +22,7 @@ impl Host {
         self.metrics.set_readiness(self.readiness());
     }
 
-    fn readiness(&self) -> Readiness {
+    pub(super) fn readiness(&self) -> Readiness {
         if self.shutting_down || self.delaying {
             return Readiness::Draining;
         }

@@ -6,17 +6,25 @@
 //!
 //! Invariant: from the moment a successor holds this host's sockets, this
 //! host never shuts them down nor removes their files, even if it is
-//! stopped by a signal before the successor is ready.
+//! stopped by a signal before the successor is ready; and a successor
+//! treats what it was handed as the predecessor's (never shut down, files
+//! left) until the predecessor has agreed to drain.
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, RawFd};
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
 use super::{Host, ListenKey};
 use crate::handoff::{Handed, Heard};
 use crate::listener::Listener;
+use crate::metrics::Readiness;
 use crate::sys::process;
+
+/// How long the upgrade socket is not listened to after accepting on it
+/// failed (out of descriptors, say).
+const UPGRADE_PAUSE: Duration = Duration::from_secs(1);
 
 /// The key a tenant's listener is handed over under.
 pub(super) fn listen_key_text(key: &ListenKey) -> String {
@@ -52,11 +60,17 @@ pub(super) fn metrics_listener_for(handed: &mut Handed, addr: SocketAddr) -> Res
 
 impl Host {
     /// The descriptors the supervise loop also waits on: the upgrade
-    /// socket (a successor asking) and a successor's connection (it is
-    /// ready, or gone).
+    /// socket (a successor asking; not while paused after an error) and a
+    /// successor's connection (it is ready, or gone).
     pub(super) fn upgrade_fds(&self) -> [Option<RawFd>; 2] {
+        let paused = self
+            .upgrade_paused
+            .is_some_and(|until| Instant::now() < until);
         [
-            self.upgrade.as_ref().map(|u| u.as_fd().as_raw_fd()),
+            self.upgrade
+                .as_ref()
+                .filter(|_| !paused)
+                .map(|u| u.as_fd().as_raw_fd()),
             self.successor.as_ref().map(|s| s.as_fd().as_raw_fd()),
         ]
     }
@@ -81,7 +95,8 @@ impl Host {
             offers.push((metrics_key_text(addr), listener.as_fd()));
         }
         match upgrade.hand_over(&offers) {
-            Ok(successor) => {
+            Ok(None) => {}
+            Ok(Some(successor)) => {
                 tracing::info!(
                     "upgrade: handed {} listening socket(s) to the host with pid {}; serving on until it is ready",
                     successor.handed(),
@@ -89,10 +104,15 @@ impl Host {
                 );
                 self.successor = Some(successor);
             }
-            Err(e) => tracing::warn!(
-                "upgrade: a successor on {} was not served: {e:#}",
-                upgrade.path().display()
-            ),
+            Err(e) => {
+                tracing::warn!(
+                    "upgrade: a successor on {} was not served: {e:#}",
+                    upgrade.path().display()
+                );
+                // A failing accept (out of descriptors, say) must not
+                // spin the loop.
+                self.upgrade_paused = Some(Instant::now() + UPGRADE_PAUSE);
+            }
         }
     }
 
@@ -124,13 +144,25 @@ impl Host {
         }
     }
 
-    /// At shutdown, once a successor holds the sockets: leaves every
-    /// socket open for it (no `shutdown(2)`, no file removed), and stops the
-    /// metrics process at once, so every health check and scrape from now
-    /// on reaches the successor's.
+    /// First thing at shutdown. With a successor holding the sockets
+    /// (ready, or still starting: it is told this host drains, and finds
+    /// that answer when it asks): every socket is left open for it (no
+    /// `shutdown(2)`, no file removed) and the metrics process stops at
+    /// once, before this host says it is draining, so every health check
+    /// and scrape from now on reaches the successor's. With none: the
+    /// upgrade socket closes, so a successor started now starts afresh
+    /// instead of waiting for a host that is going away.
     pub(super) fn release_to_successor(&mut self) {
-        if !self.handed_over && self.successor.is_none() {
+        let Some(successor) = &self.successor else {
+            self.upgrade = None;
             return;
+        };
+        if !self.handed_over {
+            successor.confirm_drain();
+            tracing::info!(
+                "upgrade: stopping while the host with pid {} starts; it keeps the listeners",
+                successor.pid()
+            );
         }
         for listener in self.listeners.values_mut() {
             listener.release();
@@ -147,20 +179,31 @@ impl Host {
         self.metrics_tx = None;
     }
 
-    /// As the successor, once ready: tells the predecessor to drain.
-    pub(super) fn relieve_predecessor(&mut self) {
+    /// As the successor, once every tenant has a live worker: tells the
+    /// predecessor to drain. A successor stopped before that tells it
+    /// nothing (it serves on) and never shuts down what it was handed.
+    pub(super) fn relieve_predecessor(&mut self, stopping: bool) {
+        if self.predecessor.is_none() || (!stopping && self.readiness() != Readiness::Ready) {
+            return;
+        }
         let Some(predecessor) = self.predecessor.take() else {
             return;
         };
         let pid = predecessor.pid();
+        if stopping {
+            tracing::info!(
+                "upgrade: stopped before it was ready; the host with pid {pid} serves on"
+            );
+            return;
+        }
         match predecessor.drain() {
             Ok(()) => {
-                // Its files are this host's to remove from now on.
+                // The sockets, and their files, are this host's from now on.
                 for listener in self.listeners.values_mut() {
-                    listener.claim_file();
+                    listener.claim();
                 }
                 if let Some(upgrade) = &mut self.upgrade {
-                    upgrade.claim_file();
+                    upgrade.claim();
                 }
                 tracing::info!(
                     "upgrade: took over from the host with pid {pid}; it drains its connections and exits"
@@ -172,7 +215,6 @@ impl Host {
         }
     }
 }
-
 /// Says which handed-over sockets this host's config does not list.
 pub(super) fn log_leftovers(handed: &mut Handed) {
     for key in handed.leftover() {

@@ -8,7 +8,7 @@
 
 use std::io;
 use std::mem;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd as _, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::Path;
 use std::time::Duration;
@@ -51,9 +51,10 @@ fn seqpacket() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// A listening `SOCK_SEQPACKET` socket bound at `path`, with the file's
-/// mode `0600` set before `listen`, so no one but the owner can ever
-/// connect. The file must not exist (the caller replaces a stale one).
+/// A listening, non-blocking `SOCK_SEQPACKET` socket bound at `path`,
+/// with the file's mode `0600` set before `listen`, so no one but the owner
+/// can ever connect. The file must not exist (the caller replaces a stale
+/// one).
 pub(crate) fn listen(path: &Path) -> io::Result<OwnedFd> {
     let (addr, len) = unix_addr(path)?;
     let socket = seqpacket()?;
@@ -75,17 +76,21 @@ pub(crate) fn listen(path: &Path) -> io::Result<OwnedFd> {
             0 => Ok(()),
             _ => Err(io::Error::last_os_error()),
         });
-    if let Err(e) = listened {
+    if let Err(e) = listened.and_then(|()| set_nonblocking(socket.as_fd(), true)) {
         let _ = std::fs::remove_file(path);
         return Err(e);
     }
     Ok(socket)
 }
 
-/// Connects to the `SOCK_SEQPACKET` socket at `path`.
-pub(crate) fn connect(path: &Path) -> io::Result<OwnedFd> {
+/// Connects to the `SOCK_SEQPACKET` socket at `path`, waiting at most
+/// `timeout` (a Unix connect waits while the listener's backlog is full;
+/// the send timeout bounds that wait), which then also bounds every send
+/// and receive on it.
+pub(crate) fn connect(path: &Path, timeout: Duration) -> io::Result<OwnedFd> {
     let (addr, len) = unix_addr(path)?;
     let socket = seqpacket()?;
+    set_timeouts(socket.as_fd(), timeout)?;
     loop {
         // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
         let rc = unsafe {
@@ -105,8 +110,8 @@ pub(crate) fn connect(path: &Path) -> io::Result<OwnedFd> {
     }
 }
 
-/// Accepts one connection (close-on-exec); `WouldBlock` if none waits and
-/// the listener is non-blocking.
+/// Accepts one connection (close-on-exec, blocking); `WouldBlock` if none
+/// waits.
 pub(crate) fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     // SAFETY: accept4(2) on an open socket, asking for no peer address.
     let fd = unsafe {
@@ -169,8 +174,11 @@ pub(crate) fn set_timeouts(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<
     Ok(())
 }
 
-/// The user id of the process at the other end of `fd`.
-pub(crate) fn peer_uid(fd: BorrowedFd<'_>) -> io::Result<u32> {
+/// The user id and pid of the process at the other end of `fd`, as the
+/// kernel recorded them (not as the peer says): for an accepted
+/// connection, the process that connected; for a connecting one, the
+/// process that made the listening socket.
+pub(crate) fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     // SAFETY: ucred is plain data; all zeros is a valid value.
     let mut cred: libc::ucred = unsafe { mem::zeroed() };
     let mut len = mem::size_of::<libc::ucred>() as libc::socklen_t;
@@ -188,7 +196,7 @@ pub(crate) fn peer_uid(fd: BorrowedFd<'_>) -> io::Result<u32> {
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cred.uid)
+    Ok((cred.uid, cred.pid as u32))
 }
 
 /// This process's effective user id.
@@ -274,33 +282,94 @@ pub(crate) fn recv(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize,
             return Err(err);
         }
     };
-    let mut fd = None;
+    // Every descriptor that came is owned here at once, so none leaks
+    // whatever the message held.
+    let mut fds = Vec::new();
     // SAFETY: the kernel filled `msg`'s control buffer; CMSG_FIRSTHDR and
     // CMSG_NXTHDR walk only within `msg_controllen`, and an SCM_RIGHTS
-    // header's data holds descriptors this process now owns.
+    // header's data holds `(cmsg_len - CMSG_LEN(0)) / sizeof(int)`
+    // descriptors this process now owns.
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let raw = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
-                fd = Some(OwnedFd::from_raw_fd(raw));
+                let data = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let first = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                for i in 0..data / mem::size_of::<RawFd>() {
+                    let raw = std::ptr::read_unaligned(first.add(i));
+                    fds.push(OwnedFd::from_raw_fd(raw));
+                }
             }
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+    if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 || fds.len() > 1 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "a message longer than expected, or with more than one descriptor",
         ));
     }
+    let fd = fds.pop();
     Ok((n, fd))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd as _;
+
+    #[test]
+    fn two_descriptors_in_one_message_are_refused_and_closed() {
+        let (a, b) = socketpair();
+        // Two copies of a pipe's write end: once both are closed, its read
+        // end sees the end.
+        let (mut reader, writer) = std::io::pipe().unwrap();
+        let text = b"two";
+        let mut iov = libc::iovec {
+            iov_base: text.as_ptr() as *mut libc::c_void,
+            iov_len: text.len(),
+        };
+        // SAFETY (test): CMSG_SPACE only computes a size.
+        let space = unsafe { libc::CMSG_SPACE(2 * mem::size_of::<RawFd>() as u32) } as usize;
+        let mut control = vec![0u64; space.div_ceil(8)];
+        // SAFETY (test): as in `send`, with room for two descriptors.
+        unsafe {
+            let mut msg: libc::msghdr = mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = space as _;
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(2 * mem::size_of::<RawFd>() as u32) as _;
+            let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+            std::ptr::write_unaligned(data, writer.as_raw_fd());
+            std::ptr::write_unaligned(data.add(1), writer.as_raw_fd());
+            assert!(libc::sendmsg(a.as_raw_fd(), &msg, 0) > 0);
+        }
+        drop(writer);
+        let mut buf = [0u8; 16];
+        assert!(recv(b.as_fd(), &mut buf).is_err());
+        set_nonblocking(reader.as_fd(), true).unwrap();
+        use std::io::Read as _;
+        assert_eq!(reader.read(&mut buf).unwrap(), 0, "both copies closed");
+    }
+
+    fn socketpair() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY (test): socketpair(2) writes two descriptors into `fds`.
+        let rc = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0);
+        // SAFETY (test): both were just made and are owned by no one else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
 
     #[test]
     fn a_descriptor_travels_with_its_message() {
@@ -309,9 +378,10 @@ mod tests {
         let path = dir.join("s");
         let _ = std::fs::remove_file(&path);
         let listener = listen(&path).unwrap();
-        let client = connect(&path).unwrap();
+        let client = connect(&path, Duration::from_secs(5)).unwrap();
         let server = accept(listener.as_fd()).unwrap();
-        assert_eq!(peer_uid(server.as_fd()).unwrap(), own_uid());
+        let (uid, pid) = peer_cred(server.as_fd()).unwrap();
+        assert_eq!((uid, pid), (own_uid(), std::process::id()));
 
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = tcp.local_addr().unwrap().port();
