@@ -13,6 +13,7 @@ mod file;
 mod flags;
 mod log_level;
 mod model;
+mod outbound;
 mod proxy;
 mod raw;
 mod schema;
@@ -29,6 +30,7 @@ pub(crate) use model::{
     Access, Grants, HandlerSource, HostConfig, Limits, ListenAddr, ProxyProtocol, ProxyVersion,
     ServeConfig, Strategy, StrategyKind, MAX_TENANTS,
 };
+pub(crate) use outbound::Outbound;
 
 /// `host serve`'s config: the config file's tenants, or the one tenant
 /// named `default` the flags describe.
