@@ -13,6 +13,7 @@ mod faults;
 mod guests;
 mod live;
 mod ops;
+mod outbound;
 mod proxy;
 mod sandbox;
 mod shutdown;
