@@ -30,6 +30,8 @@ pub(crate) use model::{
     Access, Grants, HandlerSource, HostConfig, Limits, ListenAddr, ProxyProtocol, ProxyVersion,
     ServeConfig, Strategy, StrategyKind, MAX_TENANTS,
 };
+#[cfg(test)]
+pub(crate) use outbound::parse_grant;
 pub(crate) use outbound::Outbound;
 
 /// `host serve`'s config: the config file's tenants, or the one tenant

@@ -300,3 +300,57 @@ async fn within<R>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn network(grants: &[&str], max: u32) -> Arc<Network> {
+        let grants = grants
+            .iter()
+            .map(|g| crate::settings::parse_grant("--allow-outbound", g).unwrap())
+            .collect();
+        Network::of(
+            &Arc::new(Outbound { grants, max }),
+            &Arc::from("t"),
+            1,
+            None,
+        )
+    }
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn only_granted_connects_and_the_implicit_bind_pass() {
+        let net = network(&["127.0.0.1:6379", "10.0.0.0/8:*"], 8);
+        assert!(net.check(addr("127.0.0.1:6379"), SocketAddrUse::TcpConnect));
+        assert!(net.check(addr("10.9.8.7:1"), SocketAddrUse::TcpConnect));
+        assert!(!net.check(addr("127.0.0.1:6380"), SocketAddrUse::TcpConnect));
+        assert!(net.check(addr("0.0.0.0:0"), SocketAddrUse::TcpBind));
+        assert!(net.check(addr("[::]:0"), SocketAddrUse::TcpBind));
+        assert!(!net.check(addr("0.0.0.0:6379"), SocketAddrUse::TcpBind));
+        assert!(!net.check(addr("127.0.0.1:0"), SocketAddrUse::TcpBind));
+        assert!(!net.check(addr("0.0.0.0:0"), SocketAddrUse::TcpListen));
+        assert!(!net.check(addr("127.0.0.1:6379"), SocketAddrUse::UdpSend));
+        assert!(!net.check(addr("0.0.0.0:0"), SocketAddrUse::UdpBind));
+    }
+
+    #[test]
+    fn sockets_are_counted_up_to_max_outbound_and_none_without_grants() {
+        let net = network(&["127.0.0.1:6379"], 2);
+        assert!(net.may_create() && net.may_create());
+        assert!(!net.may_create());
+        assert!(!net.may_create());
+        assert!(!network(&[], 8).may_create());
+    }
+
+    #[test]
+    fn lookups_only_of_granted_names_and_addresses() {
+        let net = network(&["localhost:6379"], 8);
+        assert!(net.may_resolve("localhost") && net.may_resolve("LOCALHOST."));
+        assert!(net.may_resolve("127.0.0.1") && net.may_resolve("::1"));
+        assert!(!net.may_resolve("example.com"));
+    }
+}
