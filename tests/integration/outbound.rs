@@ -24,6 +24,7 @@ for_each_strategy!(
     redis_cli_through_the_guard_sets_gets_and_is_refused_flushall_and_config,
     redis_benchmark_through_the_guard_has_no_errors,
     the_upstream_sees_eof_when_the_client_ends_on_a_timeout_and_on_a_trap,
+    a_connect_that_never_completes_ends_at_the_timeout,
 );
 
 // ---------------------------------------------------------------------------
@@ -366,6 +367,36 @@ fn the_upstream_sees_eof_when_the_client_ends_on_a_timeout_and_on_a_trap(strateg
     server.wait_for_log(|l| {
         l.contains("closed") && (l.contains("outcome=memory-limit") || l.contains("outcome=trap"))
     });
+}
+
+/// A listener whose backlog is full, so the kernel drops further SYNs: a
+/// connect to it neither completes nor fails for minutes.
+fn full_backlog() -> (socket2::Socket, Vec<socket2::Socket>, SocketAddr) {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    listener
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let fillers = (0..4)
+        .map(|_| {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            socket.set_nonblocking(true).unwrap();
+            let _ = socket.connect(&addr.into());
+            socket
+        })
+        .collect();
+    (listener, fillers, addr)
+}
+
+fn a_connect_that_never_completes_ends_at_the_timeout(strategy: Strategy) {
+    let (_listener, _fillers, addr) = full_backlog();
+    let server = guard(strategy, addr, &["--timeout", "2s"]);
+    let mut stream = connect(server.addr());
+    stream.write_all(b"PING\r\n").unwrap();
+    let line = server.wait_for_log(|l| l.contains(" closed ") && l.contains("tenant=default"));
+    assert!(line.contains("outcome=timeout"), "{line}");
 }
 
 // ---------------------------------------------------------------------------
