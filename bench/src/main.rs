@@ -18,6 +18,7 @@ mod load;
 mod map_count;
 mod native;
 mod net;
+mod redis;
 mod report;
 mod server;
 
@@ -48,7 +49,7 @@ const SERVERS: [&str; 8] = [
 /// `host-threading` at `--log-level warn` (no `closed` line per
 /// connection): a row of the short scenario only, beside the one at info.
 const HOST_WARN: &str = "host-threading-warn";
-const SCENARIOS: [&str; 5] = ["short", "stream", "held", "http", "interactive"];
+const SCENARIOS: [&str; 6] = ["short", "stream", "held", "http", "interactive", "redis"];
 /// The interactive scenario's extra row: `host-async` at scale.
 const INTERACTIVE_ASYNC: &str = "interactive-async";
 /// Worker threads of the native pool and of `host serve --strategy threading`.
@@ -106,7 +107,8 @@ struct Cli {
     servers: Vec<String>,
 
     /// Scenarios to run, comma-separated [default: all]: short, stream, held,
-    /// http, interactive.
+    /// http, interactive, redis (redis-benchmark direct, through the host's
+    /// redis-guard and through HAProxy; skipped, said so, without Redis).
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
 
@@ -181,6 +183,10 @@ struct Cli {
     /// memory is read again ("RSS after") [default: 3; quick 1].
     #[arg(long)]
     settle_secs: Option<f64>,
+
+    /// Redis: requests of each redis-benchmark run [default: 100000; quick 20000].
+    #[arg(long)]
+    redis_requests: Option<u64>,
 
     /// Where to write the JSON results (relative paths: from the workspace).
     #[arg(long, default_value = "target/bench/results.json")]
@@ -513,6 +519,10 @@ fn scenario_specs(
         .filter(|name| *name != HOST_WARN || scenario == "short")
         .collect();
     let servers = &servers[..];
+    if scenario == "redis" {
+        // Its own servers and client: see `redis::run`.
+        return Vec::new();
+    }
     if scenario == "interactive" || scenario == INTERACTIVE_ASYNC {
         return interactive_specs(scenario, specs, servers, cli, plan);
     }
@@ -681,7 +691,17 @@ fn run(cli: &Cli) -> Result<(), String> {
     let specs = specs(cli, &root)?;
     let http = scenarios.contains(&"http");
     let wasmtime = if http { find_wasmtime(cli)? } else { None };
-    if servers.iter().any(|s| s.starts_with("host-")) {
+    let redis_tools = match scenarios.contains(&"redis") {
+        false => None,
+        true => match redis::tools() {
+            Ok(tools) => Some(tools),
+            Err(why) => {
+                eprintln!("redis scenario skipped: {why}");
+                None
+            }
+        },
+    };
+    if servers.iter().any(|s| s.starts_with("host-")) || redis_tools.is_some() {
         if !cli.no_build {
             build_host(&root)?;
         }
@@ -694,6 +714,9 @@ fn run(cli: &Cli) -> Result<(), String> {
         }
         if http {
             component(&root, HTTP_HELLO_WASM, &HTTP_HELLO_BUILD, cli.no_build)?;
+        }
+        if redis_tools.is_some() {
+            component(&root, redis::GUARD_WASM, &redis::GUARD_BUILD, cli.no_build)?;
         }
     }
     if http {
@@ -747,6 +770,16 @@ fn run(cli: &Cli) -> Result<(), String> {
             rows.push(row);
         }
     }
+    let redis_result = match &redis_tools {
+        None => None,
+        Some(tools) => {
+            eprintln!("running redis ...");
+            let requests = cli
+                .redis_requests
+                .unwrap_or(if cli.quick { 20_000 } else { 100_000 });
+            Some(redis::run(tools, &root, &specs[1].program, requests)?)
+        }
+    };
 
     let rounds = |count: Option<u64>, duration: Duration| match count {
         Some(n) => format!("{n} connections"),
@@ -829,6 +862,9 @@ fn run(cli: &Cli) -> Result<(), String> {
             println!("\n{}", report::table(&rows, scenario, title));
         }
     }
+    if let Some((table, _)) = &redis_result {
+        println!("\n{table}");
+    }
     println!("{}", report::targets_text(&rows));
 
     let config = json!({
@@ -859,6 +895,7 @@ fn run(cli: &Cli) -> Result<(), String> {
             "body": String::from_utf8_lossy(load::HTTP_BODY),
             "wasmtime": wasmtime,
         },
+        "redis": redis_result.as_ref().map(|(_, figures)| figures),
         "commands": runs
             .iter()
             .flat_map(|(scenario, specs)| {

@@ -14,6 +14,7 @@ mod guests;
 mod habits;
 mod live;
 mod ops;
+mod outbound;
 mod proxy;
 mod sandbox;
 mod shutdown;

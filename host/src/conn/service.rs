@@ -24,12 +24,13 @@ use crate::conn::streams::{SocketInput, SocketOutput};
 use crate::listener::{local_of, Peer};
 use crate::metrics::{InFlight, TenantMetrics};
 use crate::outcome::Outcome;
-use crate::settings::{Access, Grants, Limits, ProxyProtocol};
+use crate::settings::{Access, Grants, Limits, Outbound, ProxyProtocol};
 use crate::wasm::engine::EpochClock;
 use crate::wasm::guest_clock::GuestClock;
 use crate::wasm::handler::{ConnState, ConnectionInfo, Handler};
 use crate::wasm::limits::InstanceLimiter;
 use crate::wasm::one_line;
+use crate::wasm::outbound::{self, Network};
 
 /// After `handle` returns, the host reads and drops what the client still
 /// sends for at most this long (and at most [`LINGER_BYTES`]), so that closing
@@ -52,6 +53,10 @@ pub struct Service {
     tenant: String,
     limits: Limits,
     grants: Grants,
+    /// The tenant's outbound grants, shared by its connections.
+    outbound: Arc<Outbound>,
+    /// The tenant's name, shared by its connections' outbound checks.
+    tenant_name: Arc<str>,
     clock: EpochClock,
     /// Which peers are served at all.
     access: Access,
@@ -75,6 +80,8 @@ impl Service {
     ) -> Service {
         Service {
             handler,
+            outbound: Arc::new(grants.outbound.clone()),
+            tenant_name: Arc::from(tenant.as_str()),
             tenant,
             limits,
             grants,
@@ -392,10 +399,9 @@ impl Service {
         let mut wasi = WasiCtxBuilder::new();
         wasi.monotonic_clock(clock)
             .stdout(output_log.stream("stdout"))
-            .stderr(output_log.stream("stderr"))
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false);
+            .stderr(output_log.stream("stderr"));
+        let network = Network::of(&self.outbound, &self.tenant_name, id, self.metrics.as_ref());
+        outbound::grant(&mut wasi, &network);
         for (key, value) in &self.grants.env {
             wasi.env(key, value);
         }
@@ -418,6 +424,7 @@ impl Service {
                 limiter: InstanceLimiter::new(self.limits.max_memory),
                 clock,
                 connection: socket.clone(),
+                network,
             },
         );
         store.limiter(|state| &mut state.limiter);

@@ -54,6 +54,7 @@ struct Snapshot {
     duration_sum_us: u64,
     memory_buckets: [u64; MEMORY_BOUNDS.len() + 1],
     memory_sum: u64,
+    outbound: [u64; 2],
 }
 
 impl Snapshot {
@@ -68,6 +69,7 @@ impl Snapshot {
             duration_sum_us: load(&slot.duration_sum_us),
             memory_buckets: slot.memory_buckets.each_ref().map(load),
             memory_sum: load(&slot.memory_sum),
+            outbound: slot.outbound.each_ref().map(load),
         }
     }
 }
@@ -207,6 +209,21 @@ impl Collector for Page {
                         &buckets(&MEMORY_BOUNDS, counts, 1.0),
                         None,
                     )?;
+            }
+
+            let mut metric = encoder.encode_descriptor(
+                "host_outbound_connections",
+                "Guests' outbound TCP connects, by whether the tenant's grants allowed them.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (info, snapshot) in &self.tenants {
+                for (result, count) in ["opened", "refused"].into_iter().zip(snapshot.outbound) {
+                    let labels = [("tenant", info.name.as_str()), ("result", result)];
+                    metric
+                        .encode_family(&labels)?
+                        .encode_counter::<NoLabelSet, _, u64>(&count, None)?;
+                }
             }
         }
 

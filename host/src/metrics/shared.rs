@@ -58,6 +58,8 @@ pub(super) struct Slot {
     pub(super) duration_sum_us: AtomicU64,
     pub(super) memory_buckets: [AtomicU64; MEMORY_BOUNDS.len() + 1],
     pub(super) memory_sum: AtomicU64,
+    /// Guests' outbound connects: `[opened, refused]`.
+    pub(super) outbound: [AtomicU64; 2],
 }
 
 /// The shared mapping: a [`Header`] followed by `max_tenants` [`Slot`]s.
@@ -256,6 +258,15 @@ impl TenantMetrics {
             slot.memory_buckets[bucket].fetch_add(1, Ordering::Relaxed);
             slot.memory_sum.fetch_add(peak, Ordering::Relaxed);
         }
+    }
+}
+
+impl TenantMetrics {
+    /// A guest's outbound connect the grants allowed (`opened`) or refused.
+    /// Does not allocate.
+    pub(crate) fn outbound(&self, opened: bool) {
+        let index = if opened { 0 } else { 1 };
+        self.slot().outbound[index].fetch_add(1, Ordering::Relaxed);
     }
 }
 

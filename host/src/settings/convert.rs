@@ -17,6 +17,7 @@ use super::model::{
     Access, DirGrant, Grants, HandlerSource, HostConfig, Limits, ListenAddr, ServeConfig, Strategy,
     StrategyKind, MAX_TENANTS,
 };
+use super::outbound::OutboundLayer;
 use super::proxy::ProxyLayer;
 use super::raw::{locate, Given, Layer, Place, RawHost, RawTenant};
 use super::values::{
@@ -47,6 +48,7 @@ struct Checked {
     deny: Option<Vec<IpNet>>,
     proxy: ProxyLayer,
     allow_precompiled: Option<bool>,
+    outbound: OutboundLayer,
 }
 
 /// Validates `raw` into the host's config. Compiles nothing and binds
@@ -175,6 +177,7 @@ impl Reader<'_> {
         let allow = nets(Setting::Allow, &layer.allow)?;
         let deny = nets(Setting::Deny, &layer.deny)?;
         let proxy = ProxyLayer::read(self.naming, layer)?;
+        let outbound = OutboundLayer::read(self.naming, layer)?;
         let timeout = duration(Setting::Timeout, &layer.timeout)?;
         let idle_timeout = duration(Setting::IdleTimeout, &layer.idle_timeout)?;
         let env = layer
@@ -217,6 +220,7 @@ impl Reader<'_> {
             deny,
             proxy,
             allow_precompiled: layer.allow_precompiled,
+            outbound,
         })
     }
 
@@ -349,6 +353,7 @@ impl Reader<'_> {
             grants: Grants {
                 env: own.env.or(defaults.env.clone()).unwrap_or_default(),
                 dirs: own.dirs.or(defaults.dirs.clone()).unwrap_or_default(),
+                outbound: own.outbound.over(&defaults.outbound),
             },
             drain_timeout: match own.drain_timeout.or(defaults.drain_timeout) {
                 Some(timeout) => timeout,

@@ -91,6 +91,12 @@ fn describe_tenant(out: &mut String, tenant: &ServeConfig) {
         "allow-precompiled",
         tenant.allow_precompiled.to_string(),
     );
+    let outbound = &tenant.grants.outbound;
+    if !outbound.grants.is_empty() {
+        let grants = outbound.grants.iter().map(|g| toml_str(&g.text));
+        line(out, "allow-outbound", toml_array(grants));
+        line(out, "max-outbound", outbound.max.to_string());
+    }
 }
 
 fn line(out: &mut String, key: &str, value: String) {

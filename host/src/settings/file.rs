@@ -374,6 +374,8 @@ impl Doc<'_> {
             proxy_from: self.texts(&table.proxy_from),
             proxy_header_timeout: self.text(&table.proxy_header_timeout),
             allow_precompiled: table.allow_precompiled.as_ref().map(|f| f.0),
+            allow_outbound: self.texts(&table.allow_outbound),
+            max_outbound: self.count(&table.max_outbound),
         }
     }
 }

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use super::log_level::LogLevel;
 use super::model::StrategyKind;
+use super::outbound::MAX_OUTBOUND;
 use super::raw::{Given, Layer, RawHost, RawTenant};
 use super::values::{
     parse_env, parse_socket_addr, split_dir, Naming, DEFAULT_ADDR, DEFAULT_DRAIN_TIMEOUT,
@@ -142,7 +143,7 @@ pub struct CompileArgs {
 }
 
 /// The flags that describe the one tenant of a host run without `--config`.
-const SINGLE_TENANT_FLAGS: [&str; 20] = [
+const SINGLE_TENANT_FLAGS: [&str; 22] = [
     "handler",
     "handler_path",
     "addr",
@@ -163,6 +164,8 @@ const SINGLE_TENANT_FLAGS: [&str; 20] = [
     "proxy_protocol",
     "proxy_from",
     "proxy_header_timeout",
+    "allow_outbound",
+    "max_outbound",
 ];
 
 #[derive(Args, Debug)]
@@ -249,6 +252,18 @@ pub struct ServeArgs {
     /// [default: 3s]
     #[arg(long, value_name = "DURATION")]
     pub proxy_header_timeout: Option<String>,
+
+    /// Let the guest open TCP connections to HOST:PORT, IP:PORT,
+    /// CIDR:PORT or [IPv6]:PORT (PORT may be *; repeatable; a name is
+    /// resolved by the host at start-up and reload). Nothing else is
+    /// reachable; guests never listen.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub allow_outbound: Vec<String>,
+
+    /// Outbound connections one instance (one client connection) may open
+    /// [default: 8]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_OUTBOUND)))]
+    pub max_outbound: Option<u32>,
 
     /// Where each connection runs: a thread of its own (threading), a child
     /// process (forking), a thread of one of several worker processes
@@ -395,6 +410,12 @@ impl ServeArgs {
             },
             proxy_header_timeout: self.proxy_header_timeout.map(Given::flag),
             allow_precompiled: Some(self.allow_precompiled),
+            allow_outbound: if self.allow_outbound.is_empty() {
+                None
+            } else {
+                flags(self.allow_outbound)
+            },
+            max_outbound: self.max_outbound.map(Given::flag),
         };
         Ok(RawHost {
             naming: Naming::Flags,

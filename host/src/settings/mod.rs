@@ -14,6 +14,7 @@ mod file;
 mod flags;
 mod log_level;
 mod model;
+mod outbound;
 mod proxy;
 mod raw;
 mod schema;
@@ -31,6 +32,9 @@ pub(crate) use model::{
     Access, Grants, HandlerSource, HostConfig, Limits, ListenAddr, ProxyProtocol, ProxyVersion,
     ServeConfig, Strategy, StrategyKind, MAX_TENANTS,
 };
+#[cfg(test)]
+pub(crate) use outbound::parse_grant;
+pub(crate) use outbound::Outbound;
 
 /// `host serve`'s config: the config file's tenants, or the one tenant
 /// named `default` the flags describe.

@@ -12,6 +12,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use super::log_level::LogLevel;
+pub use super::outbound::Outbound;
 
 /// Where a handler comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -258,6 +259,8 @@ pub struct Grants {
     pub env: Vec<(String, String)>,
     /// Host directories the guest may read.
     pub dirs: Vec<DirGrant>,
+    /// Where the guest may connect.
+    pub outbound: Outbound,
 }
 
 /// One preopened directory: read-only unless `writable` (`::rw`,
@@ -272,7 +275,7 @@ pub struct DirGrant {
 impl Grants {
     /// One line for the start-up log.
     pub fn describe(&self) -> String {
-        if self.env.is_empty() && self.dirs.is_empty() {
+        if self.env.is_empty() && self.dirs.is_empty() && self.outbound.grants.is_empty() {
             return "none (no directories, no environment, no network)".to_string();
         }
         let mut parts = Vec::new();
@@ -292,7 +295,11 @@ impl Grants {
                 }
             ));
         }
-        parts.push("no network".to_string());
+        if self.outbound.grants.is_empty() {
+            parts.push("no network".to_string());
+        } else {
+            parts.push(self.outbound.describe());
+        }
         parts.join("; ")
     }
 }

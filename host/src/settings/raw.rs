@@ -73,6 +73,8 @@ pub(crate) struct Layer {
     pub proxy_from: Option<Vec<Given<String>>>,
     pub proxy_header_timeout: Option<Given<String>>,
     pub allow_precompiled: Option<bool>,
+    pub allow_outbound: Option<Vec<Given<String>>>,
+    pub max_outbound: Option<Given<u32>>,
 }
 
 /// One tenant as written: its name, where its table is, and its own layer.

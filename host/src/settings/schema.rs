@@ -10,6 +10,7 @@ use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Unexpecte
 use toml::Spanned;
 
 use super::model::StrategyKind;
+use super::outbound::MAX_OUTBOUND;
 use super::values::{MAX_CHILDREN, MAX_CONNECTIONS, MAX_PROCESSES, MAX_WORKERS};
 
 /// The file as serde reads it.
@@ -50,6 +51,8 @@ pub(super) struct FileLayer {
     pub proxy_from: Option<List<Networks>>,
     pub proxy_header_timeout: Option<Spanned<Text<Duration>>>,
     pub allow_precompiled: Option<Flag>,
+    pub allow_outbound: Option<List<OutboundGrants>>,
+    pub max_outbound: Option<Spanned<Count<{ MAX_OUTBOUND }>>>,
     /// Host-wide: read from `[defaults]` only (`file::read` refuses it in a
     /// tenant's table).
     pub log_level: Option<Spanned<Text<LogLevelText>>>,
@@ -90,6 +93,11 @@ expect!(
     Networks,
     "an array of networks, e.g. [\"10.0.0.0/8\"]",
     "a network such as \"10.0.0.0/8\""
+);
+expect!(
+    OutboundGrants,
+    "an array of grants, e.g. [\"127.0.0.1:6379\"]",
+    "a grant such as \"127.0.0.1:6379\""
 );
 expect!(
     Env,

@@ -79,10 +79,12 @@ pub(crate) enum Setting {
     ProxyProtocol,
     ProxyFrom,
     ProxyHeaderTimeout,
+    AllowOutbound,
+    MaxOutbound,
 }
 
 impl Setting {
-    pub(crate) const ALL: [Setting; 19] = [
+    pub(crate) const ALL: [Setting; 21] = [
         Setting::Handler,
         Setting::Listen,
         Setting::Strategy,
@@ -102,6 +104,8 @@ impl Setting {
         Setting::ProxyProtocol,
         Setting::ProxyFrom,
         Setting::ProxyHeaderTimeout,
+        Setting::AllowOutbound,
+        Setting::MaxOutbound,
     ];
 
     /// The config-file key.
@@ -126,6 +130,8 @@ impl Setting {
             Setting::ProxyProtocol => "proxy-protocol",
             Setting::ProxyFrom => "proxy-from",
             Setting::ProxyHeaderTimeout => "proxy-header-timeout",
+            Setting::AllowOutbound => "allow-outbound",
+            Setting::MaxOutbound => "max-outbound",
         }
     }
 
@@ -151,6 +157,8 @@ impl Setting {
             Setting::ProxyProtocol => "--proxy-protocol",
             Setting::ProxyFrom => "--proxy-from",
             Setting::ProxyHeaderTimeout => "--proxy-header-timeout",
+            Setting::AllowOutbound => "--allow-outbound",
+            Setting::MaxOutbound => "--max-outbound",
         }
     }
 

@@ -15,6 +15,7 @@ use wasmtime::{Engine, Precompiled};
 use crate::wasm::compile_cache::CompileCache;
 use crate::wasm::guest_clock::{Deadline, GuestClock, SleepState};
 use crate::wasm::one_line;
+use crate::wasm::outbound::{Network, NetworkState};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 mod bindings {
@@ -67,6 +68,22 @@ pub(crate) struct ConnState {
     pub(crate) clock: GuestClock,
     /// The connection: its deadline ends guest sleeps too.
     pub(crate) connection: Arc<dyn Deadline>,
+    /// The outbound network the tenant grants (perhaps none).
+    pub(crate) network: Arc<Network>,
+}
+
+impl NetworkState for ConnState {
+    fn network(&self) -> &Arc<Network> {
+        &self.network
+    }
+
+    fn connection(&self) -> &Arc<dyn Deadline> {
+        &self.connection
+    }
+
+    fn poll_table(&mut self) -> &mut ResourceTable {
+        &mut self.table
+    }
 }
 
 impl SleepState for ConnState {
@@ -124,6 +141,7 @@ pub(crate) fn link(
         source,
         component,
         wasmtime_wasi::p2::add_to_linker_sync,
+        true,
     )?;
     HandlerPre::new(pre).map_err(|e| not_a_handler(source, &e))
 }
@@ -139,6 +157,7 @@ fn link_async(
         source,
         component,
         wasmtime_wasi::p2::add_to_linker_async,
+        false,
     )?;
     HandlerPreAsync::new(pre).map_err(|e| not_a_handler(source, &e))
 }
@@ -150,10 +169,12 @@ fn instantiate_pre(
     source: &HandlerSource,
     component: &Component,
     add_wasi: fn(&mut Linker<ConnState>) -> wasmtime::Result<()>,
+    blocking: bool,
 ) -> Result<wasmtime::component::InstancePre<ConnState>> {
     let mut linker = Linker::<ConnState>::new(engine);
     add_wasi(&mut linker).map_err(|e| anyhow!("cannot link WASI: {}", one_line(&e)))?;
     crate::wasm::guest_clock::add_to_linker(&mut linker)?;
+    crate::wasm::outbound::add_to_linker(&mut linker, blocking)?;
     linker.instantiate_pre(component).map_err(|e| {
         anyhow!(
             "handler {source} needs imports the host does not provide: {}",

@@ -2,7 +2,8 @@
 //! exists. The engine and its epoch clock (`engine`), loading, checking,
 //! compiling and linking a handler (`handler`), the on-disk compile cache
 //! (`compile_cache`), the per-instance memory cap (`limits`) and the guest's
-//! clock with sleeps capped at the connection's deadline (`guest_clock`).
+//! clock with sleeps capped at the connection's deadline (`guest_clock`), and
+//! a tenant's outbound network grants (`outbound`).
 //!
 //! Nothing here knows about sockets, strategies or processes: the connection
 //! layer (`conn`) builds on this one, never the other way round.
@@ -12,6 +13,7 @@ pub(crate) mod engine;
 pub(crate) mod guest_clock;
 pub(crate) mod handler;
 pub(crate) mod limits;
+pub(crate) mod outbound;
 
 /// An error and its causes on one line.
 pub(crate) fn one_line(e: &wasmtime::Error) -> String {
