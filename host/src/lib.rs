@@ -8,6 +8,7 @@
 
 mod activation;
 mod check;
+mod check_http;
 mod conn;
 mod listener;
 mod logging;

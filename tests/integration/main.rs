@@ -11,6 +11,7 @@ mod conformance;
 mod echo;
 mod faults;
 mod guests;
+mod http;
 mod live;
 mod ops;
 mod proxy;

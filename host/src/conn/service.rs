@@ -17,6 +17,7 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream};
 
 use crate::conn::guest_log::GuestOutput;
+use crate::conn::http::{self, Phase};
 use crate::conn::proxy;
 use crate::conn::report::{classify, log_closed, CallResult, Closed, Ending, Level, Usage};
 use crate::conn::socket::{block_on, Socket, Waits};
@@ -28,6 +29,7 @@ use crate::settings::{Access, Grants, Limits, ProxyProtocol};
 use crate::wasm::engine::EpochClock;
 use crate::wasm::guest_clock::GuestClock;
 use crate::wasm::handler::{ConnState, ConnectionInfo, Handler};
+use crate::wasm::http::World;
 use crate::wasm::limits::InstanceLimiter;
 use crate::wasm::one_line;
 
@@ -63,6 +65,8 @@ pub struct Service {
     /// shutdown can end them.
     live: Mutex<HashMap<u64, Arc<Socket>>>,
     aborting: AtomicBool,
+    /// Drain and abort, as the HTTP connections of this process see them.
+    http_phase: Phase,
 }
 
 impl Service {
@@ -84,6 +88,7 @@ impl Service {
             metrics: None,
             live: Mutex::new(HashMap::new()),
             aborting: AtomicBool::new(false),
+            http_phase: Phase::default(),
         }
     }
 
@@ -190,6 +195,9 @@ impl Service {
     /// Serves `conn` to the end on the calling thread, logs its line and
     /// returns how it ended. `worker` names the thread or process.
     pub(crate) fn serve(&self, conn: Accepted, worker: &str) -> Ending {
+        if self.handler.world() == World::Http {
+            return http::serve_blocking(self, conn, worker);
+        }
         // Every wait of a blocking connection happens in poll(2) inside the
         // future: it is ready at its first poll.
         block_on(self.serve_with(conn, worker, Waits::Blocking))
@@ -201,6 +209,9 @@ impl Service {
     /// runtime's thread. Same store, limits, outcome, line and counters as
     /// [`Service::serve`].
     pub(crate) async fn serve_async(&self, conn: Accepted, worker: &str) -> Ending {
+        if self.handler.world() == World::Http {
+            return http::serve(self, conn, worker, Waits::Async).await;
+        }
         self.serve_with(conn, worker, Waits::Async).await
     }
 
@@ -224,41 +235,12 @@ impl Service {
         if self.aborting.load(Ordering::SeqCst) {
             socket.abort();
         }
-        // A balancer's connection: the client is the one its header names,
-        // and allow/deny judge that client.
-        let (peer, via) = match self.balancer(&peer) {
-            None => (peer, None),
-            Some(settings) => {
-                // Bounded by the connection's own `--timeout` too, as all it does.
-                let within = settings.header_timeout.min(self.limits.timeout);
-                let header = proxy::read_header(&socket, settings.version, within).await;
-                let aborted = socket.traffic.aborted.load(Ordering::SeqCst);
-                let (client, refused) = match &header {
-                    Err(_) if aborted => (peer.clone(), Some((Outcome::Shutdown, None))),
-                    Err(why) => (
-                        peer.clone(),
-                        Some((Outcome::BadProxyHeader, Some(why.as_str()))),
-                    ),
-                    Ok(header) => {
-                        let client = proxy::client(header, &peer);
-                        let denied = !self.access.permits(client.ip());
-                        (client, denied.then_some((Outcome::Denied, None)))
-                    }
-                };
-                if let Some((outcome, error)) = refused {
-                    drop(live);
-                    drop(socket);
-                    let via = header.is_ok().then_some(&peer);
-                    let unserved = Unserved {
-                        id,
-                        peer: &client,
-                        via,
-                        worker,
-                        duration: started.elapsed(),
-                    };
-                    return self.unserved(unserved, outcome, error);
-                }
-                (client, Some(peer))
+        let (peer, via) = match self.proxied(&socket, peer).await {
+            Ok(named) => named,
+            Err(refused) => {
+                drop(live);
+                drop(socket);
+                return self.refuse(refused, id, worker, started);
             }
         };
         let info = ConnectionInfo {
@@ -311,15 +293,108 @@ impl Service {
         ending
     }
 
+    /// A balancer's connection: the client its PROXY protocol header names
+    /// (the peer itself when `peer` is no balancer of this tenant), and
+    /// the balancer; allow/deny judge that client. A refusal is returned
+    /// for [`Service::refuse`], once the caller has closed the socket.
+    pub(super) async fn proxied(
+        &self,
+        socket: &Socket,
+        peer: Peer,
+    ) -> Result<(Peer, Option<Peer>), Refused> {
+        let Some(settings) = self.balancer(&peer) else {
+            return Ok((peer, None));
+        };
+        // Bounded by the connection's own `--timeout` too, as all it does.
+        let within = settings.header_timeout.min(self.limits.timeout);
+        let header = proxy::read_header(socket, settings.version, within).await;
+        let aborted = socket.traffic.aborted.load(Ordering::SeqCst);
+        let (client, refused) = match &header {
+            Err(_) if aborted => (peer.clone(), Some((Outcome::Shutdown, None))),
+            Err(why) => (
+                peer.clone(),
+                Some((Outcome::BadProxyHeader, Some(why.clone()))),
+            ),
+            Ok(header) => {
+                let client = proxy::client(header, &peer);
+                let denied = !self.access.permits(client.ip());
+                (client, denied.then_some((Outcome::Denied, None)))
+            }
+        };
+        match refused {
+            None => Ok((client, Some(peer))),
+            Some((outcome, error)) => Err(Refused {
+                via: header.is_ok().then_some(peer),
+                client,
+                outcome,
+                error,
+            }),
+        }
+    }
+
+    /// Counts and logs a connection [`Service::proxied`] refused.
+    pub(super) fn refuse(&self, r: Refused, id: u64, worker: &str, started: Instant) -> Ending {
+        let unserved = Unserved {
+            id,
+            peer: &r.client,
+            via: r.via.as_ref(),
+            worker,
+            duration: started.elapsed(),
+        };
+        self.unserved(unserved, r.outcome, r.error.as_deref())
+    }
+
     /// Ends every connection this process is serving: guests running wasm
     /// trap at their next epoch check, guests waiting on their socket wake
     /// up to an error, and queued connections are closed unserved.
     pub(crate) fn abort_all(&self) {
         self.aborting.store(true, Ordering::SeqCst);
+        self.http_phase.abort();
         for socket in self.lock_live().values() {
             socket.abort();
         }
         self.clock.expire_all(self.engine(), self.limits.timeout);
+    }
+
+    /// The accept loop has stopped: HTTP connections finish the request
+    /// in flight and close; idle ones close now. (A raw connection is one
+    /// call: it simply runs to its end.)
+    pub(crate) fn drain(&self) {
+        self.http_phase.drain();
+    }
+
+    pub(crate) fn http_phase(&self) -> &Phase {
+        &self.http_phase
+    }
+
+    pub(crate) fn clock(&self) -> EpochClock {
+        self.clock
+    }
+
+    /// Whether `peer` is a balancer whose connections start with a PROXY
+    /// protocol header.
+    pub(crate) fn takes_proxy_header(&self, peer: &Peer) -> bool {
+        self.balancer(peer).is_some()
+    }
+
+    /// Counts and logs a connection the host could not start serving
+    /// (outcome `host-error`).
+    pub(crate) fn not_served(&self, conn: Accepted, worker: &str, why: &str) -> Ending {
+        let Accepted { stream, peer, id } = conn;
+        drop(stream);
+        self.unserved_error(id, &peer, worker, why)
+    }
+
+    /// [`Service::not_served`] once the socket is closed.
+    pub(crate) fn unserved_error(&self, id: u64, peer: &Peer, worker: &str, why: &str) -> Ending {
+        let unserved = Unserved {
+            id,
+            peer,
+            via: None,
+            worker,
+            duration: Duration::ZERO,
+        };
+        self.unserved(unserved, Outcome::HostError, Some(why))
     }
 
     fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Socket>>> {
@@ -337,7 +412,11 @@ impl Service {
             Ok(prepared) => prepared,
             Err(why) => return (CallResult::SetupFailed(why), None),
         };
-        let result = match self.handler.pre().instantiate(&mut store) {
+        let Some(pre) = self.handler.pre() else {
+            let why = "the handler is not of the host:handler/handler world".to_string();
+            return (CallResult::SetupFailed(why), Some(dispose(store)));
+        };
+        let result = match pre.instantiate(&mut store) {
             // Instantiation runs guest code (start functions) and grows
             // memory: its failures are the guest's.
             Err(e) => CallResult::Trapped(e.context("instantiation failed")),
@@ -395,21 +474,14 @@ impl Service {
         }
     }
 
-    /// A store granting what `--env` and `--dir` grant and nothing else, with
-    /// the memory limit and the deadline set.
-    pub(super) fn new_store(
+    /// A WASI context granting what `--env` and `--dir` grant and nothing
+    /// else, the guest's stdout and stderr going to the log.
+    pub(super) fn granted_wasi(
         &self,
-        id: u64,
-        socket: &Arc<Socket>,
-        waits: Waits,
-    ) -> Result<Store<ConnState>, String> {
-        let output_log = GuestOutput::new(id);
-        let clock = GuestClock {
-            base: Instant::now(),
-        };
+        output_log: &Arc<GuestOutput>,
+    ) -> Result<WasiCtxBuilder, String> {
         let mut wasi = WasiCtxBuilder::new();
-        wasi.monotonic_clock(clock)
-            .stdout(output_log.stream("stdout"))
+        wasi.stdout(output_log.stream("stdout"))
             .stderr(output_log.stream("stderr"))
             .allow_tcp(false)
             .allow_udp(false)
@@ -423,6 +495,23 @@ impl Service {
                     format!("cannot open --dir {}: {}", dir.host.display(), one_line(&e))
                 })?;
         }
+        Ok(wasi)
+    }
+
+    /// A store granting what `--env` and `--dir` grant and nothing else, with
+    /// the memory limit and the deadline set.
+    pub(super) fn new_store(
+        &self,
+        id: u64,
+        socket: &Arc<Socket>,
+        waits: Waits,
+    ) -> Result<Store<ConnState>, String> {
+        let output_log = GuestOutput::new(id);
+        let clock = GuestClock {
+            base: Instant::now(),
+        };
+        let mut wasi = self.granted_wasi(&output_log)?;
+        wasi.monotonic_clock(clock);
         let mut store = Store::new(
             self.engine(),
             ConnState {
@@ -461,6 +550,15 @@ impl Service {
         }
         Ok(store)
     }
+}
+
+/// A balancer's connection refused before any guest ran: its header was
+/// bad or late, the client it named is denied, or the host is stopping.
+pub(super) struct Refused {
+    client: Peer,
+    via: Option<Peer>,
+    outcome: Outcome,
+    error: Option<String>,
 }
 
 /// A connection that ends before any guest runs, as its line tells it.

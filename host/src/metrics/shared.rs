@@ -58,6 +58,10 @@ pub(super) struct Slot {
     pub(super) duration_sum_us: AtomicU64,
     pub(super) memory_buckets: [AtomicU64; MEMORY_BOUNDS.len() + 1],
     pub(super) memory_sum: AtomicU64,
+    /// HTTP requests (`wasi:http/proxy` handlers) by status class, 1xx to 5xx.
+    pub(super) http_status: [AtomicU64; 5],
+    pub(super) http_duration_buckets: [AtomicU64; DURATION_BOUNDS_US.len() + 1],
+    pub(super) http_duration_sum_us: AtomicU64,
 }
 
 /// The shared mapping: a [`Header`] followed by `max_tenants` [`Slot`]s.
@@ -136,6 +140,17 @@ pub(crate) struct TenantInfo {
     /// The handler's SHA-256 in hex, or `builtin-echo`.
     pub(crate) digest: String,
     pub(crate) strategy: String,
+}
+
+/// The duration bucket of `duration`. Buckets are `le` (inclusive);
+/// compare in nanoseconds so that 1.0004 ms does not land in the 1 ms
+/// bucket.
+fn duration_bucket(duration: Duration) -> usize {
+    let nanos = duration.as_nanos();
+    DURATION_BOUNDS_US
+        .iter()
+        .position(|bound| nanos <= u128::from(*bound) * 1_000)
+        .unwrap_or(DURATION_BOUNDS_US.len())
 }
 
 /// The counters of one tenant slot.
@@ -237,14 +252,7 @@ impl TenantMetrics {
         slot.received.fetch_add(bytes_in, Ordering::Relaxed);
         slot.sent.fetch_add(bytes_out, Ordering::Relaxed);
 
-        // Buckets are `le` (inclusive); compare in nanoseconds so that
-        // 1.0004 ms does not land in the 1 ms bucket.
-        let nanos = duration.as_nanos();
-        let bucket = DURATION_BOUNDS_US
-            .iter()
-            .position(|bound| nanos <= u128::from(*bound) * 1_000)
-            .unwrap_or(DURATION_BOUNDS_US.len());
-        slot.duration_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        slot.duration_buckets[duration_bucket(duration)].fetch_add(1, Ordering::Relaxed);
         let micros = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
         slot.duration_sum_us.fetch_add(micros, Ordering::Relaxed);
 
@@ -256,6 +264,18 @@ impl TenantMetrics {
             slot.memory_buckets[bucket].fetch_add(1, Ordering::Relaxed);
             slot.memory_sum.fetch_add(peak, Ordering::Relaxed);
         }
+    }
+
+    /// One HTTP request's status (counted by class; anything outside
+    /// 100..=599 as 5xx) and its duration, from its head to its last byte.
+    pub(crate) fn record_request(&self, status: u16, duration: Duration) {
+        let slot = self.slot();
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        slot.http_status[class].fetch_add(1, Ordering::Relaxed);
+        slot.http_duration_buckets[duration_bucket(duration)].fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
+        slot.http_duration_sum_us
+            .fetch_add(micros, Ordering::Relaxed);
     }
 }
 
