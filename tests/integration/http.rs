@@ -83,9 +83,10 @@ fn curl_echoes_methods_headers_and_bodies(strategy: Strategy) {
         let (echoed_head, echoed) = body.split_at(split);
         let echoed_head = String::from_utf8_lossy(echoed_head);
         assert!(echoed_head.starts_with("POST /upload\n"), "{echoed_head}");
+        // (The guest never sees `transfer-encoding`: a hop-by-hop header.)
         assert_eq!(
-            echoed_head.contains("transfer-encoding: chunked"),
-            chunked,
+            echoed_head.contains("content-length: 1048576\n"),
+            !chunked,
             "{echoed_head}"
         );
         assert!(
@@ -105,7 +106,7 @@ fn curl_echoes_methods_headers_and_bodies(strategy: Strategy) {
         "{line}"
     );
     let line = server.wait_for_log(|l| l.contains("path=\"/hello?x=1\""));
-    assert!(line.starts_with("request "), "{line}");
+    assert!(line.contains(" request "), "{line}");
     assert!(
         line.contains("method=GET") && line.contains("outcome=ok"),
         "{line}"
@@ -154,12 +155,12 @@ fn keep_alive_gives_each_request_a_fresh_instance(strategy: Strategy) {
     // `closed` line.
     let line = server.wait_for_log(|l| l.contains("path=\"/k/99\""));
     let id = line
-        .strip_prefix("request ")
-        .and_then(|rest| rest.split('.').next())
+        .split_once(" request ")
+        .and_then(|(_, rest)| rest.split('.').next())
         .unwrap()
         .to_string();
-    assert!(line.starts_with(&format!("request {id}.100 ")), "{line}");
-    let closed = server.wait_for_log(|l| l.starts_with(&format!("connection {id} closed")));
+    assert!(line.contains(&format!(" request {id}.100 ")), "{line}");
+    let closed = server.wait_for_log(|l| l.contains(&format!(" connection {id} closed")));
     assert!(closed.contains("outcome=ok"), "{closed}");
 }
 
@@ -204,21 +205,19 @@ fn malformed_request_gets_400_without_a_guest(strategy: Strategy) {
     let _ = stream.read_to_end(&mut reply);
     let reply = String::from_utf8_lossy(&reply);
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
-    let line = server.wait_for_log(|l| l.starts_with("request ") && l.contains("status=400"));
+    let line = server.wait_for_log(|l| l.contains(" request ") && l.contains("status=400"));
     assert!(
         line.contains("outcome=bad-request") && line.contains("memory=0KiB"),
         "{line}"
     );
     let closed = server.wait_for_log(|l| l.contains(" closed ") && l.contains("bad-request"));
-    assert!(closed.starts_with("connection "), "{closed}");
+    assert!(closed.contains(" connection "), "{closed}");
 
     // Counted by status class, and nothing else was served.
     let metrics = server.wait_for_log(|l| l.starts_with("metrics on "));
     let metrics: SocketAddr = metrics
-        .trim_start_matches("metrics on ")
-        .split_whitespace()
-        .next()
-        .unwrap()
+        .trim_start_matches("metrics on http://")
+        .trim_end_matches("/metrics")
         .parse()
         .unwrap();
     let (status, page) = crate::support::http_get(metrics, "/metrics");

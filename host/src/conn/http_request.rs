@@ -120,6 +120,11 @@ impl<'a> Requests<'a> {
                         Head::GuestError,
                         host_response(Head::GuestError, &format!("{code:?}")),
                     ),
+                    // The guest ended without answering: stopped at its
+                    // deadline (an epoch trap), or failed on its own.
+                    Ok(Err(_)) if Instant::now() >= deadline => {
+                        (Head::TimedOut, host_response(Head::TimedOut, ""))
+                    }
                     Ok(Err(_)) => (Head::Failed, host_response(Head::Failed, "")),
                     Err(_) => (Head::TimedOut, host_response(Head::TimedOut, "")),
                 };
