@@ -465,13 +465,13 @@ mod tests {
             get(r#"host_connection_duration_seconds_count{tenant="b"}"#),
             "3"
         );
-        // Only the tenants asked for are shown: 11 outcomes for each of two.
+        // Only the tenants asked for are shown: 12 outcomes for each of two.
         assert!(!page.contains(r#"tenant="1""#) && !page.contains("hidden"));
         let connection_lines = samples
             .keys()
             .filter(|series| series.starts_with("host_connections_total{"))
             .count();
-        assert_eq!(connection_lines, 22);
+        assert_eq!(connection_lines, 24);
         // A slot out of range is left out rather than panicking.
         let page = metrics.render(&[info("gone", 99)]);
         assert!(!page.contains("gone"));
@@ -594,6 +594,7 @@ mod tests {
             .tenant(0)
             .record(Outcome::Ok, 5, 5, 3 * MS, Some(1 << 20));
         metrics.tenant(2).record(Outcome::Denied, 0, 0, MS, None);
+        metrics.tenant(2).record_request(404, 2 * MS);
         metrics.reloaded(false);
         let tenants = [
             info("a", 0),

@@ -310,4 +310,49 @@ mod tests {
     fn tenant_slot_out_of_range_panics() {
         Metrics::new(2).unwrap().tenant(2);
     }
+
+    #[test]
+    fn http_requests_by_status_class_and_duration() {
+        let metrics = Metrics::new(2).unwrap();
+        let http = metrics.tenant(1);
+        for (status, ms) in [
+            (200, 1),
+            (204, 3),
+            (404, 2),
+            (500, 40),
+            (504, 1000),
+            (99, 1),
+        ] {
+            http.record_request(status, Duration::from_millis(ms));
+        }
+        let info = |name: &str, slot| TenantInfo {
+            name: name.to_string(),
+            slot,
+            digest: "builtin-echo".to_string(),
+            strategy: "threading".to_string(),
+        };
+        let page = metrics.render(&[info("raw", 0), info("web", 1)]);
+        let has = |line: &str| page.lines().any(|l| l == line);
+        for (class, n) in [("1xx", 1), ("2xx", 2), ("3xx", 0), ("4xx", 1), ("5xx", 2)] {
+            let line = format!("host_http_requests_total{{tenant=\"web\",class=\"{class}\"}} {n}");
+            assert!(has(&line), "{line}\n{page}");
+        }
+        assert!(
+            has(r#"host_http_request_duration_seconds_count{tenant="web"} 6"#),
+            "{page}"
+        );
+        assert!(
+            has(r#"host_http_request_duration_seconds_bucket{tenant="web",le="0.001"} 2"#),
+            "{page}"
+        );
+        assert!(
+            has(r#"host_http_request_duration_seconds_bucket{tenant="web",le="0.05"} 5"#),
+            "{page}"
+        );
+        // A tenant with no HTTP request has no HTTP series.
+        assert!(
+            !page.contains(r#"host_http_requests_total{tenant="raw""#),
+            "{page}"
+        );
+    }
 }
