@@ -250,3 +250,29 @@ fn check_names_the_world() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("world:       host:handler/handler"), "{text}");
 }
+
+/// The Python echo of the `wasi:http` world (componentize-py), built by its
+/// script, served and asked with curl.
+#[test]
+fn python_http_echo_is_served() {
+    let dir = TempDir::new("http-echo-python");
+    let wasm = dir.path().join("http-echo-python.wasm");
+    let status = Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../handlers/http-echo-python/build.sh"),
+    )
+    .arg(&wasm)
+    .status()
+    .expect("cannot run handlers/http-echo-python/build.sh");
+    assert!(
+        status.success(),
+        "handlers/http-echo-python/build.sh failed; is componentize-py installed (handlers/install-toolchains.sh python)?"
+    );
+    let server = Server::start(Strategy::Threading, Some(&wasm), &[]);
+    let (head, body) = curl(&[
+        &url(server.addr(), "/py?x=2"),
+        "--data-binary",
+        "hello body",
+    ]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(String::from_utf8_lossy(&body), "/py?x=2\nhello body");
+}
