@@ -276,3 +276,55 @@ fn python_http_echo_is_served() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(String::from_utf8_lossy(&body), "/py?x=2\nhello body");
 }
+
+/// At shutdown an idle keep-alive connection is closed at once (hyper's
+/// graceful shutdown), not at its idle timeout or the drain timeout, both
+/// set far beyond the test's patience. Forking's children learn of the
+/// drain only through those timeouts (documented), so it is not run here.
+fn drain_closes_an_idle_keep_alive_connection(strategy: Strategy) {
+    let mut server = http_echo(strategy, &["--idle-timeout", "1h", "--drain-timeout", "1h"]);
+    let mut stream = connect(server.addr());
+    stream
+        .write_all(b"GET /one HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    let whole = |reply: &[u8]| {
+        let text = String::from_utf8_lossy(reply);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            return false;
+        };
+        header(head, "content-length").and_then(|n| n.parse::<usize>().ok()) == Some(body.len())
+    };
+    while !whole(&reply) {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the whole response");
+        reply.extend_from_slice(&buf[..n]);
+    }
+    assert!(reply.starts_with(b"HTTP/1.1 200"));
+    server.signal(libc::SIGTERM);
+    stream
+        .set_read_timeout(Some(crate::support::PATIENCE))
+        .unwrap();
+    assert_eq!(
+        stream.read(&mut buf).unwrap(),
+        0,
+        "the idle connection was not closed"
+    );
+    assert!(server.wait_exit().success());
+}
+
+#[test]
+fn threading_drain_closes_an_idle_keep_alive_connection() {
+    drain_closes_an_idle_keep_alive_connection(Strategy::Threading);
+}
+
+#[test]
+fn prefork_drain_closes_an_idle_keep_alive_connection() {
+    drain_closes_an_idle_keep_alive_connection(Strategy::Prefork);
+}
+
+#[test]
+fn async_drain_closes_an_idle_keep_alive_connection() {
+    drain_closes_an_idle_keep_alive_connection(Strategy::Async);
+}
