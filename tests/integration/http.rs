@@ -328,3 +328,44 @@ fn prefork_drain_closes_an_idle_keep_alive_connection() {
 fn async_drain_closes_an_idle_keep_alive_connection() {
     drain_closes_an_idle_keep_alive_connection(Strategy::Async);
 }
+
+/// Behind a balancer: the PROXY protocol header comes first, then HTTP; the
+/// request line names the client the header names, and the balancer.
+fn proxy_header_then_http(strategy: Strategy) {
+    let server = http_echo(
+        strategy,
+        &["--proxy-protocol", "v1", "--proxy-from", "127.0.0.1/32"],
+    );
+    let mut stream = connect(server.addr());
+    stream
+        .write_all(
+            b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 80\r\n\
+              GET /behind HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("GET /behind\n"), "{reply}");
+    let line = server.wait_for_log(|l| l.contains("path=\"/behind\""));
+    assert!(
+        line.contains("peer=192.0.2.7:5555 via=127.0.0.1:"),
+        "{line}"
+    );
+}
+
+#[test]
+fn threading_proxy_header_then_http() {
+    proxy_header_then_http(Strategy::Threading);
+}
+
+#[test]
+fn forking_proxy_header_then_http() {
+    proxy_header_then_http(Strategy::Forking);
+}
+
+#[test]
+fn async_proxy_header_then_http() {
+    proxy_header_then_http(Strategy::Async);
+}
