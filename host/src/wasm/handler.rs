@@ -98,6 +98,8 @@ impl WasiView for ConnState {
 /// instance per connection.
 pub(crate) struct Handler {
     digest: String,
+    /// The engine it was compiled for.
+    engine: Engine,
     /// The `host:handler/handler` world's (`None`: an HTTP handler).
     pre: Option<HandlerPre<ConnState>>,
     /// Linked with WASI's async host functions, for the async strategy.
@@ -353,6 +355,7 @@ impl Handler {
         if world_of(engine, &component) == World::Http {
             return Ok(Handler {
                 digest,
+                engine: engine.clone(),
                 pre: None,
                 pre_async: None,
                 http: Some(crate::wasm::http::link(engine, source, &component)?),
@@ -366,6 +369,7 @@ impl Handler {
         };
         Ok(Handler {
             digest,
+            engine: engine.clone(),
             pre: Some(pre),
             pre_async,
             http: None,
@@ -395,6 +399,7 @@ impl Handler {
     pub(crate) fn from_parts(digest: String, pre: HandlerPre<ConnState>) -> Handler {
         Handler {
             digest,
+            engine: pre.engine().clone(),
             pre: Some(pre),
             pre_async: None,
             http: None,
@@ -402,11 +407,7 @@ impl Handler {
     }
 
     pub(crate) fn engine(&self) -> &Engine {
-        match (&self.pre, &self.http) {
-            (Some(pre), _) => pre.engine(),
-            (None, Some(http)) => http.engine(),
-            (None, None) => unreachable!("a handler is linked for one world"),
-        }
+        &self.engine
     }
 
     /// The `host:handler/handler` world's (`None` for an HTTP handler).
