@@ -11,13 +11,17 @@
 
 use std::io;
 use std::os::fd::AsFd as _;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use wasmtime_wasi_io::bytes::BytesMut;
 
 use crate::conn::proxy_header::{parse, Header, Parsed, MAX_LEN};
+use crate::conn::report::Ending;
+use crate::conn::service::{Service, Unserved};
 use crate::conn::socket::Socket;
 use crate::listener::Peer;
+use crate::outcome::Outcome;
 use crate::settings::ProxyVersion;
 use crate::sys::socket::{peek_nonblocking, recv_nonblocking};
 
@@ -94,6 +98,70 @@ pub(crate) fn client(header: &Header, balancer: &Peer) -> Peer {
             text: addr.to_string(),
         },
         None => balancer.clone(),
+    }
+}
+
+/// A balancer's connection refused before any guest ran: its header was
+/// bad or late, the client it named is denied, or the host is stopping.
+pub(crate) struct Refused {
+    client: Peer,
+    via: Option<Peer>,
+    outcome: Outcome,
+    error: Option<String>,
+}
+
+/// The PROXY protocol step of serving a connection, shared by the raw and
+/// the HTTP paths.
+impl Service {
+    /// A balancer's connection: the client its PROXY protocol header names
+    /// (the peer itself when `peer` is no balancer of this tenant), and
+    /// the balancer; allow/deny judge that client. A refusal is returned
+    /// for [`Service::refuse`], once the caller has closed the socket.
+    pub(crate) async fn proxied(
+        &self,
+        socket: &Socket,
+        peer: Peer,
+    ) -> Result<(Peer, Option<Peer>), Refused> {
+        let Some(settings) = self.balancer(&peer) else {
+            return Ok((peer, None));
+        };
+        // Bounded by the connection's own `--timeout` too, as all it does.
+        let within = settings.header_timeout.min(self.limits().timeout);
+        let header = read_header(socket, settings.version, within).await;
+        let aborted = socket.traffic.aborted.load(Ordering::SeqCst);
+        let (client, refused) = match &header {
+            Err(_) if aborted => (peer.clone(), Some((Outcome::Shutdown, None))),
+            Err(why) => (
+                peer.clone(),
+                Some((Outcome::BadProxyHeader, Some(why.clone()))),
+            ),
+            Ok(header) => {
+                let client = client(header, &peer);
+                let denied = !self.permits(client.ip());
+                (client, denied.then_some((Outcome::Denied, None)))
+            }
+        };
+        match refused {
+            None => Ok((client, Some(peer))),
+            Some((outcome, error)) => Err(Refused {
+                via: header.is_ok().then_some(peer),
+                client,
+                outcome,
+                error,
+            }),
+        }
+    }
+
+    /// Counts and logs a connection [`Service::proxied`] refused.
+    pub(crate) fn refuse(&self, r: Refused, id: u64, worker: &str, started: Instant) -> Ending {
+        let unserved = Unserved {
+            id,
+            peer: &r.client,
+            via: r.via.as_ref(),
+            worker,
+            duration: started.elapsed(),
+        };
+        self.unserved(unserved, r.outcome, r.error.as_deref())
     }
 }
 

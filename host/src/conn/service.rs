@@ -18,7 +18,6 @@ use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream};
 
 use crate::conn::guest_log::GuestOutput;
 use crate::conn::http::{self, Phase};
-use crate::conn::proxy;
 use crate::conn::report::{classify, log_closed, CallResult, Closed, Ending, Level, Usage};
 use crate::conn::socket::{block_on, Socket, Waits};
 use crate::conn::streams::{SocketInput, SocketOutput};
@@ -147,14 +146,24 @@ impl Service {
         None
     }
 
+    /// Whether the allow/deny lists let `ip` be served.
+    pub(super) fn permits(&self, ip: Option<std::net::IpAddr>) -> bool {
+        self.access.permits(ip)
+    }
+
     /// The PROXY protocol settings, if `peer` is a balancer that must send
     /// a header.
-    fn balancer(&self, peer: &Peer) -> Option<&ProxyProtocol> {
+    pub(super) fn balancer(&self, peer: &Peer) -> Option<&ProxyProtocol> {
         self.proxy.as_ref().filter(|proxy| proxy.trusts(peer.ip()))
     }
 
     /// Counts and logs a connection that ran no guest (already closed).
-    fn unserved(&self, c: Unserved<'_>, outcome: Outcome, error: Option<&str>) -> Ending {
+    pub(super) fn unserved(
+        &self,
+        c: Unserved<'_>,
+        outcome: Outcome,
+        error: Option<&str>,
+    ) -> Ending {
         if let Some(metrics) = &self.metrics {
             metrics.record(outcome, 0, 0, c.duration, None);
         }
@@ -291,57 +300,6 @@ impl Service {
             level: Level::Info,
         });
         ending
-    }
-
-    /// A balancer's connection: the client its PROXY protocol header names
-    /// (the peer itself when `peer` is no balancer of this tenant), and
-    /// the balancer; allow/deny judge that client. A refusal is returned
-    /// for [`Service::refuse`], once the caller has closed the socket.
-    pub(super) async fn proxied(
-        &self,
-        socket: &Socket,
-        peer: Peer,
-    ) -> Result<(Peer, Option<Peer>), Refused> {
-        let Some(settings) = self.balancer(&peer) else {
-            return Ok((peer, None));
-        };
-        // Bounded by the connection's own `--timeout` too, as all it does.
-        let within = settings.header_timeout.min(self.limits.timeout);
-        let header = proxy::read_header(socket, settings.version, within).await;
-        let aborted = socket.traffic.aborted.load(Ordering::SeqCst);
-        let (client, refused) = match &header {
-            Err(_) if aborted => (peer.clone(), Some((Outcome::Shutdown, None))),
-            Err(why) => (
-                peer.clone(),
-                Some((Outcome::BadProxyHeader, Some(why.clone()))),
-            ),
-            Ok(header) => {
-                let client = proxy::client(header, &peer);
-                let denied = !self.access.permits(client.ip());
-                (client, denied.then_some((Outcome::Denied, None)))
-            }
-        };
-        match refused {
-            None => Ok((client, Some(peer))),
-            Some((outcome, error)) => Err(Refused {
-                via: header.is_ok().then_some(peer),
-                client,
-                outcome,
-                error,
-            }),
-        }
-    }
-
-    /// Counts and logs a connection [`Service::proxied`] refused.
-    pub(super) fn refuse(&self, r: Refused, id: u64, worker: &str, started: Instant) -> Ending {
-        let unserved = Unserved {
-            id,
-            peer: &r.client,
-            via: r.via.as_ref(),
-            worker,
-            duration: started.elapsed(),
-        };
-        self.unserved(unserved, r.outcome, r.error.as_deref())
     }
 
     /// Ends every connection this process is serving: guests running wasm
@@ -552,22 +510,13 @@ impl Service {
     }
 }
 
-/// A balancer's connection refused before any guest ran: its header was
-/// bad or late, the client it named is denied, or the host is stopping.
-pub(super) struct Refused {
-    client: Peer,
-    via: Option<Peer>,
-    outcome: Outcome,
-    error: Option<String>,
-}
-
 /// A connection that ends before any guest runs, as its line tells it.
-struct Unserved<'a> {
-    id: u64,
-    peer: &'a Peer,
-    via: Option<&'a Peer>,
-    worker: &'a str,
-    duration: Duration,
+pub(super) struct Unserved<'a> {
+    pub(super) id: u64,
+    pub(super) peer: &'a Peer,
+    pub(super) via: Option<&'a Peer>,
+    pub(super) worker: &'a str,
+    pub(super) duration: Duration,
 }
 
 /// What the guest's `handle` call came to.
