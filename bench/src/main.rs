@@ -21,6 +21,7 @@ mod net;
 mod redis;
 mod report;
 mod server;
+mod wrk;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -50,25 +51,12 @@ const SERVERS: [&str; 8] = [
 /// connection): a row of the short scenario only, beside the one at info.
 const HOST_WARN: &str = "host-threading-warn";
 const SCENARIOS: [&str; 6] = ["short", "stream", "held", "http", "interactive", "redis"];
+/// The http scenario's second part: the same, with keep-alive.
+const HTTP_KEEP_ALIVE: &str = "http-keep-alive";
 /// The interactive scenario's extra row: `host-async` at scale.
 const INTERACTIVE_ASYNC: &str = "interactive-async";
 /// Worker threads of the native pool and of `host serve --strategy threading`.
 const WORKERS: usize = 8;
-/// handlers/http-hello as the handlers' workspace builds it (from the workspace).
-const HTTP_HELLO_WASM: &str = "target/handlers/wasm32-wasip2/release/http_hello.wasm";
-/// Builds [`HTTP_HELLO_WASM`] (arguments to cargo, run in the workspace).
-const HTTP_HELLO_BUILD: [&str; 10] = [
-    "build",
-    "--release",
-    "--target",
-    "wasm32-wasip2",
-    "--manifest-path",
-    "handlers/Cargo.toml",
-    "--target-dir",
-    "target/handlers",
-    "-p",
-    "http-hello",
-];
 /// bench/wasi-http-hello, the `wasi:http/proxy` hello for `wasmtime serve`.
 const WASI_HTTP_HELLO_WASM: &str =
     "target/bench-wasi-http/wasm32-wasip2/release/wasi_http_hello.wasm";
@@ -527,7 +515,7 @@ fn scenario_specs(
         return interactive_specs(scenario, specs, servers, cli, plan);
     }
     let selected = specs.iter().filter(|s| servers.contains(&s.name));
-    if scenario != "http" {
+    if scenario != "http" && scenario != HTTP_KEEP_ALIVE {
         return selected.cloned().collect();
     }
     let mut out = Vec::new();
@@ -555,11 +543,13 @@ fn scenario_specs(
             forking: false,
         });
     }
+    // The very .wasm `wasmtime serve` runs: the host detects the
+    // `wasi:http/proxy` world and serves it over HTTP/1.1 itself.
     for spec in selected.filter(|s| s.name.starts_with("host-")) {
         let mut spec = spec.clone();
         spec.args.extend([
             "--handler".into(),
-            root.join(HTTP_HELLO_WASM).display().to_string(),
+            root.join(WASI_HTTP_HELLO_WASM).display().to_string(),
         ]);
         out.push(spec);
     }
@@ -712,23 +702,20 @@ fn run(cli: &Cli) -> Result<(), String> {
                 host.display()
             ));
         }
-        if http {
-            component(&root, HTTP_HELLO_WASM, &HTTP_HELLO_BUILD, cli.no_build)?;
-        }
         if redis_tools.is_some() {
             component(&root, redis::GUARD_WASM, &redis::GUARD_BUILD, cli.no_build)?;
         }
     }
     if http {
+        component(
+            &root,
+            WASI_HTTP_HELLO_WASM,
+            &WASI_HTTP_HELLO_BUILD,
+            cli.no_build,
+        )?;
         match &wasmtime {
             None => eprintln!("wasmtime not on PATH: `wasmtime serve` comparison skipped"),
             Some(p) => {
-                component(
-                    &root,
-                    WASI_HTTP_HELLO_WASM,
-                    &WASI_HTTP_HELLO_BUILD,
-                    cli.no_build,
-                )?;
                 eprintln!(
                     "wasmtime at {} ({}): the http scenario compares with `wasmtime serve`",
                     p.display(),
@@ -744,6 +731,7 @@ fn run(cli: &Cli) -> Result<(), String> {
         .iter()
         .flat_map(|&scenario| match scenario {
             "interactive" => vec![scenario, INTERACTIVE_ASYNC],
+            "http" => vec![scenario, HTTP_KEEP_ALIVE],
             _ => vec![scenario],
         })
         .map(|scenario| {
@@ -815,16 +803,26 @@ fn run(cli: &Cli) -> Result<(), String> {
         (
             "http",
             format!(
-                "http-hello: {} clients, one `GET /` per connection (`Connection: close`), \
-                 {} round(s) of {}; ratios are to wasmtime serve{}",
+                "wasi-http-hello (the same .wasm in every server), wrk with {} clients, \
+                 `Connection: close`, {} round(s) of {:.1} s; ratios are to wasmtime serve{}",
                 plan.http.clients,
                 plan.rounds,
-                rounds(plan.http.count, plan.http.duration),
+                plan.http.duration.max(Duration::from_secs(1)).as_secs_f64(),
                 if wasmtime.is_none() {
                     " (not run: no wasmtime)"
                 } else {
                     ""
                 }
+            ),
+        ),
+        (
+            HTTP_KEEP_ALIVE,
+            format!(
+                "wasi-http-hello, wrk with {} clients, keep-alive, {} round(s) of {:.1} s; \
+                 ratios are to wasmtime serve",
+                plan.http.clients,
+                plan.rounds,
+                plan.http.duration.max(Duration::from_secs(1)).as_secs_f64(),
             ),
         ),
         (
@@ -974,7 +972,7 @@ fn run_scenario(scenario: &'static str, specs: &[ServerSpec], plan: &Plan) -> Ve
         .iter()
         .map(|s| s.as_ref().map_or(0.0, Server::cpu_secs))
         .collect();
-    let rounds = if matches!(scenario, "short" | "http") {
+    let rounds = if matches!(scenario, "short" | "http" | HTTP_KEEP_ALIVE) {
         plan.rounds
     } else {
         1
@@ -985,7 +983,8 @@ fn run_scenario(scenario: &'static str, specs: &[ServerSpec], plan: &Plan) -> Ve
             let Some(server) = &servers[i] else { continue };
             let measure = match scenario {
                 "short" => load::short(server.addr, &plan.short),
-                "http" => load::short(server.addr, &plan.http),
+                "http" => wrk::http(server.addr, &plan.http, false),
+                HTTP_KEEP_ALIVE => wrk::http(server.addr, &plan.http, true),
                 "stream" => load::stream(server.addr, &plan.stream),
                 "held" => held::held(server.addr, &plan.held),
                 "interactive" => {

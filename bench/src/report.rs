@@ -17,7 +17,7 @@ pub const WASMTIME: &str = "wasmtime-serve";
 
 /// The server a scenario's ratios are relative to.
 pub fn baseline_name(scenario: &str) -> &'static str {
-    if scenario == "http" {
+    if scenario == "http" || scenario == "http-keep-alive" {
         WASMTIME
     } else {
         BASELINE
@@ -436,8 +436,20 @@ pub fn targets(rows: &[Row]) -> Vec<(String, Option<f64>, f64)> {
             0.6,
         ),
         (
-            "http-hello conn/s: host-threading vs wasmtime serve".into(),
+            "wasi-http-hello requests/s (Connection: close): host-threading vs wasmtime serve"
+                .into(),
             relative(rows, "http", "host-threading", WASMTIME, Row::conn_per_s),
+            1.5,
+        ),
+        (
+            "wasi-http-hello requests/s (keep-alive): host-threading vs wasmtime serve".into(),
+            relative(
+                rows,
+                "http-keep-alive",
+                "host-threading",
+                WASMTIME,
+                Row::conn_per_s,
+            ),
             1.5,
         ),
     ]

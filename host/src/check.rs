@@ -15,12 +15,14 @@ use harness::{Launch, Process};
 use wasmtime::component::types::ComponentItem;
 use wasmtime::{Engine, Precompiled};
 
+use crate::check_http::ImportVerdict;
 use crate::conn::report::Ending;
 use crate::conn::service::Service;
 use crate::outcome::Outcome;
 use crate::settings::{self, ServeConfig, StrategyKind};
 use crate::wasm::engine::{self, EpochClock};
 use crate::wasm::handler::{self, Handler, HandlerSource};
+use crate::wasm::http::World;
 
 /// The most runs each timing (instantiate; instantiate + call) is taken
 /// over, after one unmeasured warm-up run.
@@ -102,9 +104,13 @@ pub fn check(path: &Path, run: bool, strategy: StrategyKind) -> Result<bool> {
         "imports:     {}",
         if imports.is_empty() { "none" } else { "" }
     );
+    let world = crate::wasm::http::world_of(&engine, &component);
     let mut unavailable = Vec::new();
     for name in &imports {
-        let (verdict, note) = classify_import(name);
+        let (verdict, note) = match (world, name.starts_with("wasi:http/")) {
+            (World::Http, true) => crate::check_http::classify_import(name),
+            _ => classify_import(name),
+        };
         if verdict == ImportVerdict::Missing {
             unavailable.push(name.clone());
         }
@@ -127,6 +133,17 @@ pub fn check(path: &Path, run: bool, strategy: StrategyKind) -> Result<bool> {
         }
     );
 
+    if world == World::Http {
+        return crate::check_http::check_http(
+            &engine,
+            &source,
+            &component,
+            &bytes,
+            &unavailable,
+            run,
+            &verdict,
+        );
+    }
     if !ty.exports(&engine).any(|(name, _)| name == "handle") {
         return Ok(verdict(
             false,
@@ -149,6 +166,7 @@ pub fn check(path: &Path, run: bool, strategy: StrategyKind) -> Result<bool> {
             return Ok(verdict(false, &why));
         }
     };
+    println!("world:       {}", World::Handler.name());
     println!("handle:      exported with the type of host:handler/handler@0.1.0");
 
     let digest = crate::wasm::compile_cache::digest(&bytes);
@@ -335,13 +353,6 @@ fn time_calls(service: &Service, budget: Duration, runs: usize) -> Result<Calls>
             .map(|(_, ending)| ending)
             .find(|o| o.outcome != Outcome::Ok),
     })
-}
-
-#[derive(PartialEq, Eq)]
-enum ImportVerdict {
-    Granted,
-    Denied,
-    Missing,
 }
 
 /// What the host does with an import, in words.

@@ -9,6 +9,7 @@
 mod about;
 mod activation;
 mod check;
+mod check_http;
 mod conn;
 mod handoff;
 mod listener;

@@ -1,4 +1,4 @@
-//! How a connection ended: the eleven outcomes, their stable names (the
+//! How a connection ended: the twelve outcomes, their stable names (the
 //! `outcome=` of the `closed` line and the `outcome` label of
 //! `host_connections_total`) and their order (the index of their counter in
 //! the shared metrics). Adding one here adds its name, its counter and its
@@ -31,11 +31,14 @@ pub(crate) enum Outcome {
     /// A balancer's connection (`proxy-from`) did not start with a PROXY
     /// protocol header the tenant takes, whole, in time; nothing ran.
     BadProxyHeader,
+    /// An HTTP request the host could not parse or give to a guest (it
+    /// answered 400 itself); nothing ran.
+    BadRequest,
 }
 
 impl Outcome {
     /// Every outcome, in label order: `ALL[o.index()] == o`.
-    pub(crate) const ALL: [Outcome; 11] = [
+    pub(crate) const ALL: [Outcome; 12] = [
         Outcome::Ok,
         Outcome::HandlerError,
         Outcome::Trap,
@@ -47,6 +50,7 @@ impl Outcome {
         Outcome::HostError,
         Outcome::Denied,
         Outcome::BadProxyHeader,
+        Outcome::BadRequest,
     ];
 
     /// The stable name in log lines and metrics labels.
@@ -63,6 +67,7 @@ impl Outcome {
             Outcome::HostError => "host-error",
             Outcome::Denied => "denied",
             Outcome::BadProxyHeader => "bad-proxy-header",
+            Outcome::BadRequest => "bad-request",
         }
     }
 

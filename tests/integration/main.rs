@@ -12,6 +12,7 @@ mod echo;
 mod faults;
 mod guests;
 mod habits;
+mod http;
 mod live;
 mod ops;
 mod outbound;

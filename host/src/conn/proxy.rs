@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use wasmtime_wasi_io::bytes::BytesMut;
 
 use crate::conn::proxy_header::{parse, signature, Header, Parsed, Signature, MAX_LEN};
+use crate::conn::report::Ending;
+use crate::conn::service::{Service, Unserved};
 use crate::conn::socket::Socket;
 use crate::listener::Peer;
 use crate::outcome::Outcome;
@@ -202,6 +204,40 @@ fn client(header: &Header, balancer: &Peer) -> Peer {
             text: addr.to_string(),
         },
         None => balancer.clone(),
+    }
+}
+
+/// The PROXY protocol step of serving a connection, shared by the raw and
+/// the HTTP paths.
+impl Service {
+    /// Who the client is ([`identify`], with this tenant's settings). A
+    /// refusal is returned for [`Service::refuse`], once the caller has
+    /// closed the socket.
+    pub(crate) async fn proxied(
+        &self,
+        socket: &Socket,
+        peer: Peer,
+    ) -> Result<(Peer, Option<Peer>), Refused> {
+        identify(
+            socket,
+            self.proxy_protocol(),
+            peer,
+            self.access(),
+            self.limits().timeout,
+        )
+        .await
+    }
+
+    /// Counts and logs a connection [`Service::proxied`] refused.
+    pub(crate) fn refuse(&self, r: Refused, id: u64, worker: &str, started: Instant) -> Ending {
+        let unserved = Unserved {
+            id,
+            peer: &r.peer,
+            via: r.via.as_ref(),
+            worker,
+            duration: started.elapsed(),
+        };
+        self.unserved(unserved, r.outcome, r.error.as_deref())
     }
 }
 

@@ -17,7 +17,7 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream};
 
 use crate::conn::guest_log::GuestOutput;
-use crate::conn::proxy;
+use crate::conn::phase::Phase;
 use crate::conn::report::{classify, log_closed, CallResult, Closed, Ending, Level, Usage};
 use crate::conn::socket::{block_on, Socket, Waits};
 use crate::conn::streams::{SocketInput, SocketOutput};
@@ -68,6 +68,8 @@ pub struct Service {
     /// shutdown can end them.
     live: Mutex<HashMap<u64, Arc<Socket>>>,
     aborting: AtomicBool,
+    /// Drain and abort, as the HTTP connections of this process see them.
+    http_phase: Phase,
 }
 
 impl Service {
@@ -91,6 +93,7 @@ impl Service {
             metrics: None,
             live: Mutex::new(HashMap::new()),
             aborting: AtomicBool::new(false),
+            http_phase: Phase::default(),
         }
     }
 
@@ -149,14 +152,29 @@ impl Service {
         None
     }
 
+    /// The allow/deny lists.
+    pub(super) fn access(&self) -> &Access {
+        &self.access
+    }
+
+    /// The PROXY protocol settings, if the tenant sits behind a balancer.
+    pub(super) fn proxy_protocol(&self) -> Option<&ProxyProtocol> {
+        self.proxy.as_ref()
+    }
+
     /// The PROXY protocol settings, if `peer` is a balancer that must send
     /// a header.
-    fn balancer(&self, peer: &Peer) -> Option<&ProxyProtocol> {
+    pub(super) fn balancer(&self, peer: &Peer) -> Option<&ProxyProtocol> {
         self.proxy.as_ref().filter(|proxy| proxy.trusts(peer.ip()))
     }
 
     /// Counts and logs a connection that ran no guest (already closed).
-    fn unserved(&self, c: Unserved<'_>, outcome: Outcome, error: Option<&str>) -> Ending {
+    pub(super) fn unserved(
+        &self,
+        c: Unserved<'_>,
+        outcome: Outcome,
+        error: Option<&str>,
+    ) -> Ending {
         if let Some(metrics) = &self.metrics {
             metrics.record(outcome, 0, 0, c.duration, None);
         }
@@ -194,8 +212,9 @@ impl Service {
         &self.limits
     }
 
-    /// Serves `conn` to the end on the calling thread, logs its line and
-    /// returns how it ended. `worker` names the thread or process.
+    /// Serves a raw-world `conn` to the end on the calling thread, logs its
+    /// line and returns how it ended. `worker` names the thread or process.
+    /// (`conn::dispatch` picks this or the HTTP path.)
     pub(crate) fn serve(&self, conn: Accepted, worker: &str) -> Ending {
         // Every wait of a blocking connection happens in poll(2) inside the
         // future: it is ready at its first poll.
@@ -231,25 +250,14 @@ impl Service {
         if self.aborting.load(Ordering::SeqCst) {
             socket.abort();
         }
-        // Behind a balancer, the client is the one its header names, and
-        // allow/deny judge that client; anyone else's header is refused.
-        let within = self.limits.timeout;
-        let (peer, via) =
-            match proxy::identify(&socket, self.proxy.as_ref(), peer, &self.access, within).await {
-                Ok(client) => client,
-                Err(refused) => {
-                    drop(live);
-                    drop(socket);
-                    let unserved = Unserved {
-                        id,
-                        peer: &refused.peer,
-                        via: refused.via.as_ref(),
-                        worker,
-                        duration: started.elapsed(),
-                    };
-                    return self.unserved(unserved, refused.outcome, refused.error.as_deref());
-                }
-            };
+        let (peer, via) = match self.proxied(&socket, peer).await {
+            Ok(named) => named,
+            Err(refused) => {
+                drop(live);
+                drop(socket);
+                return self.refuse(refused, id, worker, started);
+            }
+        };
         let info = ConnectionInfo {
             peer_address: peer.text.clone(),
             local_address: local,
@@ -305,10 +313,52 @@ impl Service {
     /// up to an error, and queued connections are closed unserved.
     pub(crate) fn abort_all(&self) {
         self.aborting.store(true, Ordering::SeqCst);
+        self.http_phase.abort();
         for socket in self.lock_live().values() {
             socket.abort();
         }
         self.clock.expire_all(self.engine(), self.limits.timeout);
+    }
+
+    /// The accept loop has stopped: HTTP connections finish the request
+    /// in flight and close; idle ones close now. (A raw connection is one
+    /// call: it simply runs to its end.)
+    pub(crate) fn drain(&self) {
+        self.http_phase.drain();
+    }
+
+    pub(crate) fn http_phase(&self) -> &Phase {
+        &self.http_phase
+    }
+
+    pub(crate) fn clock(&self) -> EpochClock {
+        self.clock
+    }
+
+    /// Whether `peer` is a balancer whose connections start with a PROXY
+    /// protocol header.
+    pub(crate) fn takes_proxy_header(&self, peer: &Peer) -> bool {
+        self.balancer(peer).is_some()
+    }
+
+    /// Counts and logs a connection the host could not start serving
+    /// (outcome `host-error`).
+    pub(crate) fn not_served(&self, conn: Accepted, worker: &str, why: &str) -> Ending {
+        let Accepted { stream, peer, id } = conn;
+        drop(stream);
+        self.unserved_error(id, &peer, worker, why)
+    }
+
+    /// [`Service::not_served`] once the socket is closed.
+    pub(crate) fn unserved_error(&self, id: u64, peer: &Peer, worker: &str, why: &str) -> Ending {
+        let unserved = Unserved {
+            id,
+            peer,
+            via: None,
+            worker,
+            duration: Duration::ZERO,
+        };
+        self.unserved(unserved, Outcome::HostError, Some(why))
     }
 
     fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Socket>>> {
@@ -326,7 +376,11 @@ impl Service {
             Ok(prepared) => prepared,
             Err(why) => return (CallResult::SetupFailed(why), None),
         };
-        let result = match self.handler.pre().instantiate(&mut store) {
+        let Some(pre) = self.handler.pre() else {
+            let why = "the handler is not of the host:handler/handler world".to_string();
+            return (CallResult::SetupFailed(why), Some(dispose(store)));
+        };
+        let result = match pre.instantiate(&mut store) {
             // Instantiation runs guest code (start functions) and grows
             // memory: its failures are the guest's.
             Err(e) => CallResult::Trapped(e.context("instantiation failed")),
@@ -384,24 +438,19 @@ impl Service {
         }
     }
 
-    /// A store granting what `--env` and `--dir` grant and nothing else, with
-    /// the memory limit and the deadline set.
-    pub(super) fn new_store(
+    /// A WASI context granting what `--env` and `--dir` grant and nothing
+    /// else (no network: the raw world's store adds its outbound grants),
+    /// the guest's stdout and stderr going to the log.
+    pub(super) fn granted_wasi(
         &self,
-        id: u64,
-        socket: &Arc<Socket>,
-        waits: Waits,
-    ) -> Result<Store<ConnState>, String> {
-        let output_log = GuestOutput::new(id);
-        let clock = GuestClock {
-            base: Instant::now(),
-        };
+        output_log: &Arc<GuestOutput>,
+    ) -> Result<WasiCtxBuilder, String> {
         let mut wasi = WasiCtxBuilder::new();
-        wasi.monotonic_clock(clock)
-            .stdout(output_log.stream("stdout"))
-            .stderr(output_log.stream("stderr"));
-        let network = Network::of(&self.outbound, &self.tenant_name, id, self.metrics.as_ref());
-        outbound::grant(&mut wasi, &network);
+        wasi.stdout(output_log.stream("stdout"))
+            .stderr(output_log.stream("stderr"))
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
         for (key, value) in &self.grants.env {
             wasi.env(key, value);
         }
@@ -416,6 +465,26 @@ impl Service {
                     format!("cannot open --dir {}: {}", dir.host.display(), one_line(&e))
                 })?;
         }
+        Ok(wasi)
+    }
+
+    /// A store granting what `--env` and `--dir` grant and nothing else, with
+    /// the memory limit and the deadline set.
+    pub(super) fn new_store(
+        &self,
+        id: u64,
+        socket: &Arc<Socket>,
+        waits: Waits,
+    ) -> Result<Store<ConnState>, String> {
+        let output_log = GuestOutput::new(id);
+        let clock = GuestClock {
+            base: Instant::now(),
+        };
+        let mut wasi = self.granted_wasi(&output_log)?;
+        wasi.monotonic_clock(clock);
+        // The raw world's outbound grants (`allow-outbound`).
+        let network = Network::of(&self.outbound, &self.tenant_name, id, self.metrics.as_ref());
+        outbound::grant(&mut wasi, &network);
         let mut store = Store::new(
             self.engine(),
             ConnState {
@@ -458,12 +527,12 @@ impl Service {
 }
 
 /// A connection that ends before any guest runs, as its line tells it.
-struct Unserved<'a> {
-    id: u64,
-    peer: &'a Peer,
-    via: Option<&'a Peer>,
-    worker: &'a str,
-    duration: Duration,
+pub(super) struct Unserved<'a> {
+    pub(super) id: u64,
+    pub(super) peer: &'a Peer,
+    pub(super) via: Option<&'a Peer>,
+    pub(super) worker: &'a str,
+    pub(super) duration: Duration,
 }
 
 /// What the guest's `handle` call came to.

@@ -191,6 +191,15 @@ impl Socket {
         }
     }
 
+    /// The socket itself, once no stream shares it any more (an HTTP
+    /// connection after its PROXY protocol header): its reactor
+    /// registration, if any, is dropped first.
+    pub(crate) fn into_stream(self: Arc<Self>) -> Option<socket2::Socket> {
+        let socket = Arc::try_unwrap(self).ok()?;
+        drop(socket.reactor);
+        Some(socket.stream)
+    }
+
     pub(crate) fn stream(&self) -> &socket2::Socket {
         &self.stream
     }

@@ -3,6 +3,7 @@
 //! takes (the same store, streams and close), without its line and counters.
 //! Kept apart so the connection path carries no timing code.
 
+use anyhow::Context as _;
 use std::time::{Duration, Instant};
 
 use crate::conn::report::{classify, Ending};
@@ -30,6 +31,7 @@ impl Service {
         let started = Instant::now();
         self.handler()
             .pre()
+            .context("not a handler of the host:handler/handler world")?
             .instantiate(&mut store)
             .map_err(|e| anyhow::anyhow!("instantiation failed: {}", one_line(&e)))?;
         Ok(started.elapsed())

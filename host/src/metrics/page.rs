@@ -55,6 +55,9 @@ struct Snapshot {
     memory_buckets: [u64; MEMORY_BOUNDS.len() + 1],
     memory_sum: u64,
     outbound: [u64; 2],
+    http_status: [u64; 5],
+    http_duration_buckets: [u64; DURATION_BOUNDS_US.len() + 1],
+    http_duration_sum_us: u64,
 }
 
 impl Snapshot {
@@ -70,6 +73,9 @@ impl Snapshot {
             memory_buckets: slot.memory_buckets.each_ref().map(load),
             memory_sum: load(&slot.memory_sum),
             outbound: slot.outbound.each_ref().map(load),
+            http_status: slot.http_status.each_ref().map(load),
+            http_duration_buckets: slot.http_duration_buckets.each_ref().map(load),
+            http_duration_sum_us: load(&slot.http_duration_sum_us),
         }
     }
 }
@@ -107,6 +113,58 @@ impl Page {
             metric
                 .encode_family(&labels)?
                 .encode_counter::<NoLabelSet, _, u64>(&value(snapshot), None)?;
+        }
+        Ok(())
+    }
+}
+
+impl Page {
+    /// The HTTP families, for the tenants that have served an HTTP request
+    /// (`wasi:http/proxy` handlers): requests by status class and their
+    /// duration.
+    fn encode_http(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
+        let http: Vec<_> = self
+            .tenants
+            .iter()
+            .filter(|(_, s)| s.http_status.iter().sum::<u64>() > 0)
+            .collect();
+        if http.is_empty() {
+            return Ok(());
+        }
+        let mut metric = encoder.encode_descriptor(
+            "host_http_requests",
+            "HTTP requests answered, by status class.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (info, snapshot) in &http {
+            for (class, count) in ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                .into_iter()
+                .zip(snapshot.http_status)
+            {
+                let labels = [("tenant", info.name.as_str()), ("class", class)];
+                metric
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(&count, None)?;
+            }
+        }
+        let mut metric = encoder.encode_descriptor(
+            "host_http_request_duration",
+            "How long HTTP requests took, from their head to their response's last byte.",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for (info, snapshot) in &http {
+            let labels = [("tenant", info.name.as_str())];
+            let counts = &snapshot.http_duration_buckets;
+            metric
+                .encode_family(&labels)?
+                .encode_histogram::<NoLabelSet>(
+                    snapshot.http_duration_sum_us as f64 / 1e6,
+                    counts.iter().sum(),
+                    &buckets(&DURATION_BOUNDS_US, counts, 1e6),
+                    None,
+                )?;
         }
         Ok(())
     }
@@ -226,6 +284,8 @@ impl Collector for Page {
                 }
             }
         }
+
+        self.encode_http(&mut encoder)?;
 
         let mut metric = encoder.encode_descriptor(
             "host_reloads",
@@ -422,13 +482,13 @@ mod tests {
             get(r#"host_connection_duration_seconds_count{tenant="b"}"#),
             "3"
         );
-        // Only the tenants asked for are shown: 11 outcomes for each of two.
+        // Only the tenants asked for are shown: 12 outcomes for each of two.
         assert!(!page.contains(r#"tenant="1""#) && !page.contains("hidden"));
         let connection_lines = samples
             .keys()
             .filter(|series| series.starts_with("host_connections_total{"))
             .count();
-        assert_eq!(connection_lines, 22);
+        assert_eq!(connection_lines, 24);
         // A slot out of range is left out rather than panicking.
         let page = metrics.render(&[info("gone", 99)]);
         assert!(!page.contains("gone"));
@@ -551,6 +611,7 @@ mod tests {
             .tenant(0)
             .record(Outcome::Ok, 5, 5, 3 * MS, Some(1 << 20));
         metrics.tenant(2).record(Outcome::Denied, 0, 0, MS, None);
+        metrics.tenant(2).record_request(404, 2 * MS);
         metrics.reloaded(false);
         let tenants = [
             info("a", 0),

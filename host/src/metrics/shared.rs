@@ -60,6 +60,10 @@ pub(super) struct Slot {
     pub(super) memory_sum: AtomicU64,
     /// Guests' outbound connects: `[opened, refused]`.
     pub(super) outbound: [AtomicU64; 2],
+    /// HTTP requests (`wasi:http/proxy` handlers) by status class, 1xx to 5xx.
+    pub(super) http_status: [AtomicU64; 5],
+    pub(super) http_duration_buckets: [AtomicU64; DURATION_BOUNDS_US.len() + 1],
+    pub(super) http_duration_sum_us: AtomicU64,
 }
 
 /// The shared mapping: a [`Header`] followed by `max_tenants` [`Slot`]s.
@@ -138,6 +142,17 @@ pub(crate) struct TenantInfo {
     /// The handler's SHA-256 in hex, or `builtin-echo`.
     pub(crate) digest: String,
     pub(crate) strategy: String,
+}
+
+/// The duration bucket of `duration`. Buckets are `le` (inclusive);
+/// compare in nanoseconds so that 1.0004 ms does not land in the 1 ms
+/// bucket.
+fn duration_bucket(duration: Duration) -> usize {
+    let nanos = duration.as_nanos();
+    DURATION_BOUNDS_US
+        .iter()
+        .position(|bound| nanos <= u128::from(*bound) * 1_000)
+        .unwrap_or(DURATION_BOUNDS_US.len())
 }
 
 /// The counters of one tenant slot.
@@ -239,14 +254,7 @@ impl TenantMetrics {
         slot.received.fetch_add(bytes_in, Ordering::Relaxed);
         slot.sent.fetch_add(bytes_out, Ordering::Relaxed);
 
-        // Buckets are `le` (inclusive); compare in nanoseconds so that
-        // 1.0004 ms does not land in the 1 ms bucket.
-        let nanos = duration.as_nanos();
-        let bucket = DURATION_BOUNDS_US
-            .iter()
-            .position(|bound| nanos <= u128::from(*bound) * 1_000)
-            .unwrap_or(DURATION_BOUNDS_US.len());
-        slot.duration_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        slot.duration_buckets[duration_bucket(duration)].fetch_add(1, Ordering::Relaxed);
         let micros = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
         slot.duration_sum_us.fetch_add(micros, Ordering::Relaxed);
 
@@ -258,6 +266,18 @@ impl TenantMetrics {
             slot.memory_buckets[bucket].fetch_add(1, Ordering::Relaxed);
             slot.memory_sum.fetch_add(peak, Ordering::Relaxed);
         }
+    }
+
+    /// One HTTP request's status (counted by class; anything outside
+    /// 100..=599 as 5xx) and its duration, from its head to its last byte.
+    pub(crate) fn record_request(&self, status: u16, duration: Duration) {
+        let slot = self.slot();
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        slot.http_status[class].fetch_add(1, Ordering::Relaxed);
+        slot.http_duration_buckets[duration_bucket(duration)].fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
+        slot.http_duration_sum_us
+            .fetch_add(micros, Ordering::Relaxed);
     }
 }
 
@@ -300,5 +320,50 @@ mod tests {
     #[should_panic(expected = "out of range")]
     fn tenant_slot_out_of_range_panics() {
         Metrics::new(2).unwrap().tenant(2);
+    }
+
+    #[test]
+    fn http_requests_by_status_class_and_duration() {
+        let metrics = Metrics::new(2).unwrap();
+        let http = metrics.tenant(1);
+        for (status, ms) in [
+            (200, 1),
+            (204, 3),
+            (404, 2),
+            (500, 40),
+            (504, 1000),
+            (99, 1),
+        ] {
+            http.record_request(status, Duration::from_millis(ms));
+        }
+        let info = |name: &str, slot| TenantInfo {
+            name: name.to_string(),
+            slot,
+            digest: "builtin-echo".to_string(),
+            strategy: "threading".to_string(),
+        };
+        let page = metrics.render(&[info("raw", 0), info("web", 1)]);
+        let has = |line: &str| page.lines().any(|l| l == line);
+        for (class, n) in [("1xx", 1), ("2xx", 2), ("3xx", 0), ("4xx", 1), ("5xx", 2)] {
+            let line = format!("host_http_requests_total{{tenant=\"web\",class=\"{class}\"}} {n}");
+            assert!(has(&line), "{line}\n{page}");
+        }
+        assert!(
+            has(r#"host_http_request_duration_seconds_count{tenant="web"} 6"#),
+            "{page}"
+        );
+        assert!(
+            has(r#"host_http_request_duration_seconds_bucket{tenant="web",le="0.001"} 2"#),
+            "{page}"
+        );
+        assert!(
+            has(r#"host_http_request_duration_seconds_bucket{tenant="web",le="0.05"} 5"#),
+            "{page}"
+        );
+        // A tenant with no HTTP request has no HTTP series.
+        assert!(
+            !page.contains(r#"host_http_requests_total{tenant="raw""#),
+            "{page}"
+        );
     }
 }

@@ -95,6 +95,7 @@ pub(crate) fn run(
 
     drop(listeners);
     strategy.stop_accepting();
+    strategy.service().drain();
     strategy.maintain();
     let in_flight = strategy.in_flight();
     let tenant = strategy.service().tenant().to_string();

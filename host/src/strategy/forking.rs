@@ -14,7 +14,10 @@
 //! `--timeout` with a one-shot `SIGALRM` whose handler advances the engine's
 //! epoch (a signal-safe atomic increment), trapping the guest. As a backstop
 //! the parent kills a child that outlives its deadline plus the time its
-//! close may take.
+//! close may take. A child serving a `wasi:http/proxy` handler's
+//! keep-alive connection has no such bound as a whole (each request has its
+//! `--timeout`, each pause between requests the idle timeout): it starts its
+//! own epoch ticker (`conn::http`) and gets no parent-side backstop.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
@@ -33,6 +36,7 @@ use crate::outcome::Outcome;
 use crate::shutdown::Shutdown;
 use crate::sys::process::{self, Exit, Forked, Pid, Reaped};
 use crate::sys::signals;
+use crate::wasm::http::World;
 
 pub(crate) struct Forking {
     service: Arc<Service>,
@@ -41,8 +45,9 @@ pub(crate) struct Forking {
     /// The descriptors a child keeps besides its connection's socket: those
     /// of the compiled handler (its image file, the engine's).
     inherit: Vec<RawFd>,
-    /// How long after its start the parent kills a child.
-    backstop: Duration,
+    /// How long after its start the parent kills a child (`None`: an HTTP
+    /// tenant's child, bounded per request in the child).
+    backstop: Option<Duration>,
     /// After a failed fork, no accepting until then.
     paused_until: Option<Instant>,
 }
@@ -82,7 +87,8 @@ impl Forking {
         let limits = service.limits();
         // A child's guest stops at `timeout`; its output may then take an
         // idle timeout to flush and its close a linger.
-        let backstop = limits.timeout + limits.idle_timeout + LINGER + Duration::from_secs(1);
+        let backstop = (service.handler().world() == World::Handler)
+            .then(|| limits.timeout + limits.idle_timeout + LINGER + Duration::from_secs(1));
         Ok(Forking {
             service,
             limit,
@@ -100,7 +106,7 @@ impl Forking {
         let worker = format!("pid-{}", std::process::id());
         let id = conn.id;
         let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.service.serve(conn, &worker);
+            crate::conn::dispatch::serve(&self.service, conn, &worker);
         }));
         let code = match served {
             Ok(()) => 0,
@@ -150,7 +156,8 @@ impl Forking {
     fn kill_children(&mut self, why: Outcome, only_overdue: bool) {
         let now = Instant::now();
         for (&pid, child) in &mut self.children {
-            if child.killed.is_some() || (only_overdue && now < child.started + self.backstop) {
+            let overdue = self.backstop.is_some_and(|b| now >= child.started + b);
+            if child.killed.is_some() || (only_overdue && !overdue) {
                 continue;
             }
             child.killed = Some(why);
@@ -282,7 +289,7 @@ impl Strategy for Forking {
             .children
             .values()
             .filter(|c| c.killed.is_none())
-            .map(|c| c.started + self.backstop);
+            .filter_map(|c| self.backstop.map(|b| c.started + b));
         backstops.chain(self.paused_until).min()
     }
 

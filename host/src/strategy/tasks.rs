@@ -84,7 +84,10 @@ impl Strategy for Async {
         runtime.spawn(async move {
             let _slot = slot;
             let id = conn.id;
-            let served = CatchUnwind(Box::pin(service.serve_async(conn, &worker))).await;
+            let served = CatchUnwind(Box::pin(crate::conn::dispatch::serve_async(
+                &service, conn, &worker,
+            )))
+            .await;
             if served.is_err() {
                 tracing::error!("connection {id} worker={worker}: the host panicked serving it");
             }

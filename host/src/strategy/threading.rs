@@ -91,7 +91,7 @@ impl Strategy for Threading {
             let id = conn.id;
             let worker = worker_name(&prefix);
             let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                service.serve(conn, &worker);
+                crate::conn::dispatch::serve(&service, conn, &worker);
             }));
             if served.is_err() {
                 tracing::error!("connection {id} worker={worker}: the host panicked serving it");

@@ -1,6 +1,7 @@
 //! Loading a handler: read the file, check that it is a component of the
-//! `host:handler/handler` world, compile it once and pre-instantiate it. Every
-//! refusal is one line naming the file and what is wrong with it.
+//! `host:handler/handler` world (or of `wasi:http/proxy`, `wasm::http`),
+//! compile it once and pre-instantiate it. Every refusal is one line naming
+//! the file and what is wrong with it.
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -14,6 +15,7 @@ use wasmtime::{Engine, Precompiled};
 
 use crate::wasm::compile_cache::CompileCache;
 use crate::wasm::guest_clock::{Deadline, GuestClock, SleepState};
+use crate::wasm::http::{world_of, HttpState, ProxyPre, World};
 use crate::wasm::one_line;
 use crate::wasm::outbound::{Network, NetworkState};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -113,9 +115,14 @@ impl WasiView for ConnState {
 /// instance per connection.
 pub(crate) struct Handler {
     digest: String,
-    pre: HandlerPre<ConnState>,
+    /// The engine it was compiled for.
+    engine: Engine,
+    /// The `host:handler/handler` world's (`None`: an HTTP handler).
+    pre: Option<HandlerPre<ConnState>>,
     /// Linked with WASI's async host functions, for the async strategy.
     pre_async: Option<HandlerPreAsync<ConnState>>,
+    /// The `wasi:http/proxy` world's, for every strategy.
+    http: Option<ProxyPre<HttpState>>,
 }
 
 /// How a handler may be loaded.
@@ -366,6 +373,15 @@ impl Handler {
             }
         };
 
+        if world_of(engine, &component) == World::Http {
+            return Ok(Handler {
+                digest,
+                engine: engine.clone(),
+                pre: None,
+                pre_async: None,
+                http: Some(crate::wasm::http::link(engine, source, &component)?),
+            });
+        }
         let pre = link(engine, source, &component)?;
         let pre_async = if options.for_async {
             Some(link_async(engine, source, &component)?)
@@ -374,9 +390,25 @@ impl Handler {
         };
         Ok(Handler {
             digest,
-            pre,
+            engine: engine.clone(),
+            pre: Some(pre),
             pre_async,
+            http: None,
         })
+    }
+
+    /// The world the handler is written for.
+    pub(crate) fn world(&self) -> World {
+        if self.http.is_some() {
+            World::Http
+        } else {
+            World::Handler
+        }
+    }
+
+    /// An HTTP handler's pre-instantiated proxy.
+    pub(crate) fn http(&self) -> Option<&ProxyPre<HttpState>> {
+        self.http.as_ref()
     }
 
     /// The SHA-256 of the handler file, in hex.
@@ -388,17 +420,20 @@ impl Handler {
     pub(crate) fn from_parts(digest: String, pre: HandlerPre<ConnState>) -> Handler {
         Handler {
             digest,
-            pre,
+            engine: pre.engine().clone(),
+            pre: Some(pre),
             pre_async: None,
+            http: None,
         }
     }
 
     pub(crate) fn engine(&self) -> &Engine {
-        self.pre.engine()
+        &self.engine
     }
 
-    pub(crate) fn pre(&self) -> &HandlerPre<ConnState> {
-        &self.pre
+    /// The `host:handler/handler` world's (`None` for an HTTP handler).
+    pub(crate) fn pre(&self) -> Option<&HandlerPre<ConnState>> {
+        self.pre.as_ref()
     }
 
     pub(crate) fn pre_async(&self) -> Option<&HandlerPreAsync<ConnState>> {
