@@ -263,7 +263,7 @@ fn the_readme_names_every_outcome() {
         .filter_map(|l| l.split(" => \"").nth(1))
         .map(|l| l.trim_end_matches("\","))
         .collect();
-    assert_eq!(names.len(), 11, "{names:?}");
+    assert_eq!(names.len(), 12, "{names:?}");
     let readme = readme();
     let log = readme.split("### The log").nth(1).unwrap();
     let log = log.split("\n## ").next().unwrap();
