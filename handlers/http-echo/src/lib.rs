@@ -7,8 +7,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use wasip2::http::types::{
-    Fields, IncomingBody, IncomingRequest, Method, OutgoingBody, OutgoingResponse,
-    ResponseOutparam,
+    Fields, IncomingBody, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
 };
 
 /// Requests this instance has served (state a reused instance would keep).

@@ -3,7 +3,9 @@
 //! calls (stopped only by the epoch at `--timeout`), `/silent` returns
 //! without answering; any other path gets `200 ok`.
 
-use wasip2::http::types::{Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam};
+use wasip2::http::types::{
+    Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam,
+};
 
 struct TestHttp;
 
