@@ -169,17 +169,6 @@ fn the_files_log_level_applies_and_the_flag_wins() {
 // ---------------------------------------------------------------------------
 // Health and readiness on the metrics address.
 
-/// Where the metrics (and health) are served, from the `metrics on` line.
-fn metrics_addr(server: &Server) -> SocketAddr {
-    let line =
-        server.wait_for_log(|l| stable_line(l).is_some_and(|t| t.starts_with("metrics on ")));
-    let line = stable_line(&line).unwrap();
-    line.trim_start_matches("metrics on http://")
-        .trim_end_matches("/metrics")
-        .parse()
-        .unwrap_or_else(|_| panic!("metrics on http://IP:PORT/metrics: {line}"))
-}
-
 fn status(addr: SocketAddr, path: &str) -> (u16, String) {
     let (line, body) = http_get(addr, path);
     let code = line
@@ -197,7 +186,7 @@ fn healthz_and_readyz_answer_and_readyz_turns_503_before_the_listeners_close() {
         Some(&guest("test-guest")),
         &["--metrics-addr", "127.0.0.1:0", "--drain-timeout", "10m"],
     );
-    let metrics = metrics_addr(&server);
+    let metrics = server.metrics_addr();
     assert_eq!(status(metrics, "/healthz"), (200, "ok\n".to_string()));
     assert_eq!(status(metrics, "/readyz"), (200, "ready\n".to_string()));
     let (code, index) = status(metrics, "/");
@@ -242,7 +231,7 @@ fn healthz_and_readyz_answer_and_readyz_turns_503_before_the_listeners_close() {
 #[test]
 fn readyz_is_503_while_a_dead_worker_awaits_its_replacement() {
     let server = Server::start(Strategy::Async, None, &["--metrics-addr", "127.0.0.1:0"]);
-    let metrics = metrics_addr(&server);
+    let metrics = server.metrics_addr();
     assert_eq!(exchange(server.addr(), b"ping"), b"ping");
     server.wait_for_log(|l| l.contains(" worker=pid-"));
     let worker = *server.worker_pids().first().expect("a worker pid");

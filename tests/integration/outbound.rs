@@ -16,8 +16,7 @@ use harness::{Launch, Process};
 
 use crate::for_each_strategy;
 use crate::support::{
-    connect, eventually, guest, http_get, run_host, stable_line, Server, Strategy, TempDir,
-    PATIENCE,
+    connect, eventually, guest, http_get, run_host, Server, Strategy, TempDir, PATIENCE,
 };
 
 for_each_strategy!(
@@ -258,7 +257,7 @@ fn a_tenant_without_the_grant_gets_an_error_reply_and_the_log_names_the_address(
         redis.addr
     );
     server.wait_for_log(|l| l.contains(&wanted));
-    let metrics = metrics_addr(&server);
+    let metrics = server.metrics_addr();
     eventually(PATIENCE, || {
         let (_, page) = http_get(metrics, "/metrics");
         let want = [
@@ -284,16 +283,6 @@ fn a_tenant_without_the_grant_gets_an_error_reply_and_the_log_names_the_address(
             "outbound socket refused: the tenant grants no outbound network (tenant default)",
         )
     });
-}
-
-fn metrics_addr(server: &Server) -> SocketAddr {
-    let line =
-        server.wait_for_log(|l| stable_line(l).is_some_and(|t| t.starts_with("metrics on ")));
-    let line = stable_line(&line).unwrap();
-    line.trim_start_matches("metrics on http://")
-        .trim_end_matches("/metrics")
-        .parse()
-        .unwrap()
 }
 
 // ---------------------------------------------------------------------------
