@@ -17,6 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
@@ -161,8 +162,26 @@ impl Listener {
         &self.local
     }
 
-    pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
-        self.socket.set_nonblocking(nonblocking)
+    /// Readies it for the accept loop: non-blocking, and for TCP with
+    /// `TCP_NODELAY` set once here, which every accepted socket inherits
+    /// (replies are often one small write: Nagle must not hold them back),
+    /// rather than once per connection.
+    pub(crate) fn prepare_for_accept(&self) -> io::Result<()> {
+        self.socket.set_nonblocking(true)?;
+        if matches!(self.local, ListenAddr::Tcp(_)) {
+            self.socket.set_tcp_nodelay(true)?;
+        }
+        Ok(())
+    }
+
+    /// The local address of every connection it accepts, when that is known
+    /// without asking (TCP on one address, not a wildcard), so no
+    /// connection pays a getsockname(2) for it.
+    pub(crate) fn fixed_local(&self) -> Option<Arc<str>> {
+        match &self.local {
+            ListenAddr::Tcp(addr) if !addr.ip().is_unspecified() => Some(addr.to_string().into()),
+            _ => None,
+        }
     }
 
     /// Takes one connection from the backlog.

@@ -90,11 +90,11 @@ fn ensure_ticker(service: &Service) -> Result<(), String> {
 /// it ended. `waits` is how the PROXY protocol header is waited for.
 pub(crate) async fn serve(service: &Service, conn: Accepted, worker: &str, waits: Waits) -> Ending {
     let started = Instant::now();
-    let Accepted { stream, peer, id } = conn;
+    // (`TCP_NODELAY` is the listener's, inherited: `prepare_for_accept`.)
+    let Accepted {
+        stream, peer, id, ..
+    } = conn;
     let tcp = peer.inet.is_some();
-    if tcp {
-        let _ = stream.set_tcp_nodelay(true);
-    }
     let limits = service.limits();
     let (stream, peer, via) = if service.takes_proxy_header(&peer) {
         let socket = Socket::new(stream, limits.idle_timeout, started + limits.timeout, waits);

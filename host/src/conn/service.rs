@@ -44,6 +44,9 @@ pub struct Accepted {
     pub(crate) peer: Peer,
     /// Unique within one run of the host, increasing from 1.
     pub(crate) id: u64,
+    /// The local address, when the listener knows it for every connection
+    /// (`Listener::fixed_local`); otherwise it is asked of the socket.
+    pub(crate) local: Option<Arc<str>>,
 }
 
 /// What every connection of one listener runs: the handler, its limits and
@@ -139,7 +142,9 @@ impl Service {
         if self.balancer(&conn.peer).is_some() || self.access.permits(conn.peer.ip()) {
             return Some(conn);
         }
-        let Accepted { stream, peer, id } = conn;
+        let Accepted {
+            stream, peer, id, ..
+        } = conn;
         drop(stream);
         let unserved = Unserved {
             id,
@@ -232,12 +237,14 @@ impl Service {
 
     async fn serve_with(&self, conn: Accepted, worker: &str, waits: Waits) -> Ending {
         let started = Instant::now();
-        let Accepted { stream, peer, id } = conn;
-        let local = local_of(&stream);
-        // Replies are often one small write: do not hold them back (Nagle).
-        if peer.inet.is_some() {
-            let _ = stream.set_tcp_nodelay(true);
-        }
+        let Accepted {
+            stream,
+            peer,
+            id,
+            local,
+        } = conn;
+        // (`TCP_NODELAY` is the listener's, inherited: `prepare_for_accept`.)
+        let local = local.map_or_else(|| local_of(&stream), |local| local.to_string());
         let socket = Socket::new(
             stream,
             self.limits.idle_timeout,
@@ -344,7 +351,9 @@ impl Service {
     /// Counts and logs a connection the host could not start serving
     /// (outcome `host-error`).
     pub(crate) fn not_served(&self, conn: Accepted, worker: &str, why: &str) -> Ending {
-        let Accepted { stream, peer, id } = conn;
+        let Accepted {
+            stream, peer, id, ..
+        } = conn;
         drop(stream);
         self.unserved_error(id, &peer, worker, why)
     }
@@ -438,6 +447,11 @@ impl Service {
         }
     }
 
+    /// Connection `id`'s view of the tenant's outbound grants.
+    pub(crate) fn network(&self, id: u64) -> Arc<Network> {
+        Network::of(&self.outbound, &self.tenant_name, id, self.metrics.as_ref())
+    }
+
     /// A WASI context granting what `--env` and `--dir` grant and nothing
     /// else (no network: the raw world's store adds its outbound grants),
     /// the guest's stdout and stderr going to the log.
@@ -483,7 +497,7 @@ impl Service {
         let mut wasi = self.granted_wasi(&output_log)?;
         wasi.monotonic_clock(clock);
         // The raw world's outbound grants (`allow-outbound`).
-        let network = Network::of(&self.outbound, &self.tenant_name, id, self.metrics.as_ref());
+        let network = self.network(id);
         outbound::grant(&mut wasi, &network);
         let mut store = Store::new(
             self.engine(),

@@ -36,9 +36,10 @@ pub(crate) fn run(
 ) -> Result<()> {
     for listener in &listeners {
         listener
-            .set_nonblocking(true)
-            .context("cannot make the listener non-blocking")?;
+            .prepare_for_accept()
+            .with_context(|| format!("cannot ready the listener on {}", listener.local()))?;
     }
+    let locals: Vec<_> = listeners.iter().map(Listener::fixed_local).collect();
     let doorbell = shutdown.read_end();
     let mut fds: Vec<Option<RawFd>> = Vec::with_capacity(listeners.len() + 1);
     // Listeners whose socket was shut down (at host shutdown) are done.
@@ -68,9 +69,13 @@ pub(crate) fn run(
             while strategy.has_capacity() && !shutdown.is_triggered() {
                 match listener.accept() {
                     Ok((stream, peer)) => {
-                        let id = ids.next();
-                        if let Some(conn) = strategy.service().admit(Accepted { stream, peer, id })
-                        {
+                        let conn = Accepted {
+                            stream,
+                            peer,
+                            id: ids.next(),
+                            local: locals[i].clone(),
+                        };
+                        if let Some(conn) = strategy.service().admit(conn) {
                             strategy.dispatch(conn);
                         }
                     }
