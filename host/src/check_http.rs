@@ -54,8 +54,8 @@ pub(crate) fn classify_import(name: &str) -> (ImportVerdict, &'static str) {
     let interface = name.split('@').next().unwrap_or(name);
     match interface {
         "wasi:http/outgoing-handler" => (
-            ImportVerdict::Denied,
-            "denied: every outgoing request fails (HTTP-request-denied)",
+            ImportVerdict::Granted,
+            "plain http:// to what allow-outbound grants; anything else fails (HTTP-request-denied)",
         ),
         _ => (ImportVerdict::Granted, "provided"),
     }

@@ -232,7 +232,111 @@ fn malformed_request_gets_400_without_a_guest(strategy: Strategy) {
     );
 }
 
+/// An upstream HTTP server on loopback: every request, read to the end of
+/// its head, is answered `200` with `upstream says hi` and closed; the
+/// request heads it saw come back on the returned channel.
+fn upstream() -> (SocketAddr, std::sync::mpsc::Receiver<String>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match stream.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+            let _ = stream.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\nConnection: close\r\n\r\nupstream says hi\n",
+            );
+        }
+    });
+    (addr, rx)
+}
+
+/// Outgoing HTTP (`wasi:http/outgoing-handler`) follows the tenant's
+/// outbound grants: to the granted upstream a request goes out (with the
+/// path and a `Host` header) and its answer comes back; to a port no grant
+/// names, and from a tenant without grants, it fails with
+/// `HTTP-request-denied`, logged and counted.
+fn outgoing_http_follows_the_grants(strategy: Strategy) {
+    let (up, seen) = upstream();
+    let grant = up.to_string();
+    let server = http_echo(
+        strategy,
+        &["--allow-outbound", &grant, "--metrics-addr", "127.0.0.1:0"],
+    );
+    let fetch = format!("x-fetch: http://{up}/through?x=1");
+    let (head, body) = curl(&["-H", &fetch, &url(server.addr(), "/")]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "fetched 200\nupstream says hi\n"
+    );
+    let request = seen
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        request.starts_with("GET /through?x=1 HTTP/1.1\r\n"),
+        "{request}"
+    );
+    assert!(
+        request
+            .to_ascii_lowercase()
+            .contains(&format!("host: {up}\r\n")),
+        "{request}"
+    );
+
+    // The same host, another port: not granted.
+    let elsewhere = format!("x-fetch: http://127.0.0.1:{}/", up.port() ^ 1);
+    let (head, body) = curl(&["-H", &elsewhere, &url(server.addr(), "/")]);
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "fetch failed: HTTP-request-denied\n"
+    );
+    server.wait_for_log(|line| {
+        line.contains(&format!(
+            "outbound connect to 127.0.0.1:{} refused: no grant of the tenant names it",
+            up.port() ^ 1
+        ))
+    });
+    let page = curl(&[&format!("http://{}/metrics", server.metrics_addr())]).1;
+    let page = String::from_utf8(page).unwrap();
+    assert!(
+        page.contains("host_outbound_connections_total{tenant=\"default\",result=\"opened\"} 1"),
+        "{page}"
+    );
+    assert!(
+        page.contains("host_outbound_connections_total{tenant=\"default\",result=\"refused\"} 1"),
+        "{page}"
+    );
+
+    // No grants at all: nothing goes out.
+    let closed = http_echo(strategy, &[]);
+    let (head, body) = curl(&["-H", &fetch, &url(closed.addr(), "/")]);
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "fetch failed: HTTP-request-denied\n"
+    );
+    closed.wait_for_log(|line| {
+        line.contains("outgoing HTTP request to http://")
+            && line.contains("refused: the tenant grants no outbound network")
+    });
+    assert!(
+        seen.try_recv().is_err(),
+        "a refused request reached the upstream"
+    );
+}
+
 crate::for_each_strategy!(
+    outgoing_http_follows_the_grants,
     curl_echoes_methods_headers_and_bodies,
     keep_alive_gives_each_request_a_fresh_instance,
     failing_guests_get_500_and_504_and_the_connection_stays,

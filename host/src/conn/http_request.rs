@@ -29,7 +29,8 @@ use crate::conn::service::Service;
 use crate::listener::Peer;
 use crate::metrics::TenantMetrics;
 use crate::outcome::Outcome;
-use crate::wasm::http::{DenyOutgoing, HttpState};
+use crate::wasm::http::HttpState;
+use crate::wasm::http_outgoing::Outgoing;
 use crate::wasm::limits::InstanceLimiter;
 use crate::wasm::one_line;
 
@@ -182,7 +183,7 @@ impl<'a> Requests<'a> {
                 http: WasiHttpCtx::new(),
                 table: ResourceTable::new(),
                 limiter: InstanceLimiter::new(service.limits().max_memory),
-                hooks: DenyOutgoing,
+                hooks: Outgoing::new(service.network(self.meta.id)),
             },
         );
         store.limiter(|state| &mut state.limiter);

@@ -1,21 +1,19 @@
 //! The `wasi:http/proxy` world: telling it from the host's own world by a
 //! component's exports, linking it (WASI plus `wasi:http`, through
 //! wasmtime-wasi-http) into a `ProxyPre` once per handler, and what one
-//! request's `Store` holds. Outgoing HTTP (`wasi:http/outgoing-handler`) is
-//! linked, so components that import it load, but every request a guest
-//! sends is refused with `HTTP-request-denied`: the host grants no network.
+//! request's `Store` holds. Outgoing HTTP (`wasi:http/outgoing-handler`)
+//! goes out under the tenant's outbound grants (`wasm::http_outgoing`);
+//! without a grant every request is refused with `HTTP-request-denied`.
 
 use anyhow::{anyhow, Result};
 use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::Engine;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
-use wasmtime_wasi_http::{
-    Error as HttpError, RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks,
-    WasiHttpView,
-};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::settings::HandlerSource;
+use crate::wasm::http_outgoing::Outgoing;
 use crate::wasm::limits::InstanceLimiter;
 use crate::wasm::one_line;
 
@@ -60,14 +58,14 @@ pub(crate) fn world_of(engine: &Engine, component: &Component) -> World {
 }
 
 /// What one HTTP request's `Store` holds: only what was granted, its
-/// resource table, its memory limiter, and the hooks that refuse outgoing
-/// requests. Dropped with the store when the request ends.
+/// resource table, its memory limiter, and the hooks that send outgoing
+/// requests under the grants. Dropped with the store when the request ends.
 pub(crate) struct HttpState {
     pub(crate) wasi: WasiCtx,
     pub(crate) http: WasiHttpCtx,
     pub(crate) table: ResourceTable,
     pub(crate) limiter: InstanceLimiter,
-    pub(crate) hooks: DenyOutgoing,
+    pub(crate) hooks: Outgoing,
 }
 
 impl WasiView for HttpState {
@@ -86,28 +84,6 @@ impl WasiHttpView for HttpState {
             table: &mut self.table,
             hooks: &mut self.hooks,
         }
-    }
-}
-
-/// `wasi:http/outgoing-handler`'s policy: no request leaves the host.
-#[derive(Default)]
-pub(crate) struct DenyOutgoing;
-
-/// A boxed future, as [`WasiHttpHooks::send_request`] returns it.
-type Boxed<T> = Box<dyn std::future::Future<Output = T> + Send>;
-
-impl WasiHttpHooks for DenyOutgoing {
-    fn send_request(
-        &mut self,
-        request: http::Request<WasiBody>,
-        _options: Option<RequestOptions>,
-        _io: Boxed<Result<(), HttpError>>,
-    ) -> Boxed<Result<(http::Response<WasiBody>, Boxed<Result<(), HttpError>>), HttpError>> {
-        tracing::debug!(
-            "outgoing request to {} denied: the host grants no outgoing HTTP",
-            crate::logging::escape(&request.uri().to_string())
-        );
-        Box::new(async { Err(HttpError::HttpRequestDenied) })
     }
 }
 

@@ -1,7 +1,7 @@
 //! The wasm layer: everything that talks to wasmtime before a connection
 //! exists. The engine and its epoch clock (`engine`), loading, checking,
 //! compiling and linking a handler (`handler`; `http` for handlers of the
-//! `wasi:http/proxy` world), the on-disk compile cache
+//! `wasi:http/proxy` world, `http_outgoing` for their outgoing requests), the on-disk compile cache
 //! (`compile_cache`), the per-instance memory cap (`limits`) and the guest's
 //! clock with sleeps capped at the connection's deadline (`guest_clock`), and
 //! a tenant's outbound network grants (`outbound`).
@@ -14,6 +14,7 @@ pub(crate) mod engine;
 pub(crate) mod guest_clock;
 pub(crate) mod handler;
 pub(crate) mod http;
+pub(crate) mod http_outgoing;
 pub(crate) mod limits;
 pub(crate) mod outbound;
 

@@ -64,7 +64,7 @@ impl Network {
     }
 
     /// Whether the tenant grants any outbound network.
-    fn granted(&self) -> bool {
+    pub(crate) fn granted(&self) -> bool {
         !self.grants.grants.is_empty()
     }
 
@@ -135,6 +135,31 @@ impl Network {
             );
         }
         false
+    }
+}
+
+/// What an outgoing HTTP request (`wasm::http_outgoing`) asks of the
+/// same grants.
+impl Network {
+    /// Whether a connection to `addr` is granted (a refusal is logged once
+    /// and counted).
+    pub(crate) fn may_connect(&self, addr: SocketAddr) -> bool {
+        self.granted() && self.check(addr, SocketAddrUse::TcpConnect)
+    }
+
+    /// Whether another outbound connection fits `max-outbound`.
+    pub(crate) fn may_open(&self) -> bool {
+        self.may_create()
+    }
+
+    /// Whether `name` may be looked up: one a grant names.
+    pub(crate) fn may_look_up(&self, name: &str) -> bool {
+        self.may_resolve(name)
+    }
+
+    /// Counts and logs (once) a refused outgoing request to `uri`.
+    pub(crate) fn refuse_http(&self, uri: &str, why: &str) {
+        self.refuse(&format!("outgoing HTTP request to {uri}"), why);
     }
 }
 
