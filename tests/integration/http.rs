@@ -383,8 +383,8 @@ fn python_http_echo_is_served() {
 
 /// At shutdown an idle keep-alive connection is closed at once (hyper's
 /// graceful shutdown), not at its idle timeout or the drain timeout, both
-/// set far beyond the test's patience. Forking's children learn of the
-/// drain only through those timeouts (documented), so it is not run here.
+/// set far beyond the test's patience (forking: the worker passes the drain
+/// order on to the child serving it).
 fn drain_closes_an_idle_keep_alive_connection(strategy: Strategy) {
     let mut server = http_echo(strategy, &["--idle-timeout", "1h", "--drain-timeout", "1h"]);
     let mut stream = connect(server.addr());
@@ -421,6 +421,11 @@ fn drain_closes_an_idle_keep_alive_connection(strategy: Strategy) {
 #[test]
 fn threading_drain_closes_an_idle_keep_alive_connection() {
     drain_closes_an_idle_keep_alive_connection(Strategy::Threading);
+}
+
+#[test]
+fn forking_drain_closes_an_idle_keep_alive_connection() {
+    drain_closes_an_idle_keep_alive_connection(Strategy::Forking);
 }
 
 #[test]

@@ -103,6 +103,9 @@ impl Forking {
     /// parent's destructors or exit handlers.
     fn run_child(&self, conn: Accepted) -> ! {
         arm_alarm(self.service.engine(), self.service.limits().timeout);
+        if self.service.handler().world() == World::Http {
+            drain_on_order(&self.service);
+        }
         let worker = format!("pid-{}", std::process::id());
         let id = conn.id;
         let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -163,6 +166,25 @@ impl Forking {
             child.killed = Some(why);
             process::signal_child(pid, libc::SIGKILL);
         }
+    }
+}
+
+/// In an HTTP child: a thread waits for the worker's drain order (blocked
+/// since the fork, so one sent at once stays pending) and drains the
+/// child's connection. Without that thread the child still ends at its
+/// idle or drain timeout.
+fn drain_on_order(service: &Arc<Service>) {
+    let service = service.clone();
+    let waiting = std::thread::Builder::new()
+        .name("drain-order".into())
+        .spawn(move || {
+            signals::wait_for(signals::DRAIN_SIGNAL);
+            service.drain();
+        });
+    if let Err(e) = waiting {
+        tracing::warn!(
+            "cannot wait for the drain order: {e}; the connection ends at its idle timeout"
+        );
     }
 }
 
@@ -293,7 +315,15 @@ impl Strategy for Forking {
         backstops.chain(self.paused_until).min()
     }
 
-    fn stop_accepting(&mut self) {}
+    /// Passes the drain on to the children: one serving an HTTP
+    /// keep-alive connection finishes its request in flight and closes,
+    /// an idle one closes now. (A raw-world child leaves the order blocked
+    /// and runs its one call to its end.)
+    fn stop_accepting(&mut self) {
+        for &pid in self.children.keys() {
+            process::signal_child(pid, signals::DRAIN_SIGNAL);
+        }
+    }
 
     fn abort(&mut self) {
         self.kill_children(Outcome::Shutdown, false);

@@ -68,6 +68,20 @@ pub(crate) fn unblock(signals: &[libc::c_int]) {
     let _ = mask(libc::SIG_UNBLOCK, signals);
 }
 
+/// Waits until `signal`, which every thread of the process must keep
+/// blocked, is sent to the process (sigwait(3)): the calling thread takes
+/// it, and no handler runs.
+pub(crate) fn wait_for(signal: libc::c_int) {
+    // SAFETY: builds a signal set on the stack and waits on it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, signal);
+        let mut got = 0;
+        while libc::sigwait(&set, &mut got) != 0 {}
+    }
+}
+
 /// Calls `handler` (async-signal-safe) once, `after` from now, on SIGALRM.
 pub(crate) fn alarm_after(after: Duration, handler: extern "C" fn(libc::c_int)) -> io::Result<()> {
     install(libc::SIGALRM, handler)?;
