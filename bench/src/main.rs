@@ -949,6 +949,7 @@ fn run_scenario(scenario: &'static str, specs: &[ServerSpec], plan: &Plan) -> Ve
             measure: Measure::default(),
             memory: Default::default(),
             server_cpu_secs: 0.0,
+            server_faults: 0,
             failure: None,
         })
         .collect();
@@ -971,6 +972,10 @@ fn run_scenario(scenario: &'static str, specs: &[ServerSpec], plan: &Plan) -> Ve
     let cpu_before: Vec<f64> = servers
         .iter()
         .map(|s| s.as_ref().map_or(0.0, Server::cpu_secs))
+        .collect();
+    let faults_before: Vec<u64> = servers
+        .iter()
+        .map(|s| s.as_ref().map_or(0, Server::minor_faults))
         .collect();
     let rounds = if matches!(scenario, "short" | "http" | HTTP_KEEP_ALIVE) {
         plan.rounds
@@ -1002,6 +1007,7 @@ fn run_scenario(scenario: &'static str, specs: &[ServerSpec], plan: &Plan) -> Ve
     for (i, slot) in servers.iter_mut().enumerate() {
         if let Some(server) = slot {
             rows[i].server_cpu_secs = server.cpu_secs() - cpu_before[i];
+            rows[i].server_faults = server.minor_faults().saturating_sub(faults_before[i]);
             rows[i].memory = server.finish_memory();
         }
         *slot = None;

@@ -30,6 +30,9 @@ pub struct Row {
     pub measure: Measure,
     pub memory: Memory,
     pub server_cpu_secs: f64,
+    /// Minor page faults of the server's processes (and reaped children)
+    /// during the scenario.
+    pub server_faults: u64,
     /// Set when the server could not be started or the run failed.
     pub failure: Option<String>,
 }
@@ -57,6 +60,13 @@ impl Row {
             .then(|| self.server_cpu_secs * 1e6 / served as f64)
     }
 
+    /// Minor page faults per connection served (forking: mostly each
+    /// child's copy-on-write faults).
+    pub fn faults_per_conn(&self) -> Option<f64> {
+        let served = self.measure.served;
+        (served > 0 && self.server_faults > 0).then(|| self.server_faults as f64 / served as f64)
+    }
+
     pub fn rss_mib(&self) -> Option<f64> {
         let kib = self.memory.peak_rss_kib;
         (kib > 0).then(|| kib as f64 / 1024.0)
@@ -69,7 +79,7 @@ impl Row {
 
     /// The figures that get ratios, by name; only those that mean something
     /// for the row's scenario (MiB/s for streaming, connections/s otherwise).
-    fn figures(&self) -> [(&'static str, Option<f64>); 7] {
+    fn figures(&self) -> [(&'static str, Option<f64>); 8] {
         let streaming = self.scenario == "stream";
         [
             ("conn_per_s", self.conn_per_s().filter(|_| !streaming)),
@@ -81,6 +91,10 @@ impl Row {
             (
                 "cpu_us_per_conn",
                 self.cpu_us_per_conn().filter(|_| !streaming),
+            ),
+            (
+                "minflt_per_conn",
+                self.faults_per_conn().filter(|_| !streaming),
             ),
         ]
     }
@@ -137,15 +151,15 @@ pub fn table(rows: &[Row], scenario: &'static str, title: &str) -> String {
     let _ = writeln!(out, "{title}");
     let _ = writeln!(
         out,
-        "| server | ok | conn/s | p50 ms | p99 ms | MiB/s | peak RSS MiB | peak PSS MiB | server CPU s | CPU µs/conn | errors |"
+        "| server | ok | conn/s | p50 ms | p99 ms | MiB/s | peak RSS MiB | peak PSS MiB | server CPU s | CPU µs/conn | minflt/conn | errors |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for row in rows.iter().filter(|r| r.scenario == scenario) {
         if let Some(failure) = &row.failure {
             let failure = failure_summary(failure);
             let _ = writeln!(
                 out,
-                "| {} | failed: {failure} | | | | | | | | | |",
+                "| {} | failed: {failure} | | | | | | | | | | |",
                 row.server
             );
             continue;
@@ -159,7 +173,7 @@ pub fn table(rows: &[Row], scenario: &'static str, title: &str) -> String {
                 let r = ratio(*value, base_figures.and_then(|b| b[i].1));
                 let digits = match *name {
                     "p50_ms" | "p99_ms" => 2,
-                    "peak_rss_mib" | "peak_pss_mib" => 1,
+                    "peak_rss_mib" | "peak_pss_mib" | "minflt_per_conn" => 1,
                     _ => 0,
                 };
                 cell(*value, r, digits)
@@ -172,7 +186,7 @@ pub fn table(rows: &[Row], scenario: &'static str, title: &str) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {}/{} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} |",
+            "| {} | {}/{} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} |",
             row.server,
             row.measure.ok,
             row.measure.attempted,
@@ -184,6 +198,7 @@ pub fn table(rows: &[Row], scenario: &'static str, title: &str) -> String {
             cells[5],
             row.server_cpu_secs,
             cells[6],
+            cells[7],
             row.measure.error_count(),
         );
     }
@@ -529,6 +544,7 @@ pub fn write_json(path: &Path, machine: Value, config: Value, rows: &[Row]) -> s
                 "peak_pss_kib": row.memory.peak_pss_kib,
                 "peak_children": row.memory.peak_children,
                 "server_cpu_secs": row.server_cpu_secs,
+                "server_minor_faults": row.server_faults,
                 "extra": extra,
             })
         })

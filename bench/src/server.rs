@@ -144,6 +144,13 @@ impl Server {
         tree(self.pgid).into_iter().filter_map(cpu_secs).sum()
     }
 
+    /// Minor page faults so far of the server's process tree and its
+    /// reaped children (for a forking server mostly its children's
+    /// copy-on-write faults).
+    pub fn minor_faults(&self) -> u64 {
+        tree(self.pgid).into_iter().filter_map(minor_faults).sum()
+    }
+
     /// The memory of the server's whole process tree now: VmRSS and Pss
     /// summed over the server and its descendants.
     pub fn usage(&self) -> Usage {
@@ -244,6 +251,22 @@ fn cpu_secs(pid: i32) -> Option<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Some(ticks as f64 / hz)
+}
+
+/// minflt + cminflt of a process: its own minor faults and those of the
+/// children it has reaped.
+fn minor_faults(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; minflt is field 10.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(
+        fields
+            .get(7..9)?
+            .iter()
+            .filter_map(|f| f.parse::<u64>().ok())
+            .sum(),
+    )
 }
 
 /// A process and all its descendants.

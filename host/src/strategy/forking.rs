@@ -103,8 +103,14 @@ impl Forking {
     /// parent's destructors or exit handlers.
     fn run_child(&self, conn: Accepted) -> ! {
         arm_alarm(self.service.engine(), self.service.limits().timeout);
+        // Kept entered until the child exits (which runs no destructors).
+        let runtime;
+        let _entered;
         if self.service.handler().world() == World::Http {
             drain_on_order(&self.service);
+        } else if let Some(made) = child_runtime() {
+            runtime = made;
+            _entered = runtime.enter();
         }
         let worker = format!("pid-{}", std::process::id());
         let id = conn.id;
@@ -167,6 +173,20 @@ impl Forking {
             process::signal_child(pid, libc::SIGKILL);
         }
     }
+}
+
+/// A raw-world child's tokio runtime, for wasmtime-wasi's blocking calls
+/// (`in_tokio`) and pollables: one worker thread is enough for one
+/// connection. Without a runtime entered, wasmtime-wasi builds its own in
+/// every child, with a worker thread per core and a read of the cgroup's
+/// CPU quota to count them. `None` (logged) leaves it to do that.
+fn child_runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| tracing::debug!("cannot build the child's runtime: {e}"))
+        .ok()
 }
 
 /// In an HTTP child: a thread waits for the worker's drain order (blocked
