@@ -379,6 +379,10 @@ pub(super) fn log_request(meta: &ConnMeta, r: &RequestLine<'_>) {
     if let Some(metrics) = &meta.metrics {
         metrics.record_request(r.status, r.duration);
     }
+    // Below its level the line is not even formatted.
+    if !tracing::enabled!(tracing::Level::INFO) {
+        return;
+    }
     let mut text = format!("request {}.{} peer={}", meta.id, r.n, meta.peer);
     if let Some(via) = &meta.via {
         text.push_str(&format!(" via={via}"));
