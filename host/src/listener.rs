@@ -169,17 +169,25 @@ impl Listener {
     pub(crate) fn prepare_for_accept(&self) -> io::Result<()> {
         self.socket.set_nonblocking(true)?;
         if matches!(self.local, ListenAddr::Tcp(_)) {
-            self.socket.set_tcp_nodelay(true)?;
+            // A protocol that refuses it (a passed socket of another kind)
+            // keeps its default: nothing to stop serving for.
+            if let Err(e) = self.socket.set_tcp_nodelay(true) {
+                tracing::debug!("listener on {}: cannot set TCP_NODELAY: {e}", self.local);
+            }
         }
         Ok(())
     }
 
     /// The local address of every connection it accepts, when that is known
-    /// without asking (TCP on one address, not a wildcard), so no
-    /// connection pays a getsockname(2) for it.
+    /// without asking (TCP bound by this host to one address, not a
+    /// wildcard), so no connection pays a getsockname(2) for it. A socket
+    /// systemd passed may be transparent (`Transparent=yes`): asked.
     pub(crate) fn fixed_local(&self) -> Option<Arc<str>> {
-        match &self.local {
-            ListenAddr::Tcp(addr) if !addr.ip().is_unspecified() => Some(addr.to_string().into()),
+        match (&self.configured, &self.local) {
+            (ListenAddr::Systemd(_), _) => None,
+            (_, ListenAddr::Tcp(addr)) if !addr.ip().to_canonical().is_unspecified() => {
+                Some(addr.to_string().into())
+            }
             _ => None,
         }
     }

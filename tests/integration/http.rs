@@ -292,6 +292,15 @@ fn outgoing_http_follows_the_grants(strategy: Strategy) {
         "{request}"
     );
 
+    // A path that is only a query goes out as `/?query`.
+    let query_only = format!("x-fetch: http://{up}?q=2");
+    let (head, _) = curl(&["-H", &query_only, &url(server.addr(), "/")]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let request = seen
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    assert!(request.starts_with("GET /?q=2 HTTP/1.1\r\n"), "{request}");
+
     // The same host, another port: not granted.
     let elsewhere = format!("x-fetch: http://127.0.0.1:{}/", up.port() ^ 1);
     let (head, body) = curl(&["-H", &elsewhere, &url(server.addr(), "/")]);
@@ -300,16 +309,16 @@ fn outgoing_http_follows_the_grants(strategy: Strategy) {
         String::from_utf8_lossy(&body),
         "fetch failed: HTTP-request-denied\n"
     );
+    let other = format!("127.0.0.1:{}", up.port() ^ 1);
     server.wait_for_log(|line| {
         line.contains(&format!(
-            "outbound connect to 127.0.0.1:{} refused: no grant of the tenant names it",
-            up.port() ^ 1
+            "outgoing HTTP request to http://{other}/ refused: no grant of the tenant names {other}"
         ))
     });
     let page = curl(&[&format!("http://{}/metrics", server.metrics_addr())]).1;
     let page = String::from_utf8(page).unwrap();
     assert!(
-        page.contains("host_outbound_connections_total{tenant=\"default\",result=\"opened\"} 1"),
+        page.contains("host_outbound_connections_total{tenant=\"default\",result=\"opened\"} 2"),
         "{page}"
     );
     assert!(

@@ -94,7 +94,8 @@ fn fetch(url: &str) -> Result<(u16, Vec<u8>), String> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| format!("not an http:// URL: {url}"))?;
-    let (authority, path) = match rest.find('/') {
+    // The path may be only a query (`http://host?q=1`).
+    let (authority, path) = match rest.find(['/', '?']) {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };

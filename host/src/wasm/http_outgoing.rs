@@ -50,6 +50,14 @@ impl WasiHttpHooks for Outgoing {
     }
 }
 
+/// What a failed lookup of the request's host is.
+fn dns_error() -> HttpError {
+    HttpError::DnsError {
+        rcode: None,
+        info_code: None,
+    }
+}
+
 /// Checks, connects and sends `request`.
 async fn send(
     network: &Network,
@@ -58,6 +66,10 @@ async fn send(
 ) -> Result<(http::Response<WasiBody>, Boxed<Result<(), HttpError>>), HttpError> {
     let uri = request.uri().clone();
     let shown = crate::logging::escape(&uri.to_string()).into_owned();
+    if !network.granted() {
+        network.refuse_http(&shown, "the tenant grants no outbound network");
+        return Err(HttpError::HttpRequestDenied);
+    }
     if uri.scheme() != Some(&Scheme::HTTP) {
         network.refuse_http(&shown, "only plain http:// requests can be sent");
         return Err(HttpError::HttpRequestDenied);
@@ -75,25 +87,16 @@ async fn send(
         Ok(ip) => vec![SocketAddr::new(ip, port)],
         Err(_) if network.may_look_up(host) => tokio::net::lookup_host((host, port))
             .await
-            .map_err(|_| HttpError::DnsError {
-                rcode: None,
-                info_code: None,
-            })?
+            .map_err(|_| dns_error())?
             .collect(),
         Err(_) => return Err(HttpError::HttpRequestDenied),
     };
-    let Some(addr) = candidates
-        .into_iter()
-        .find(|addr| network.may_connect(*addr))
-    else {
-        if !network.granted() {
-            network.refuse_http(&shown, "the tenant grants no outbound network");
-        }
+    if candidates.is_empty() {
+        return Err(dns_error());
+    }
+    let Some(addr) = network.http_target(&shown, &candidates) else {
         return Err(HttpError::HttpRequestDenied);
     };
-    if !network.may_open() {
-        return Err(HttpError::HttpRequestDenied);
-    }
 
     let connect_timeout = options
         .and_then(|o| o.connect_timeout)
@@ -113,16 +116,25 @@ async fn send(
     .await
     .map_err(|_| HttpError::ConnectionTimeout)??;
 
-    // The request line names only the path: the authority goes in `Host`.
-    if !request.headers().contains_key(http::header::HOST) {
-        if let Ok(value) = http::HeaderValue::from_str(authority.as_str()) {
-            request.headers_mut().insert(http::header::HOST, value);
-        }
-    }
-    *request.uri_mut() = uri.path_and_query().map_or_else(
-        || http::Uri::from_static("/"),
-        |p| p.as_str().parse().unwrap_or_default(),
-    );
+    // The request line names only the path (origin form); `Host` names
+    // the authority without any userinfo (the guest cannot set `Host`).
+    let host_header = match authority.port() {
+        Some(port) => format!("{}:{port}", authority.host()),
+        None => authority.host().to_string(),
+    };
+    let host_header =
+        http::HeaderValue::from_str(&host_header).map_err(|_| HttpError::HttpRequestUriInvalid)?;
+    request
+        .headers_mut()
+        .insert(http::header::HOST, host_header);
+    let target = match uri.path_and_query().map(|p| p.as_str()) {
+        Some(p) if p.starts_with('/') => p.to_string(),
+        Some(p) => format!("/{p}"),
+        None => "/".to_string(),
+    };
+    *request.uri_mut() = target
+        .parse()
+        .map_err(|_| HttpError::HttpRequestUriInvalid)?;
 
     // Drive the connection while waiting for the response's head.
     let mut connection = Box::pin(connection);
@@ -132,6 +144,7 @@ async fn send(
         tokio::pin!(sending);
         loop {
             tokio::select! {
+                biased;
                 sent = &mut sending => {
                     break sent.map_err(|_| HttpError::ConnectionReadTimeout)??;
                 }

@@ -141,15 +141,24 @@ impl Network {
 /// What an outgoing HTTP request (`wasm::http_outgoing`) asks of the
 /// same grants.
 impl Network {
-    /// Whether a connection to `addr` is granted (a refusal is logged once
-    /// and counted).
-    pub(crate) fn may_connect(&self, addr: SocketAddr) -> bool {
-        self.granted() && self.check(addr, SocketAddrUse::TcpConnect)
-    }
-
-    /// Whether another outbound connection fits `max-outbound`.
-    pub(crate) fn may_open(&self) -> bool {
-        self.may_create()
+    /// The address an outgoing HTTP request to `uri` connects to: the
+    /// first of `candidates` (its authority, looked up) that a grant names,
+    /// if another connection fits `max-outbound`; counted as opened.
+    /// Otherwise the request is refused: logged once and counted.
+    pub(crate) fn http_target(&self, uri: &str, candidates: &[SocketAddr]) -> Option<SocketAddr> {
+        let Some(addr) = candidates.iter().copied().find(|a| self.grants.permits(*a)) else {
+            let named: Vec<String> = candidates.iter().map(ToString::to_string).collect();
+            let why = format!("no grant of the tenant names {}", named.join(", "));
+            self.refuse_http(uri, &why);
+            return None;
+        };
+        if !self.may_create() {
+            return None;
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.outbound(true);
+        }
+        Some(addr)
     }
 
     /// Whether `name` may be looked up: one a grant names.
