@@ -1,5 +1,6 @@
 //! The connection layer: one connection, start to end, whatever strategy
-//! runs it. `service` is the path itself (`Service::serve`); `proxy` reads a
+//! runs it. `service` is the path itself (`Service::serve`), `store` its store and
+//! instance; `proxy` reads a
 //! balancer's PROXY protocol header first, `proxy_header` parses it; `report` names
 //! how it ended and writes its `closed` line; `socket` is the accepted socket
 //! and how the connection waits on it, `streams` the guest's `wasi:io`
@@ -22,5 +23,6 @@ pub(crate) mod proxy_header;
 pub(crate) mod report;
 pub(crate) mod service;
 pub(crate) mod socket;
+pub(crate) mod store;
 pub(crate) mod streams;
 pub(crate) mod timing;

@@ -11,26 +11,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{Resource, ResourceTable};
-use wasmtime::{Engine, Store, UpdateDeadline};
-use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
-use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream};
+use wasmtime::Engine;
 
-use crate::conn::guest_log::GuestOutput;
 use crate::conn::phase::Phase;
 use crate::conn::report::{classify, log_closed, CallResult, Closed, Ending, Level, Usage};
 use crate::conn::socket::{block_on, Socket, Waits};
-use crate::conn::streams::{SocketInput, SocketOutput};
 use crate::listener::{local_of, Peer};
 use crate::metrics::{InFlight, TenantMetrics};
 use crate::outcome::Outcome;
 use crate::settings::{Access, Grants, Limits, Outbound, ProxyProtocol};
 use crate::wasm::engine::EpochClock;
-use crate::wasm::guest_clock::GuestClock;
-use crate::wasm::handler::{ConnState, ConnectionInfo, Handler};
-use crate::wasm::limits::InstanceLimiter;
-use crate::wasm::one_line;
-use crate::wasm::outbound::{self, Network};
+use crate::wasm::handler::{ConnectionInfo, Handler};
 
 /// After `handle` returns, the host reads and drops what the client still
 /// sends for at most this long (and at most [`LINGER_BYTES`]), so that closing
@@ -52,25 +43,25 @@ pub struct Accepted {
 /// What every connection of one listener runs: the handler, its limits and
 /// grants.
 pub struct Service {
-    handler: Handler,
+    pub(super) handler: Handler,
     tenant: String,
-    limits: Limits,
-    grants: Grants,
+    pub(super) limits: Limits,
+    pub(super) grants: Grants,
     /// The tenant's outbound grants, shared by its connections.
-    outbound: Arc<Outbound>,
+    pub(super) outbound: Arc<Outbound>,
     /// The tenant's name, shared by its connections' outbound checks.
-    tenant_name: Arc<str>,
-    clock: EpochClock,
+    pub(super) tenant_name: Arc<str>,
+    pub(super) clock: EpochClock,
     /// Which peers are served at all.
     access: Access,
     /// The balancers whose connections start with a PROXY protocol header.
     proxy: Option<ProxyProtocol>,
     /// The tenant's counters, shared by every process serving it.
-    metrics: Option<TenantMetrics>,
+    pub(super) metrics: Option<TenantMetrics>,
     /// The sockets of the connections this process is serving, so a forced
     /// shutdown can end them.
     live: Mutex<HashMap<u64, Arc<Socket>>>,
-    aborting: AtomicBool,
+    pub(super) aborting: AtomicBool,
     /// Drain and abort, as the HTTP connections of this process see them.
     http_phase: Phase,
 }
@@ -373,171 +364,6 @@ impl Service {
     fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Socket>>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
-
-    /// Instantiates the handler in a fresh store and calls `handle`. The
-    /// store, and with it every guest resource, is gone when this returns.
-    pub(super) fn run_guest(
-        &self,
-        socket: &Arc<Socket>,
-        info: &ConnectionInfo,
-    ) -> (CallResult, Option<InstanceLimiter>) {
-        let (mut store, input, output) = match self.prepare(socket, info, Waits::Blocking) {
-            Ok(prepared) => prepared,
-            Err(why) => return (CallResult::SetupFailed(why), None),
-        };
-        let Some(pre) = self.handler.pre() else {
-            let why = "the handler is not of the host:handler/handler world".to_string();
-            return (CallResult::SetupFailed(why), Some(dispose(store)));
-        };
-        let result = match pre.instantiate(&mut store) {
-            // Instantiation runs guest code (start functions) and grows
-            // memory: its failures are the guest's.
-            Err(e) => CallResult::Trapped(e.context("instantiation failed")),
-            Ok(instance) => returned(instance.call_handle(&mut store, info, input, output)),
-        };
-        (result, Some(dispose(store)))
-    }
-
-    /// [`Service::run_guest`] on a fiber: every wait suspends it.
-    async fn run_guest_async(
-        &self,
-        socket: &Arc<Socket>,
-        info: &ConnectionInfo,
-    ) -> (CallResult, Option<InstanceLimiter>) {
-        let (mut store, input, output) = match self.prepare(socket, info, Waits::Async) {
-            Ok(prepared) => prepared,
-            Err(why) => return (CallResult::SetupFailed(why), None),
-        };
-        let Some(pre) = self.handler.pre_async() else {
-            let why = "the handler was not linked for the async strategy".to_string();
-            return (CallResult::SetupFailed(why), Some(dispose(store)));
-        };
-        let result = match pre.instantiate_async(&mut store).await {
-            Err(e) => CallResult::Trapped(e.context("instantiation failed")),
-            Ok(instance) => returned(instance.call_handle(&mut store, info, input, output).await),
-        };
-        (result, Some(dispose(store)))
-    }
-
-    /// A fresh store with the connection's streams in its table.
-    #[allow(clippy::type_complexity)]
-    fn prepare(
-        &self,
-        socket: &Arc<Socket>,
-        info: &ConnectionInfo,
-        waits: Waits,
-    ) -> Result<
-        (
-            Store<ConnState>,
-            Resource<DynInputStream>,
-            Resource<DynOutputStream>,
-        ),
-        String,
-    > {
-        let mut store = self.new_store(info.connection_id, socket, waits)?;
-        let table = &mut store.data_mut().table;
-        let input: DynInputStream = Box::new(SocketInput::new(socket.clone()));
-        let output: DynOutputStream = Box::new(SocketOutput::new(socket.clone()));
-        let streams = table
-            .push(input)
-            .and_then(|input| Ok((input, table.push(output)?)));
-        match streams {
-            Ok((input, output)) => Ok((store, input, output)),
-            Err(e) => Err(format!("cannot create the streams: {e}")),
-        }
-    }
-
-    /// Connection `id`'s view of the tenant's outbound grants.
-    pub(crate) fn network(&self, id: u64) -> Arc<Network> {
-        Network::of(&self.outbound, &self.tenant_name, id, self.metrics.as_ref())
-    }
-
-    /// A WASI context granting what `--env` and `--dir` grant and nothing
-    /// else (no network: the raw world's store adds its outbound grants),
-    /// the guest's stdout and stderr going to the log.
-    pub(super) fn granted_wasi(
-        &self,
-        output_log: &Arc<GuestOutput>,
-    ) -> Result<WasiCtxBuilder, String> {
-        let mut wasi = WasiCtxBuilder::new();
-        wasi.stdout(output_log.stream("stdout"))
-            .stderr(output_log.stream("stderr"))
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false);
-        for (key, value) in &self.grants.env {
-            wasi.env(key, value);
-        }
-        for dir in &self.grants.dirs {
-            let perms = if dir.writable {
-                FsPerms::ReadWrite
-            } else {
-                FsPerms::ReadOnly
-            };
-            wasi.preopened_dir(&dir.host, &dir.guest, perms)
-                .map_err(|e| {
-                    format!("cannot open --dir {}: {}", dir.host.display(), one_line(&e))
-                })?;
-        }
-        Ok(wasi)
-    }
-
-    /// A store granting what `--env` and `--dir` grant and nothing else, with
-    /// the memory limit and the deadline set.
-    pub(super) fn new_store(
-        &self,
-        id: u64,
-        socket: &Arc<Socket>,
-        waits: Waits,
-    ) -> Result<Store<ConnState>, String> {
-        let output_log = GuestOutput::new(id);
-        let clock = GuestClock {
-            base: Instant::now(),
-        };
-        let mut wasi = self.granted_wasi(&output_log)?;
-        wasi.monotonic_clock(clock);
-        // The raw world's outbound grants (`allow-outbound`).
-        let network = self.network(id);
-        outbound::grant(&mut wasi, &network);
-        let mut store = Store::new(
-            self.engine(),
-            ConnState {
-                wasi: wasi.build(),
-                table: ResourceTable::new(),
-                limiter: InstanceLimiter::new(self.limits.max_memory),
-                clock,
-                connection: socket.clone(),
-                network,
-            },
-        );
-        store.limiter(|state| &mut state.limiter);
-        if waits == Waits::Async {
-            // At every epoch tick the guest gives the runtime's thread to
-            // the other connections (fairness), unless its time is up or
-            // the host is ending it: then it traps, as under `--timeout`.
-            store.set_epoch_deadline(1);
-            let socket = socket.clone();
-            store.epoch_deadline_callback(move |_| {
-                if socket.must_stop() {
-                    Ok(UpdateDeadline::Interrupt)
-                } else {
-                    Ok(UpdateDeadline::YieldCustom(
-                        1,
-                        Box::pin(tokio::task::yield_now()),
-                    ))
-                }
-            });
-            return Ok(store);
-        }
-        store.set_epoch_deadline(self.clock.deadline_ticks(self.limits.timeout));
-        store.epoch_deadline_trap();
-        if self.aborting.load(Ordering::SeqCst) {
-            // `abort_all` may have advanced the epoch before this store
-            // existed: trap at the first check instead.
-            store.set_epoch_deadline(0);
-        }
-        Ok(store)
-    }
 }
 
 /// A connection that ends before any guest runs, as its line tells it.
@@ -547,29 +373,6 @@ pub(super) struct Unserved<'a> {
     pub(super) via: Option<&'a Peer>,
     pub(super) worker: &'a str,
     pub(super) duration: Duration,
-}
-
-/// What the guest's `handle` call came to.
-fn returned(call: wasmtime::Result<Result<(), String>>) -> CallResult {
-    match call {
-        Ok(returned) => CallResult::Returned(returned),
-        // `wasi:cli/exit`: status 0 is a normal return.
-        Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
-            Some(wasmtime_wasi::I32Exit(0)) => CallResult::Returned(Ok(())),
-            Some(wasmtime_wasi::I32Exit(code)) => {
-                CallResult::Returned(Err(format!("exited with status {code}")))
-            }
-            None => CallResult::Trapped(e),
-        },
-    }
-}
-
-/// Drops the store (and with it the instance and every guest resource) and
-/// keeps its memory limiter, for the log line.
-fn dispose(mut store: Store<ConnState>) -> InstanceLimiter {
-    let limiter = std::mem::replace(&mut store.data_mut().limiter, InstanceLimiter::new(0));
-    drop(store);
-    limiter
 }
 
 /// A connection listed in its service's live set, for as long as this
