@@ -1,6 +1,6 @@
 //! The accept loop of a worker process, for every strategy.
 //!
-//! It waits in poll(2) on the listeners and on the worker's doorbell
+//! It waits in epoll(7) on the listeners and on the worker's doorbell
 //! ([`Shutdown`]), which rings when a worker thread frees a slot, when a
 //! child exits (SIGCHLD) or when shutdown is asked for. The loop only
 //! accepts while the strategy has capacity, so a flood waits in the kernel's
@@ -9,7 +9,7 @@
 mod ids;
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
@@ -20,7 +20,10 @@ use crate::conn::service::Accepted;
 use crate::listener::Listener;
 use crate::shutdown::Shutdown;
 use crate::strategy::Strategy;
-use crate::sys::poll;
+use crate::sys::epoll::Epoll;
+
+/// The doorbell's epoll token; a listener's is its index.
+const DOORBELL: u64 = u64::MAX;
 
 /// Accepts connections from `listeners` and hands each to `strategy` until
 /// `shutdown` is triggered. Then it closes the listeners (this process's
@@ -41,28 +44,41 @@ pub(crate) fn run(
     }
     let locals: Vec<_> = listeners.iter().map(Listener::fixed_local).collect();
     let doorbell = shutdown.read_end();
-    let mut fds: Vec<Option<RawFd>> = Vec::with_capacity(listeners.len() + 1);
+    // Two ways to wait: on the doorbell and every open listener while the
+    // strategy has room, on the doorbell alone while it is full. Listeners
+    // are added exclusively: one of prefork's processes wakes per new
+    // connection, not every one of them.
+    let everything = Epoll::new().context("cannot make the accept loop's epoll")?;
+    let bell_only = Epoll::new().context("cannot make the accept loop's epoll")?;
+    for epoll in [&everything, &bell_only] {
+        epoll
+            .add(doorbell, DOORBELL, false)
+            .context("cannot watch the doorbell")?;
+    }
+    for (i, listener) in listeners.iter().enumerate() {
+        everything
+            .add(listener.as_raw_fd(), i as u64, true)
+            .with_context(|| format!("cannot watch the listener on {}", listener.local()))?;
+    }
+    let mut ready = Vec::with_capacity(listeners.len() + 1);
     // Listeners whose socket was shut down (at host shutdown) are done.
     let mut open = vec![true; listeners.len()];
     'accepting: while !shutdown.is_triggered() {
-        let accepting = strategy.has_capacity();
-        fds.clear();
-        fds.push(Some(doorbell));
-        fds.extend(
-            listeners
-                .iter()
-                .zip(&open)
-                .map(|(l, open)| (accepting && *open).then(|| l.as_raw_fd())),
-        );
-        let ready =
-            poll::readable(&fds, strategy.next_wakeup()).context("poll on the listeners failed")?;
-        if ready[0] {
+        let epoll = if strategy.has_capacity() {
+            &everything
+        } else {
+            &bell_only
+        };
+        epoll
+            .wait(&mut ready, strategy.next_wakeup())
+            .context("waiting on the listeners failed")?;
+        if ready.contains(&DOORBELL) {
             shutdown.drain();
         }
         // Reap, count freed slots and enforce deadlines on every wake-up.
         strategy.maintain();
         for (i, listener) in listeners.iter().enumerate() {
-            if !ready[i + 1] {
+            if !ready.contains(&(i as u64)) {
                 continue;
             }
             // Take what the backlog holds, as long as there is room for it.
@@ -84,6 +100,7 @@ pub(crate) fn run(
                     // at shutdown, for every process at once).
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                         open[i] = false;
+                        everything.remove(listener.as_raw_fd());
                         if !open.contains(&true) {
                             break 'accepting;
                         }
