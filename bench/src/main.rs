@@ -714,7 +714,9 @@ fn run(cli: &Cli) -> Result<(), String> {
             cli.no_build,
         )?;
         match &wasmtime {
-            None => eprintln!("wasmtime not on PATH: `wasmtime serve` comparison skipped"),
+            None => eprintln!(
+                "wasmtime not on PATH: `wasmtime serve` comparison skipped (handlers/install-toolchains.sh wasmtime installs it)"
+            ),
             Some(p) => {
                 eprintln!(
                     "wasmtime at {} ({}): the http scenario compares with `wasmtime serve`",
