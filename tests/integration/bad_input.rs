@@ -5,7 +5,7 @@ use std::net::TcpListener;
 use std::path::Path;
 
 use crate::for_each_strategy;
-use crate::support::{guest, run_host, Strategy, TempDir};
+use crate::support::{guest, one_error_line, run_host, Strategy, TempDir};
 
 for_each_strategy!(
     a_missing_handler_file,
@@ -31,15 +31,7 @@ fn refused(strategy: Strategy, handler: &Path, addr: &str) -> String {
         "--handler",
         handler,
     ]);
-    assert!(!out.status.success(), "the host accepted it");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("listening on"), "it listened:\n{stderr}");
-    let errors: Vec<_> = stderr
-        .lines()
-        .filter(|l| l.starts_with("error: "))
-        .collect();
-    assert_eq!(errors.len(), 1, "expected one error line:\n{stderr}");
-    errors[0].to_string()
+    one_error_line(&out)
 }
 
 fn with_file(bytes: &[u8], check: impl FnOnce(&Path)) {

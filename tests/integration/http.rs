@@ -346,6 +346,7 @@ fn outgoing_http_follows_the_grants(strategy: Strategy) {
 
 crate::for_each_strategy!(
     outgoing_http_follows_the_grants,
+    drain_closes_an_idle_keep_alive_connection,
     curl_echoes_methods_headers_and_bodies,
     keep_alive_gives_each_request_a_fresh_instance,
     failing_guests_get_500_and_504_and_the_connection_stays,
@@ -425,26 +426,6 @@ fn drain_closes_an_idle_keep_alive_connection(strategy: Strategy) {
         "the idle connection was not closed"
     );
     assert!(server.wait_exit().success());
-}
-
-#[test]
-fn threading_drain_closes_an_idle_keep_alive_connection() {
-    drain_closes_an_idle_keep_alive_connection(Strategy::Threading);
-}
-
-#[test]
-fn forking_drain_closes_an_idle_keep_alive_connection() {
-    drain_closes_an_idle_keep_alive_connection(Strategy::Forking);
-}
-
-#[test]
-fn prefork_drain_closes_an_idle_keep_alive_connection() {
-    drain_closes_an_idle_keep_alive_connection(Strategy::Prefork);
-}
-
-#[test]
-fn async_drain_closes_an_idle_keep_alive_connection() {
-    drain_closes_an_idle_keep_alive_connection(Strategy::Async);
 }
 
 /// Behind a balancer: the PROXY protocol header comes first, then HTTP; the

@@ -617,6 +617,20 @@ pub fn run_host_in(dir: &Path, args: &[&str]) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// What a host that refused to start printed: it failed, never said
+/// `listening on`, and wrote exactly one `error: ` line, which is returned.
+pub fn one_error_line(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the host was not refused:\n{stderr}");
+    assert!(!stderr.contains("listening on"), "it listened:\n{stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "expected one error line:\n{stderr}");
+    errors[0].to_string()
+}
+
 /// Lines that look like `key=value`, as the test guest's `info` replies.
 pub fn fields(text: &str) -> std::collections::HashMap<String, String> {
     text.lines()

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use crate::for_each_strategy;
 use crate::support::{
-    connect, connect_from, eventually, exchange, fields, guest, pattern, read_to_end, run_host,
-    send_and_read, stable_line, test_cache_dir, toml_path, toml_string, unix_exchange,
-    ConfigServer, Server, Strategy, TempDir, PATIENCE,
+    connect, connect_from, eventually, exchange, fields, guest, one_error_line, pattern,
+    read_to_end, run_host, send_and_read, stable_line, test_cache_dir, toml_path, toml_string,
+    unix_exchange, ConfigServer, Server, Strategy, TempDir, PATIENCE,
 };
 
 // The scenarios a tenant of each strategy goes through; the others name
@@ -253,19 +253,11 @@ fn a_live_unix_socket_is_an_error() {
         "--cache-dir",
         cache.to_str().unwrap(),
     ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the host served:\n{stderr}");
-    assert!(!stderr.contains("listening on"), "it listened:\n{stderr}");
-    let errors: Vec<_> = stderr
-        .lines()
-        .filter(|l| l.starts_with("error: "))
-        .collect();
-    assert_eq!(errors.len(), 1, "expected one error line:\n{stderr}");
+    let error = one_error_line(&out);
     assert!(
-        errors[0].contains(sock.to_str().unwrap()),
-        "the error does not name {}: {}",
+        error.contains(sock.to_str().unwrap()),
+        "the error does not name {}: {error}",
         sock.display(),
-        errors[0]
     );
     // The other server's socket is left alone.
     assert!(sock.exists(), "the live socket file was removed");
