@@ -237,36 +237,34 @@ fn proc_kib(pid: i32, file: &str, field: &str) -> Option<u64> {
     line[field.len()..].split_whitespace().next()?.parse().ok()
 }
 
-/// utime + stime + cutime + cstime of a process, in seconds.
-fn cpu_secs(pid: i32) -> Option<f64> {
+/// The sum of fields `first..=last` of /proc/PID/stat, numbered from 1 as
+/// proc(5) numbers them (the command name in parentheses is field 2).
+fn stat_sum(pid: i32, first: usize, last: usize) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime is field 14.
+    // Fields after the parenthesised command name start at field 3.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields
-        .get(11..15)?
-        .iter()
-        .filter_map(|f| f.parse::<u64>().ok())
-        .sum();
+    Some(
+        fields
+            .get(first - 3..=last - 3)?
+            .iter()
+            .filter_map(|f| f.parse::<u64>().ok())
+            .sum(),
+    )
+}
+
+/// utime + stime + cutime + cstime of a process (fields 14-17), in seconds.
+fn cpu_secs(pid: i32) -> Option<f64> {
+    let ticks = stat_sum(pid, 14, 17)?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Some(ticks as f64 / hz)
 }
 
-/// minflt + cminflt of a process: its own minor faults and those of the
-/// children it has reaped.
+/// minflt + cminflt of a process (fields 10-11): its own minor faults and
+/// those of the children it has reaped.
 fn minor_faults(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; minflt is field 10.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some(
-        fields
-            .get(7..9)?
-            .iter()
-            .filter_map(|f| f.parse::<u64>().ok())
-            .sum(),
-    )
+    stat_sum(pid, 10, 11)
 }
 
 /// A process and all its descendants.

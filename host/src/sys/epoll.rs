@@ -55,10 +55,7 @@ impl Epoll {
     pub(crate) fn wait(&self, ready: &mut Vec<u64>, until: Option<Instant>) -> io::Result<()> {
         ready.clear();
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 8];
-        let millis = until.map_or(-1, |t| {
-            let left = t.saturating_duration_since(Instant::now());
-            left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
-        });
+        let millis = super::poll::timeout_millis(until);
         // SAFETY: `events` has room for the number of events passed.
         let n = unsafe {
             libc::epoll_wait(

@@ -1,4 +1,5 @@
-//! poll(2): the accept loop's (and the host process's) one way to wait.
+//! poll(2): how the doorbell and the host process wait (the accept loop
+//! waits in `sys::epoll`, with the same timeout rounding).
 
 use std::io;
 use std::os::fd::RawFd;
@@ -16,10 +17,7 @@ pub(crate) fn readable(fds: &[Option<RawFd>], until: Option<Instant>) -> io::Res
             revents: 0,
         })
         .collect();
-    let timeout = until.map_or(-1, |t| {
-        let left = t.saturating_duration_since(Instant::now());
-        left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
-    });
+    let timeout = timeout_millis(until);
     // SAFETY: a valid array of pollfds of the given length.
     let n = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, timeout) };
     if n < 0 {
@@ -30,4 +28,13 @@ pub(crate) fn readable(fds: &[Option<RawFd>], until: Option<Instant>) -> io::Res
         return Err(err);
     }
     Ok(pollfds.iter().map(|p| p.revents != 0).collect())
+}
+
+/// The milliseconds left until `until` (rounded up, so a wait never ends
+/// early), as poll(2) and epoll_wait(2) take them; -1 (no limit) for `None`.
+pub(crate) fn timeout_millis(until: Option<Instant>) -> i32 {
+    until.map_or(-1, |t| {
+        let left = t.saturating_duration_since(Instant::now());
+        left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+    })
 }

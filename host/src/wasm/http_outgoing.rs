@@ -85,7 +85,7 @@ async fn send(
         .trim_end_matches(']');
     let candidates: Vec<SocketAddr> = match host.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, port)],
-        Err(_) if network.may_look_up(host) => tokio::net::lookup_host((host, port))
+        Err(_) if network.may_resolve(host) => tokio::net::lookup_host((host, port))
             .await
             .map_err(|_| dns_error())?
             .collect(),

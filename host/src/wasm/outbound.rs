@@ -122,7 +122,7 @@ impl Network {
 
     /// Whether the guest may look `name` up: an address (no lookup
     /// happens), or a name one of the grants names.
-    fn may_resolve(&self, name: &str) -> bool {
+    pub(crate) fn may_resolve(&self, name: &str) -> bool {
         if name.parse::<IpAddr>().is_ok() || self.grants.may_resolve(name) {
             return true;
         }
@@ -159,11 +159,6 @@ impl Network {
             metrics.outbound(true);
         }
         Some(addr)
-    }
-
-    /// Whether `name` may be looked up: one a grant names.
-    pub(crate) fn may_look_up(&self, name: &str) -> bool {
-        self.may_resolve(name)
     }
 
     /// Counts and logs (once) a refused outgoing request to `uri`.
