@@ -45,19 +45,19 @@ pub(crate) fn run(
     let locals: Vec<_> = listeners.iter().map(Listener::fixed_local).collect();
     let doorbell = shutdown.read_end();
     // Two ways to wait: on the doorbell and every open listener while the
-    // strategy has room, on the doorbell alone while it is full. Listeners
-    // are added exclusively: one of prefork's processes wakes per new
-    // connection, not every one of them.
+    // strategy has room, on the doorbell alone while it is full. Not
+    // exclusively: every process waiting on a shared listener wakes (see
+    // `sys::epoll`), so a stopping worker never strands a connection.
     let everything = Epoll::new().context("cannot make the accept loop's epoll")?;
     let bell_only = Epoll::new().context("cannot make the accept loop's epoll")?;
     for epoll in [&everything, &bell_only] {
         epoll
-            .add(doorbell, DOORBELL, false)
+            .add(doorbell, DOORBELL)
             .context("cannot watch the doorbell")?;
     }
     for (i, listener) in listeners.iter().enumerate() {
         everything
-            .add(listener.as_raw_fd(), i as u64, true)
+            .add(listener.as_raw_fd(), i as u64)
             .with_context(|| format!("cannot watch the listener on {}", listener.local()))?;
     }
     let mut ready = Vec::with_capacity(listeners.len() + 1);

@@ -1,6 +1,12 @@
-//! epoll(7): how the accept loop waits on its listeners. A listener is
-//! added with `EPOLLEXCLUSIVE`, so a new connection on a listener that
-//! prefork's processes share wakes one of them, not all.
+//! epoll(7): how the accept loop waits on its listeners and its doorbell.
+//! Registrations stay in place between waits (poll(2) made and unmade
+//! them at every call).
+//!
+//! Nothing is added with `EPOLLEXCLUSIVE`. A listener is shared by
+//! prefork's processes and, across a reload or an upgrade, by the old and
+//! the new worker; an exclusive wake-up goes to one of them, and if that
+//! one is stopping (or full) it takes no connection and the others never
+//! hear of it: the client waits until the next connection wakes someone.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -20,16 +26,10 @@ impl Epoll {
         Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
-    /// Watches `fd` for input (level-triggered), reported as `token`;
-    /// `exclusive`: among the epoll instances watching `fd` so, an event
-    /// wakes one (or a few) of those waiting, not all.
-    pub(crate) fn add(&self, fd: RawFd, token: u64, exclusive: bool) -> io::Result<()> {
-        let mut flags = libc::EPOLLIN as u32;
-        if exclusive {
-            flags |= libc::EPOLLEXCLUSIVE as u32;
-        }
+    /// Watches `fd` for input (level-triggered), reported as `token`.
+    pub(crate) fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
         let mut event = libc::epoll_event {
-            events: flags,
+            events: libc::EPOLLIN as u32,
             u64: token,
         };
         // SAFETY: a valid event for the duration of the call.
@@ -74,5 +74,43 @@ impl Epoll {
         }
         ready.extend(events[..n as usize].iter().map(|e| e.u64));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    /// A connection on a listener that two accept loops watch wakes both:
+    /// if only one woke and it was stopping, the other would never take the
+    /// connection (the failure an `EPOLLEXCLUSIVE` registration caused).
+    #[test]
+    fn a_connection_wakes_every_loop_waiting_on_its_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let fd = listener.as_raw_fd();
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let epoll = Epoll::new().unwrap();
+                epoll.add(fd, 7).unwrap();
+                std::thread::spawn(move || {
+                    let mut ready = Vec::new();
+                    let until = Instant::now() + Duration::from_secs(10);
+                    while ready.is_empty() && Instant::now() < until {
+                        epoll.wait(&mut ready, Some(until)).unwrap();
+                    }
+                    ready
+                })
+            })
+            .collect();
+        // Both are (very likely) blocked in epoll_wait by now; if one is
+        // not, it finds the listener ready when it gets there.
+        std::thread::sleep(Duration::from_millis(200));
+        let _client = TcpStream::connect(addr).unwrap();
+        for waiter in waiters {
+            assert_eq!(waiter.join().unwrap(), vec![7]);
+        }
     }
 }
