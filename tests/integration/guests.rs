@@ -14,6 +14,7 @@ use crate::support::{
 
 for_each_strategy!(
     every_connection_gets_a_fresh_instance,
+    every_connection_draws_its_own_random_numbers,
     connection_info_describes_the_connection,
     hello_replies_with_its_worker,
     concurrent_calls_run_on_different_workers,
@@ -45,6 +46,28 @@ fn every_connection_gets_a_fresh_instance(strategy: Strategy) {
             b"1",
             "a connection saw another's instance"
         );
+    }
+}
+
+/// `wasi:random` (secure and insecure) differs between connections: no
+/// random state is shared by a forked child with its siblings, or kept by a
+/// worker for the next connection.
+fn every_connection_draws_its_own_random_numbers(strategy: Strategy) {
+    let server = test_guest(strategy, &[]);
+    let draws: Vec<String> = (0..8)
+        .map(|_| String::from_utf8(exchange(server.addr(), b"random\n")).unwrap())
+        .collect();
+    let mut seen = HashSet::new();
+    for draw in &draws {
+        let lines: Vec<&str> = draw.lines().collect();
+        assert_eq!(lines.len(), 2, "{draw:?}");
+        for line in lines {
+            assert_eq!(line.len(), 32, "{draw:?}");
+            assert!(
+                seen.insert(line.to_string()),
+                "drawn twice: {line} in {draws:?}"
+            );
+        }
     }
 }
 

@@ -4,6 +4,8 @@
 //! - `count`: bumps a global counter and replies its value (always `1` when
 //!   every connection gets a fresh instance).
 //! - `info`: replies the `connection-info` fields, one `key=value` a line.
+//! - `random`: replies 16 bytes of `wasi:random/random` and 16 of
+//!   `wasi:random/insecure`, in hex, one line each.
 //! - `echo`: echoes the rest of the input, like the echo handler.
 //! - `trap`: executes `unreachable`.
 //! - `panic`: panics with a message (reaches the host's log through stderr).
@@ -59,6 +61,11 @@ impl Guest for TestGuest {
             "info" => format!(
                 "peer-address={}\nlocal-address={}\nconnection-id={}\nworker={}\ntenant={}\n",
                 info.peer_address, info.local_address, info.connection_id, info.worker, info.tenant
+            ),
+            "random" => format!(
+                "{}\n{}\n",
+                hex(&wasip2::random::random::get_random_bytes(16)),
+                hex(&wasip2::random::insecure::get_insecure_random_bytes(16))
             ),
             "echo" => {
                 write_all(&output, &rest)?;
@@ -285,3 +292,7 @@ fn recurse(depth: u64) -> u64 {
 }
 
 export!(TestGuest);
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
