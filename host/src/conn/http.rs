@@ -170,6 +170,11 @@ pub(crate) async fn serve(service: &Service, conn: Accepted, worker: &str, waits
 
     let (outcome, error) = match served {
         None => (Outcome::Shutdown, None),
+        // hyper ends a connection whose read failed between requests as if
+        // it had closed: the idle timer's failure is told by its flag.
+        Some(Ok(())) if counters.idle_timed_out.load(Ordering::Relaxed) => {
+            (Outcome::IdleTimeout, None)
+        }
         Some(Ok(())) => (Outcome::Ok, None),
         Some(Err(e)) => connection_error(&e, &meta),
     };
