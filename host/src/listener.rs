@@ -31,6 +31,12 @@ const LISTEN_BACKLOG: i32 = 1024;
 /// The mode of a Unix listener's socket file: owner and group may connect.
 const UNIX_SOCKET_MODE: u32 = 0o660;
 
+/// `TCP_DEFER_ACCEPT` for HTTP listeners: a client that connects and sends
+/// nothing is still accepted, about this many seconds late (the kernel then
+/// resends its SYN-ACK and takes the client's next ACK), and its idle
+/// timeout starts then.
+const DEFER_ACCEPT_SECS: i32 = 1;
+
 /// A bound, listening socket.
 pub struct Listener {
     socket: Socket,
@@ -165,14 +171,28 @@ impl Listener {
     /// Readies it for the accept loop: non-blocking, and for TCP with
     /// `TCP_NODELAY` set once here, which every accepted socket inherits
     /// (replies are often one small write: Nagle must not hold them back),
-    /// rather than once per connection.
-    pub(crate) fn prepare_for_accept(&self) -> io::Result<()> {
+    /// rather than once per connection. `client_speaks_first` (HTTP): with
+    /// `TCP_DEFER_ACCEPT`, so a connection is accepted once its request has
+    /// arrived and its first read finds it, with no wait in between; else
+    /// without (set to 0: a reload may change the handler on this socket).
+    pub(crate) fn prepare_for_accept(&self, client_speaks_first: bool) -> io::Result<()> {
         self.socket.set_nonblocking(true)?;
         if matches!(self.local, ListenAddr::Tcp(_)) {
-            // A protocol that refuses it (a passed socket of another kind)
-            // keeps its default: nothing to stop serving for.
+            // A protocol that refuses these (a passed socket of another
+            // kind) keeps its defaults: nothing to stop serving for.
             if let Err(e) = self.socket.set_tcp_nodelay(true) {
                 tracing::debug!("listener on {}: cannot set TCP_NODELAY: {e}", self.local);
+            }
+            let defer = if client_speaks_first {
+                DEFER_ACCEPT_SECS
+            } else {
+                0
+            };
+            if let Err(e) = crate::sys::socket::set_defer_accept(self.socket.as_fd(), defer) {
+                tracing::debug!(
+                    "listener on {}: cannot set TCP_DEFER_ACCEPT: {e}",
+                    self.local
+                );
             }
         }
         Ok(())

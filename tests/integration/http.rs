@@ -351,7 +351,45 @@ crate::for_each_strategy!(
     keep_alive_gives_each_request_a_fresh_instance,
     failing_guests_get_500_and_504_and_the_connection_stays,
     malformed_request_gets_400_without_a_guest,
+    a_silent_client_is_accepted_late_and_others_are_served_meanwhile,
 );
+
+/// HTTP listeners defer accepting (`TCP_DEFER_ACCEPT`) until the client's
+/// first bytes: a client that connects and says nothing is accepted only
+/// about a second later (the kernel's SYN-ACK resend), so its 100 ms idle
+/// timeout closes it after a second, not after 100 ms; a client that sends
+/// its request meanwhile is served; and the late one is still logged as an
+/// idle timeout. (Only a lower bound on time is asserted: a
+/// loaded machine makes it later, never earlier.)
+fn a_silent_client_is_accepted_late_and_others_are_served_meanwhile(strategy: Strategy) {
+    let server = http_echo(strategy, &["--idle-timeout", "100ms"]);
+    // Served once first: the worker has readied its listener (a client
+    // that connects before that is accepted as it comes).
+    let (head, _) = curl(&[&url(server.addr(), "/first")]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut silent = connect(server.addr());
+    let connected = std::time::Instant::now();
+    let (head, body) = curl(&[&url(server.addr(), "/talking")]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(String::from_utf8_lossy(&body).contains("/talking"));
+    silent
+        .set_read_timeout(Some(crate::support::PATIENCE))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        silent.read(&mut buf).unwrap(),
+        0,
+        "the silent client got bytes"
+    );
+    let closed_after = connected.elapsed();
+    assert!(
+        closed_after >= std::time::Duration::from_millis(1000),
+        "closed {closed_after:?} after connecting: accepted at once"
+    );
+    let peer = format!(" peer={} ", silent.local_addr().unwrap());
+    let line = server.wait_for_log(|l| l.contains(" closed ") && l.contains(&peer));
+    assert!(line.ends_with("outcome=idle-timeout"), "{line}");
+}
 
 #[test]
 fn check_names_the_world() {

@@ -21,6 +21,7 @@ use crate::listener::Listener;
 use crate::shutdown::Shutdown;
 use crate::strategy::Strategy;
 use crate::sys::epoll::Epoll;
+use crate::wasm::http::World;
 
 /// The doorbell's epoll token; a listener's is its index.
 const DOORBELL: u64 = u64::MAX;
@@ -37,9 +38,10 @@ pub(crate) fn run(
     ids: &ConnectionIds,
     drain_timeout: Duration,
 ) -> Result<()> {
+    let client_speaks_first = strategy.service().handler().world() == World::Http;
     for listener in &listeners {
         listener
-            .prepare_for_accept()
+            .prepare_for_accept(client_speaks_first)
             .with_context(|| format!("cannot ready the listener on {}", listener.local()))?;
     }
     let locals: Vec<_> = listeners.iter().map(Listener::fixed_local).collect();

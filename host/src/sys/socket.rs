@@ -65,6 +65,28 @@ pub(crate) fn poll_one(
     }
 }
 
+/// Sets `TCP_DEFER_ACCEPT` on a TCP listener: with `seconds` > 0 a
+/// connection reaches the accept queue only once its first data has
+/// arrived (or, for a client that sends nothing, after about that many
+/// seconds); 0 turns it off.
+pub(crate) fn set_defer_accept(fd: BorrowedFd<'_>, seconds: libc::c_int) -> io::Result<()> {
+    // SAFETY: a valid c_int option value and its size; `fd` is open for the
+    // duration of the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&seconds as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// One `send(2)` that never blocks and never raises SIGPIPE: how many bytes
 /// the socket took, or its error (`WouldBlock` when it is full).
 pub(crate) fn send_nonblocking(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
