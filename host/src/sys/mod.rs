@@ -6,6 +6,7 @@
 //! One submodule per concern, so each reads on its own.
 
 pub(crate) mod epoll;
+pub(crate) mod fiber_stacks;
 pub(crate) mod handoff;
 pub(crate) mod pipe;
 pub(crate) mod poll;

@@ -7,6 +7,7 @@ use anyhow::{anyhow, Result};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::settings::{ServeConfig, StrategyKind};
+use crate::sys::fiber_stacks::StackPool;
 use crate::wasm::one_line;
 
 /// The epoch ticker's period: the precision of `--timeout` under threading.
@@ -118,6 +119,8 @@ pub(crate) fn for_async() -> Result<Engine> {
     wasm.wasm_component_model(true);
     wasm.epoch_interruption(true);
     wasm.parallel_compilation(false);
+    // Each call's fiber stack is reused, not mapped and unmapped per call.
+    wasm.with_host_stack(std::sync::Arc::new(StackPool::new()));
     Engine::new(&wasm).map_err(|e| anyhow!("cannot create the wasm engine: {}", one_line(&e)))
 }
 
