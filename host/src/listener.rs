@@ -175,6 +175,8 @@ impl Listener {
     /// `TCP_DEFER_ACCEPT`, so a connection is accepted once its request has
     /// arrived and its first read finds it, with no wait in between; else
     /// without (set to 0: a reload may change the handler on this socket).
+    /// Whichever worker readies a shared socket last decides: across a
+    /// reload that is the new one.
     pub(crate) fn prepare_for_accept(&self, client_speaks_first: bool) -> io::Result<()> {
         self.socket.set_nonblocking(true)?;
         if matches!(self.local, ListenAddr::Tcp(_)) {
@@ -183,16 +185,20 @@ impl Listener {
             if let Err(e) = self.socket.set_tcp_nodelay(true) {
                 tracing::debug!("listener on {}: cannot set TCP_NODELAY: {e}", self.local);
             }
+            // A socket systemd passed keeps its unit's `DeferAcceptSec=`:
+            // the admin's, and it outlives this host.
             let defer = if client_speaks_first {
                 DEFER_ACCEPT_SECS
             } else {
                 0
             };
-            if let Err(e) = crate::sys::socket::set_defer_accept(self.socket.as_fd(), defer) {
-                tracing::debug!(
-                    "listener on {}: cannot set TCP_DEFER_ACCEPT: {e}",
-                    self.local
-                );
+            if !matches!(self.configured, ListenAddr::Systemd(_)) {
+                if let Err(e) = crate::sys::socket::set_defer_accept(self.socket.as_fd(), defer) {
+                    tracing::debug!(
+                        "listener on {}: cannot set TCP_DEFER_ACCEPT: {e}",
+                        self.local
+                    );
+                }
             }
         }
         Ok(())

@@ -5,8 +5,9 @@
 //! Nothing is added with `EPOLLEXCLUSIVE`. A listener is shared by
 //! prefork's processes and, across a reload or an upgrade, by the old and
 //! the new worker; an exclusive wake-up goes to one of them, and if that
-//! one is stopping (or full) it takes no connection and the others never
-//! hear of it: the client waits until the next connection wakes someone.
+//! one is stopping (or fills up before it has taken every connection
+//! waiting) the rest stay in the backlog and the others never hear of
+//! them: a client waits until the next connection wakes someone.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex};
 
 use wasmtime::{StackCreator, StackMemory};
 
-/// How many free stacks are kept. Only their touched pages are resident.
+/// How many free stacks are kept. Only their touched pages are resident: a
+/// guest's own frames are bounded by wasmtime's `max_wasm_stack` (512 KiB),
+/// so a burst of deep recursions leaves at most about 64 x 0.6 MiB.
 const KEEP: usize = 64;
 
 /// Hands out fiber stacks and takes them back (wasmtime's `StackCreator`).
@@ -46,8 +48,13 @@ impl StackPool {
 impl Free {
     fn map(size: usize) -> Result<Mapping, String> {
         let guard = page_size();
-        let size = size.div_ceil(guard).max(1) * guard;
-        let len = guard + size;
+        let too_big = || format!("a {size}-byte fiber stack is too big to map");
+        let size = size
+            .div_ceil(guard)
+            .max(1)
+            .checked_mul(guard)
+            .ok_or_else(too_big)?;
+        let len = size.checked_add(guard).ok_or_else(too_big)?;
         // SAFETY: a new anonymous mapping at an address the kernel picks;
         // no pointer is passed.
         let base = unsafe {
