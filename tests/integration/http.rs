@@ -352,7 +352,28 @@ crate::for_each_strategy!(
     failing_guests_get_500_and_504_and_the_connection_stays,
     malformed_request_gets_400_without_a_guest,
     a_silent_client_is_accepted_late_and_others_are_served_meanwhile,
+    a_keep_alive_connection_left_idle_ends_as_idle_timeout,
 );
+
+/// A keep-alive connection whose client sends its next request no sooner
+/// than `--idle-timeout` is closed by the host, and the connection's line
+/// says `idle-timeout` (hyper reports the failed read between requests as a
+/// clean end; the host tells it apart).
+fn a_keep_alive_connection_left_idle_ends_as_idle_timeout(strategy: Strategy) {
+    let server = http_echo(strategy, &["--idle-timeout", "200ms"]);
+    let mut stream = connect(server.addr());
+    stream
+        .write_all(b"GET /once HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).unwrap();
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("/once"), "{text}");
+    let peer = format!(" peer={} ", stream.local_addr().unwrap());
+    let line = server.wait_for_log(|l| l.contains(" closed ") && l.contains(&peer));
+    assert!(line.ends_with("outcome=idle-timeout"), "{line}");
+}
 
 /// HTTP listeners defer accepting (`TCP_DEFER_ACCEPT`) until the client's
 /// first bytes: a client that connects and says nothing is accepted only

@@ -8,8 +8,8 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,6 +27,10 @@ pub(super) struct Counters {
     /// Requests whose response is not finished yet: while there is one, a
     /// silent client is the guest's business (bounded by `--timeout`).
     pub(super) busy: AtomicUsize,
+    /// The connection's task, if a read found the connection busy: woken
+    /// when the last response finishes, so the read arms its idle timer
+    /// (nothing else would poll it again until the client spoke).
+    pub(super) idle_waiter: Mutex<Option<Waker>>,
     /// A read or write waited the idle timeout.
     pub(super) idle_timed_out: AtomicBool,
 }
@@ -103,7 +107,16 @@ impl AsyncRead for Io {
             Poll::Pending => {
                 if this.counters.busy.load(Ordering::SeqCst) > 0 {
                     this.read_idle = None;
-                    return Poll::Pending;
+                    *this
+                        .counters
+                        .idle_waiter
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+                    // The last response may have finished just before the
+                    // waker was left: then nobody will wake it; time now.
+                    if this.counters.busy.load(Ordering::SeqCst) > 0 {
+                        return Poll::Pending;
+                    }
                 }
                 if Self::idle_expired(this.idle, &mut this.read_idle, cx) {
                     return Poll::Ready(Err(this.timed_out()));
@@ -252,7 +265,17 @@ impl Drop for Logged {
         if self.inner.is_end_stream() || self.length == Some(self.end.bytes) {
             self.end.complete = true;
         }
-        self.counters.busy.fetch_sub(1, Ordering::SeqCst);
+        if self.counters.busy.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let waiter = self
+                .counters
+                .idle_waiter
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(waker) = waiter {
+                waker.wake();
+            }
+        }
         if let Some(report) = self.report.take() {
             let _ = report.send(self.end);
         }
