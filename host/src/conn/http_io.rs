@@ -40,13 +40,47 @@ enum Stream {
     Unix(tokio::net::UnixStream),
 }
 
+/// One direction's idle timer: armed when a wait starts, disarmed when
+/// bytes move; its `Sleep` is made once and reset after that (a keep-alive
+/// connection arms it between every two requests).
+#[derive(Default)]
+struct IdleTimer {
+    sleep: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl IdleTimer {
+    /// Whether `idle` has passed since the wait started; arms the timer
+    /// if this is the wait's first poll.
+    fn expired(&mut self, idle: Duration, cx: &mut Context<'_>) -> bool {
+        let deadline = tokio::time::Instant::now() + idle;
+        let sleep = match &mut self.sleep {
+            Some(sleep) => {
+                if !self.armed {
+                    sleep.as_mut().reset(deadline);
+                }
+                sleep
+            }
+            None => self
+                .sleep
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.armed = true;
+        sleep.as_mut().poll(cx).is_ready()
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
 /// The socket, counted and bounded by the idle timeout.
 pub(super) struct Io {
     stream: Stream,
     counters: Arc<Counters>,
     idle: Duration,
-    read_idle: Option<Pin<Box<Sleep>>>,
-    write_idle: Option<Pin<Box<Sleep>>>,
+    read_idle: IdleTimer,
+    write_idle: IdleTimer,
 }
 
 impl Io {
@@ -68,19 +102,9 @@ impl Io {
             stream,
             counters,
             idle,
-            read_idle: None,
-            write_idle: None,
+            read_idle: IdleTimer::default(),
+            write_idle: IdleTimer::default(),
         })
-    }
-
-    /// Whether the idle timer `slot` ran out; arms it on first use.
-    fn idle_expired(
-        idle: Duration,
-        slot: &mut Option<Pin<Box<Sleep>>>,
-        cx: &mut Context<'_>,
-    ) -> bool {
-        let sleep = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-        sleep.as_mut().poll(cx).is_ready()
     }
 
     fn timed_out(&self) -> io::Error {
@@ -106,7 +130,7 @@ impl AsyncRead for Io {
         match polled {
             Poll::Pending => {
                 if this.counters.busy.load(Ordering::SeqCst) > 0 {
-                    this.read_idle = None;
+                    this.read_idle.disarm();
                     *this
                         .counters
                         .idle_waiter
@@ -118,13 +142,13 @@ impl AsyncRead for Io {
                         return Poll::Pending;
                     }
                 }
-                if Self::idle_expired(this.idle, &mut this.read_idle, cx) {
+                if this.read_idle.expired(this.idle, cx) {
                     return Poll::Ready(Err(this.timed_out()));
                 }
                 Poll::Pending
             }
             Poll::Ready(result) => {
-                this.read_idle = None;
+                this.read_idle.disarm();
                 let n = buf.filled().len() - before;
                 this.counters
                     .bytes_in
@@ -148,13 +172,13 @@ impl AsyncWrite for Io {
         };
         match polled {
             Poll::Pending => {
-                if Self::idle_expired(this.idle, &mut this.write_idle, cx) {
+                if this.write_idle.expired(this.idle, cx) {
                     return Poll::Ready(Err(this.timed_out()));
                 }
                 Poll::Pending
             }
             Poll::Ready(result) => {
-                this.write_idle = None;
+                this.write_idle.disarm();
                 if let Ok(n) = &result {
                     this.counters
                         .bytes_out
