@@ -170,11 +170,9 @@ pub(crate) async fn serve(service: &Service, conn: Accepted, worker: &str, waits
 
     let (outcome, error) = match served {
         None => (Outcome::Shutdown, None),
-        // hyper ends a connection whose read failed between requests as if
-        // it had closed: the idle timer's failure is told by its flag.
-        Some(Ok(())) if counters.idle_timed_out.load(Ordering::Relaxed) => {
-            (Outcome::IdleTimeout, None)
-        }
+        // The idle timer's flag, whether hyper reported its failed read as
+        // an error or (between requests) as a clean end.
+        Some(_) if counters.idle_timed_out.load(Ordering::Relaxed) => (Outcome::IdleTimeout, None),
         Some(Ok(())) => (Outcome::Ok, None),
         Some(Err(e)) => connection_error(&e, &meta),
     };
@@ -207,7 +205,7 @@ pub(crate) async fn serve(service: &Service, conn: Accepted, worker: &str, waits
 /// parse got its 400 (or 414, 431) from hyper, without running a guest:
 /// it has a `request` line and is counted by status too.
 fn connection_error(e: &hyper::Error, meta: &ConnMeta) -> (Outcome, Option<String>) {
-    if meta.counters.idle_timed_out.load(Ordering::Relaxed) || e.is_timeout() {
+    if e.is_timeout() {
         return (Outcome::IdleTimeout, None);
     }
     if e.is_parse() || e.is_parse_too_large() {
