@@ -91,9 +91,7 @@ impl Network {
         match used_for {
             SocketAddrUse::TcpBind => addr.ip().is_unspecified() && addr.port() == 0,
             SocketAddrUse::TcpConnect if self.grants.permits(addr) => {
-                if let Some(metrics) = &self.metrics {
-                    metrics.outbound(true);
-                }
+                self.count_opened();
                 true
             }
             SocketAddrUse::TcpConnect => {
@@ -102,6 +100,14 @@ impl Network {
                 false
             }
             _ => false,
+        }
+    }
+
+    /// Counts a connection the grants let out (a guest's connect, or the
+    /// host's for its outgoing HTTP request).
+    fn count_opened(&self) {
+        if let Some(metrics) = &self.metrics {
+            metrics.outbound(true);
         }
     }
 
@@ -155,9 +161,7 @@ impl Network {
         if !self.may_create() {
             return None;
         }
-        if let Some(metrics) = &self.metrics {
-            metrics.outbound(true);
-        }
+        self.count_opened();
         Some(addr)
     }
 
