@@ -8,8 +8,8 @@ use std::net::Shutdown;
 
 use crate::for_each_strategy;
 use crate::support::{
-    exchange, exchange_reset, fields, guest, pattern, read_to_end, read_until_reset, Server,
-    Strategy,
+    exchange, exchange_reset, fields, guest, language_echo, pattern, read_to_end, read_until_reset,
+    Server, Strategy,
 };
 
 for_each_strategy!(
@@ -52,6 +52,26 @@ fn every_connection_gets_a_fresh_instance(strategy: Strategy) {
 /// `wasi:random` (secure and insecure) differs between connections: no
 /// random state is shared by a forked child with its siblings, or kept by a
 /// worker for the next connection.
+/// A forking worker makes one spare instance, and each child serves its
+/// connection in its own copy of it, when instantiating the handler runs no
+/// guest code; a handler with a start function (the C echo's) is
+/// instantiated by each child. Both serve every connection afresh.
+#[test]
+fn forking_children_adopt_a_spare_instance_only_if_instantiation_runs_no_code() {
+    let debug = ["--log-level", "debug"];
+    let spare = "children adopt a spare instance";
+    let server = Server::start(Strategy::Forking, Some(&guest("test-guest")), &debug);
+    server.wait_for_log(|line| line.contains(spare));
+    for _ in 0..3 {
+        assert_eq!(exchange(server.addr(), b"count\n"), b"1");
+    }
+    let c = Server::start(Strategy::Forking, Some(&language_echo("c")), &debug);
+    assert_eq!(exchange(c.addr(), b"ping\n"), b"ping\n");
+    assert_eq!(exchange(c.addr(), b"pong\n"), b"pong\n");
+    let log = c.log();
+    assert!(!log.iter().any(|line| line.contains(spare)), "{log:#?}");
+}
+
 fn every_connection_draws_its_own_random_numbers(strategy: Strategy) {
     let server = test_guest(strategy, &[]);
     let draws: Vec<String> = (0..8)

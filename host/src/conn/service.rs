@@ -16,6 +16,7 @@ use wasmtime::Engine;
 use crate::conn::phase::Phase;
 use crate::conn::report::{classify, log_closed, CallResult, Closed, Ending, Level, Usage};
 use crate::conn::socket::{block_on, Socket, Waits};
+use crate::conn::store::Spare;
 use crate::listener::{local_of, Peer};
 use crate::metrics::{InFlight, TenantMetrics};
 use crate::outcome::Outcome;
@@ -64,6 +65,10 @@ pub struct Service {
     pub(super) aborting: AtomicBool,
     /// Drain and abort, as the HTTP connections of this process see them.
     http_phase: Phase,
+    /// A forking worker's spare instance (`Service::make_spare`).
+    /// Invariant: only a forking worker fills it, and only its children
+    /// take it, each its own copy; elsewhere it stays empty.
+    pub(super) spare: Mutex<Option<Spare>>,
 }
 
 impl Service {
@@ -88,6 +93,7 @@ impl Service {
             live: Mutex::new(HashMap::new()),
             aborting: AtomicBool::new(false),
             http_phase: Phase::default(),
+            spare: Mutex::new(None),
         }
     }
 

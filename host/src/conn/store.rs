@@ -19,8 +19,8 @@ use crate::conn::report::CallResult;
 use crate::conn::service::Service;
 use crate::conn::socket::{Socket, Waits};
 use crate::conn::streams::{SocketInput, SocketOutput};
-use crate::wasm::guest_clock::GuestClock;
-use crate::wasm::handler::{ConnState, ConnectionInfo};
+use crate::wasm::guest_clock::{Deadline, GuestClock};
+use crate::wasm::handler::{ConnState, ConnectionInfo, HandlerInstance};
 use crate::wasm::limits::InstanceLimiter;
 use crate::wasm::one_line;
 use crate::wasm::outbound::{self, Network};
@@ -28,26 +28,99 @@ use crate::wasm::outbound::{self, Network};
 impl Service {
     /// Instantiates the handler in a fresh store and calls `handle`. The
     /// store, and with it every guest resource, is gone when this returns.
+    /// In a forking child that inherited a spare instance, that instance is
+    /// the fresh one.
     pub(super) fn run_guest(
         &self,
         socket: &Arc<Socket>,
         info: &ConnectionInfo,
     ) -> (CallResult, Option<InstanceLimiter>) {
-        let (mut store, input, output) = match self.prepare(socket, info, Waits::Blocking) {
+        let (spare, made) = match self.take_spare() {
+            Some(Spare { store, instance }) => (Some(store), Some(instance)),
+            None => (None, None),
+        };
+        let (mut store, input, output) = match self.prepare(socket, info, Waits::Blocking, spare) {
             Ok(prepared) => prepared,
             Err(why) => return (CallResult::SetupFailed(why), None),
         };
-        let Some(pre) = self.handler.pre() else {
-            let why = "the handler is not of the host:handler/handler world".to_string();
-            return (CallResult::SetupFailed(why), Some(dispose(store)));
+        let instance = match made {
+            Some(instance) => instance,
+            None => {
+                let Some(pre) = self.handler.pre() else {
+                    let why = "the handler is not of the host:handler/handler world".to_string();
+                    return (CallResult::SetupFailed(why), Some(dispose(store)));
+                };
+                match pre.instantiate(&mut store) {
+                    Ok(instance) => instance,
+                    // Instantiation runs guest code (start functions) and
+                    // grows memory: its failures are the guest's.
+                    Err(e) => {
+                        let failed = CallResult::Trapped(e.context("instantiation failed"));
+                        return (failed, Some(dispose(store)));
+                    }
+                }
+            }
         };
-        let result = match pre.instantiate(&mut store) {
-            // Instantiation runs guest code (start functions) and grows
-            // memory: its failures are the guest's.
-            Err(e) => CallResult::Trapped(e.context("instantiation failed")),
-            Ok(instance) => returned(instance.call_handle(&mut store, info, input, output)),
-        };
+        let result = returned(instance.call_handle(&mut store, info, input, output));
         (result, Some(dispose(store)))
+    }
+
+    /// Forking: makes the spare instance every child forked from now on
+    /// serves its connection in (each in its own copy-on-write copy),
+    /// instead of instantiating the handler itself. Only if instantiating
+    /// it runs no guest code: the spare has then never run, and is what a
+    /// fresh instantiation would make. Returns whether there is one.
+    pub(crate) fn make_spare(&self) -> bool {
+        let Some(pre) = self
+            .handler
+            .pre()
+            .filter(|_| self.handler.instantiates_inertly())
+        else {
+            return false;
+        };
+        // No WASI context: building one seeds the thread's random
+        // generator, which every child would then inherit (each child
+        // builds its own).
+        let mut store = Store::new(
+            self.engine(),
+            ConnState {
+                wasi: None,
+                table: ResourceTable::new(),
+                limiter: InstanceLimiter::new(self.limits.max_memory),
+                clock: GuestClock {
+                    base: Instant::now(),
+                },
+                connection: Arc::new(Unconnected),
+                network: self.network(0),
+            },
+        );
+        store.limiter(|state| &mut state.limiter);
+        // wasmtime initializes each core instance (globals, tables, data)
+        // with compiled code, which checks the store's deadline: none here,
+        // the child sets the connection's.
+        store.set_epoch_deadline(u64::MAX / 2);
+        store.epoch_deadline_trap();
+        match pre.instantiate(&mut store) {
+            Ok(instance) => {
+                *self.spare_slot() = Some(Spare { store, instance });
+                true
+            }
+            Err(e) => {
+                tracing::debug!(
+                    "no spare instance: {}; each connection instantiates the handler",
+                    one_line(&e)
+                );
+                false
+            }
+        }
+    }
+
+    fn take_spare(&self) -> Option<Spare> {
+        self.spare_slot().take()
+    }
+
+    fn spare_slot(&self) -> std::sync::MutexGuard<'_, Option<Spare>> {
+        self.spare.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// [`Service::run_guest`] on a fiber: every wait suspends it.
@@ -56,7 +129,7 @@ impl Service {
         socket: &Arc<Socket>,
         info: &ConnectionInfo,
     ) -> (CallResult, Option<InstanceLimiter>) {
-        let (mut store, input, output) = match self.prepare(socket, info, Waits::Async) {
+        let (mut store, input, output) = match self.prepare(socket, info, Waits::Async, None) {
             Ok(prepared) => prepared,
             Err(why) => return (CallResult::SetupFailed(why), None),
         };
@@ -71,13 +144,15 @@ impl Service {
         (result, Some(dispose(store)))
     }
 
-    /// A fresh store with the connection's streams in its table.
+    /// A fresh store (or `spare`'s, made ready for this connection) with
+    /// the connection's streams in its table.
     #[allow(clippy::type_complexity)]
     fn prepare(
         &self,
         socket: &Arc<Socket>,
         info: &ConnectionInfo,
         waits: Waits,
+        spare: Option<Store<ConnState>>,
     ) -> Result<
         (
             Store<ConnState>,
@@ -86,7 +161,7 @@ impl Service {
         ),
         String,
     > {
-        let mut store = self.new_store(info.connection_id, socket, waits)?;
+        let mut store = self.new_store(info.connection_id, socket, waits, spare)?;
         let table = &mut store.data_mut().table;
         let input: DynInputStream = Box::new(SocketInput::new(socket.clone()));
         let output: DynOutputStream = Box::new(SocketOutput::new(socket.clone()));
@@ -135,12 +210,15 @@ impl Service {
     }
 
     /// A store granting what `--env` and `--dir` grant and nothing else, with
-    /// the memory limit and the deadline set.
+    /// the memory limit and the deadline set: a new one, or `spare`'s with
+    /// this connection's context (its memory limiter, which counted the
+    /// instantiation, kept).
     pub(super) fn new_store(
         &self,
         id: u64,
         socket: &Arc<Socket>,
         waits: Waits,
+        spare: Option<Store<ConnState>>,
     ) -> Result<Store<ConnState>, String> {
         let output_log = GuestOutput::new(id);
         let clock = GuestClock {
@@ -151,18 +229,31 @@ impl Service {
         // The raw world's outbound grants (`allow-outbound`).
         let network = self.network(id);
         outbound::grant(&mut wasi, &network);
-        let mut store = Store::new(
-            self.engine(),
-            ConnState {
-                wasi: wasi.build(),
-                table: ResourceTable::new(),
-                limiter: InstanceLimiter::new(self.limits.max_memory),
-                clock,
-                connection: socket.clone(),
-                network,
-            },
-        );
-        store.limiter(|state| &mut state.limiter);
+        let mut store = match spare {
+            Some(mut store) => {
+                let state = store.data_mut();
+                state.wasi = Some(wasi.build());
+                state.clock = clock;
+                state.connection = socket.clone();
+                state.network = network;
+                store
+            }
+            None => {
+                let mut store = Store::new(
+                    self.engine(),
+                    ConnState {
+                        wasi: Some(wasi.build()),
+                        table: ResourceTable::new(),
+                        limiter: InstanceLimiter::new(self.limits.max_memory),
+                        clock,
+                        connection: socket.clone(),
+                        network,
+                    },
+                );
+                store.limiter(|state| &mut state.limiter);
+                store
+            }
+        };
         if waits == Waits::Async {
             // At every epoch tick the guest gives the runtime's thread to
             // the other connections (fairness), unless its time is up or
@@ -190,6 +281,30 @@ impl Service {
         }
         Ok(store)
     }
+}
+
+/// An instance made before its connection existed, never run, and the store
+/// it lives in (`Service::make_spare`).
+pub(crate) struct Spare {
+    store: Store<ConnState>,
+    instance: HandlerInstance,
+}
+
+/// The connection of a spare instance's store until a child gives it its
+/// own: no deadline and never aborted. Never asked, as the spare's guest
+/// never runs before that.
+struct Unconnected;
+
+impl Deadline for Unconnected {
+    fn deadline(&self) -> Instant {
+        Instant::now() + std::time::Duration::from_secs(365 * 24 * 3600)
+    }
+
+    fn aborted(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(std::future::pending())
+    }
+
+    fn mark_timed_out(&self) {}
 }
 
 /// What the guest's `handle` call came to.

@@ -26,7 +26,7 @@ impl Service {
             Waits::Blocking,
         );
         let mut store = self
-            .new_store(0, &socket, Waits::Blocking)
+            .new_store(0, &socket, Waits::Blocking, None)
             .map_err(anyhow::Error::msg)?;
         let started = Instant::now();
         self.handler()

@@ -89,6 +89,11 @@ impl Forking {
         // idle timeout to flush and its close a linger.
         let backstop = (service.handler().world() == World::Handler)
             .then(|| limits.timeout + limits.idle_timeout + LINGER + Duration::from_secs(1));
+        // Every child serves its connection in a copy of this instance
+        // instead of instantiating the handler itself.
+        if service.make_spare() {
+            tracing::debug!("forking: children adopt a spare instance");
+        }
         Ok(Forking {
             service,
             limit,

@@ -51,6 +51,7 @@ mod bindings_async {
 }
 
 pub(crate) use bindings::host::handler::types::ConnectionInfo;
+pub(crate) use bindings::Handler as HandlerInstance;
 pub(crate) use bindings::HandlerPre;
 pub(crate) use bindings_async::HandlerPre as HandlerPreAsync;
 
@@ -63,7 +64,9 @@ pub(crate) use crate::settings::HandlerSource;
 /// granted), the resource table its streams live in, and its memory limiter.
 /// Dropped with the store when the connection ends.
 pub(crate) struct ConnState {
-    pub(crate) wasi: WasiCtx,
+    /// `None` only in a forking worker's spare instance, whose guest never
+    /// runs there (`conn::store::Spare`): a child sets it before the call.
+    pub(crate) wasi: Option<WasiCtx>,
     pub(crate) table: ResourceTable,
     pub(crate) limiter: crate::wasm::limits::InstanceLimiter,
     /// The guest's monotonic clock.
@@ -105,7 +108,10 @@ impl SleepState for ConnState {
 impl WasiView for ConnState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
-            ctx: &mut self.wasi,
+            ctx: self
+                .wasi
+                .as_mut()
+                .expect("a store's WASI context is set before its guest runs"),
             table: &mut self.table,
         }
     }
@@ -123,6 +129,10 @@ pub(crate) struct Handler {
     pre_async: Option<HandlerPreAsync<ConnState>>,
     /// The `wasi:http/proxy` world's, for every strategy.
     http: Option<ProxyPre<HttpState>>,
+    /// Instantiating it runs no guest code (no start function anywhere in
+    /// it), so an instance made ahead of its connection is the same as one
+    /// made for it ([`Handler::instantiates_inertly`]).
+    inert: bool,
 }
 
 /// How a handler may be loaded.
@@ -355,6 +365,8 @@ impl Handler {
     ) -> Result<Handler> {
         let bytes = read(source)?;
         let digest = crate::wasm::compile_cache::digest(&bytes);
+        // A precompiled file's sections are native code: not known inert.
+        let inert = Engine::detect_precompiled(&bytes).is_none() && runs_no_code_at_start(&bytes);
         let component = match Engine::detect_precompiled(&bytes) {
             Some(Precompiled::Component) => load_precompiled(engine, source, &bytes, options)?,
             Some(Precompiled::Module) => {
@@ -380,6 +392,7 @@ impl Handler {
                 pre: None,
                 pre_async: None,
                 http: Some(crate::wasm::http::link(engine, source, &component)?),
+                inert,
             });
         }
         let pre = link(engine, source, &component)?;
@@ -394,6 +407,7 @@ impl Handler {
             pre: Some(pre),
             pre_async,
             http: None,
+            inert,
         })
     }
 
@@ -424,6 +438,7 @@ impl Handler {
             pre: Some(pre),
             pre_async: None,
             http: None,
+            inert: false,
         }
     }
 
@@ -439,6 +454,26 @@ impl Handler {
     pub(crate) fn pre_async(&self) -> Option<&HandlerPreAsync<ConnState>> {
         self.pre_async.as_ref()
     }
+
+    /// Instantiating it runs no guest code, so calls no import: an instance
+    /// made before its connection exists, and never run, is exactly what a
+    /// fresh instantiation for that connection would make.
+    pub(crate) fn instantiates_inertly(&self) -> bool {
+        self.inert
+    }
+}
+
+/// Whether instantiating the component `bytes` runs none of its code: no
+/// core module in it has a start function and it has no start of its own.
+/// Anything unreadable counts as running code.
+fn runs_no_code_at_start(bytes: &[u8]) -> bool {
+    use wasmparser::Payload;
+    wasmparser::Parser::new(0).parse_all(bytes).all(|payload| {
+        !matches!(
+            payload,
+            Err(_) | Ok(Payload::StartSection { .. } | Payload::ComponentStartSection { .. })
+        )
+    })
 }
 
 /// Tells a component from a core module and from something that is not
@@ -459,7 +494,7 @@ pub(crate) fn check_header(bytes: &[u8]) -> Result<(), &'static str> {
 
 #[cfg(test)]
 mod tests {
-    use super::check_header;
+    use super::{check_header, runs_no_code_at_start, BUILTIN_ECHO};
 
     #[test]
     fn headers() {
@@ -475,5 +510,30 @@ mod tests {
             Err("is a core module, not a component")
         );
         assert_eq!(check_header(b"\0asm\x0d\0\x01\0"), Ok(()));
+    }
+
+    /// A core module with one function, `()`, and a start section naming it
+    /// if `start`.
+    fn module(start: bool) -> Vec<u8> {
+        let mut bytes = b"\0asm\x01\0\0\0".to_vec();
+        bytes.extend([1, 4, 1, 0x60, 0, 0]); // type section: () -> ()
+        bytes.extend([3, 2, 1, 0]); // function section: one of type 0
+        if start {
+            bytes.extend([8, 1, 0]); // start section: function 0
+        }
+        bytes.extend([10, 4, 1, 2, 0, 0x0b]); // code section: an empty body
+        bytes
+    }
+
+    #[test]
+    fn instantiation_that_runs_code_is_told_apart() {
+        assert!(runs_no_code_at_start(BUILTIN_ECHO));
+        assert!(runs_no_code_at_start(&module(false)));
+        assert!(!runs_no_code_at_start(&module(true)));
+        // Unreadable: counted as running code.
+        let mut truncated = module(false);
+        truncated.truncate(truncated.len() - 2);
+        assert!(!runs_no_code_at_start(&truncated));
+        assert!(!runs_no_code_at_start(b"not wasm at all"));
     }
 }
