@@ -248,7 +248,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::conn::socket::{block_on, Waits};
+    use crate::conn::socket::Waits;
+    use crate::wasm::direct_streams::block_on;
 
     /// A connected pair over loopback TCP: the host's side as a
     /// connection's socket, and the client's.

@@ -15,12 +15,13 @@ use wasmtime::Engine;
 
 use crate::conn::phase::Phase;
 use crate::conn::report::{classify, log_closed, CallResult, Closed, Ending, Level, Usage};
-use crate::conn::socket::{block_on, Socket, Waits};
+use crate::conn::socket::{Socket, Waits};
 use crate::conn::store::Spare;
 use crate::listener::{local_of, Peer};
 use crate::metrics::{InFlight, TenantMetrics};
 use crate::outcome::Outcome;
 use crate::settings::{Access, Grants, Limits, Outbound, ProxyProtocol};
+use crate::wasm::direct_streams::block_on;
 use crate::wasm::engine::EpochClock;
 use crate::wasm::handler::{ConnectionInfo, Handler};
 

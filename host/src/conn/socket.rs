@@ -409,27 +409,6 @@ fn stream_failure(why: &'static str) -> StreamError {
     StreamError::LastOperationFailed(wasmtime::format_err!("{why}"))
 }
 
-/// Runs `future` to its end on this thread. For a [`Waits::Blocking`]
-/// socket's futures, which wait in poll(2) and are ready at their first
-/// poll; anything else parks the thread until woken.
-pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    struct Unpark(std::thread::Thread);
-    impl std::task::Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = std::task::Context::from_waker(&waker);
-    let mut future = std::pin::pin!(future);
-    loop {
-        if let std::task::Poll::Ready(value) = future.as_mut().poll(&mut cx) {
-            return value;
-        }
-        std::thread::park();
-    }
-}
-
 /// What the guest's sleeps see of the connection (`wasm::guest_clock`).
 impl Deadline for Socket {
     fn deadline(&self) -> Instant {

@@ -92,6 +92,7 @@ impl Service {
                 },
                 connection: Arc::new(Unconnected),
                 network: self.network(0),
+                direct_streams: false,
             },
         );
         store.limiter(|state| &mut state.limiter);
@@ -229,6 +230,10 @@ impl Service {
         // The raw world's outbound grants (`allow-outbound`).
         let network = self.network(id);
         outbound::grant(&mut wasi, &network);
+        // No file streams (`--dir`) and no outbound sockets: every stream
+        // the guest can have waits on the calling thread.
+        let direct_streams =
+            waits == Waits::Blocking && self.grants.dirs.is_empty() && !network.granted();
         let mut store = match spare {
             Some(mut store) => {
                 let state = store.data_mut();
@@ -236,6 +241,7 @@ impl Service {
                 state.clock = clock;
                 state.connection = socket.clone();
                 state.network = network;
+                state.direct_streams = direct_streams;
                 store
             }
             None => {
@@ -248,6 +254,7 @@ impl Service {
                         clock,
                         connection: socket.clone(),
                         network,
+                        direct_streams,
                     },
                 );
                 store.limiter(|state| &mut state.limiter);

@@ -10,7 +10,8 @@ use wasmtime_wasi_io::bytes::{Bytes, BytesMut};
 use wasmtime_wasi_io::poll::Pollable;
 use wasmtime_wasi_io::streams::{InputStream, OutputStream, StreamError, StreamResult};
 
-use crate::conn::socket::{block_on, Interest, Socket, Waits, CHUNK};
+use crate::conn::socket::{Interest, Socket, Waits, CHUNK};
+use crate::wasm::direct_streams::block_on;
 
 /// The `input-stream` a handler reads the client's bytes from.
 pub(crate) struct SocketInput {

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use crate::conn::report::{classify, Ending};
 use crate::conn::service::{close, Service};
-use crate::conn::socket::{block_on, Socket, Waits};
+use crate::conn::socket::{Socket, Waits};
 use crate::listener::local_of;
+use crate::wasm::direct_streams::block_on;
 use crate::wasm::handler::ConnectionInfo;
 use crate::wasm::one_line;
 

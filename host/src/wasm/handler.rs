@@ -14,6 +14,7 @@ use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, Precompiled};
 
 use crate::wasm::compile_cache::CompileCache;
+use crate::wasm::direct_streams::DirectState;
 use crate::wasm::guest_clock::{Deadline, GuestClock, SleepState};
 use crate::wasm::http::{world_of, HttpState, ProxyPre, World};
 use crate::wasm::one_line;
@@ -75,6 +76,19 @@ pub(crate) struct ConnState {
     pub(crate) connection: Arc<dyn Deadline>,
     /// The outbound network the tenant grants (perhaps none).
     pub(crate) network: Arc<Network>,
+    /// Every stream the guest can have waits on the calling thread, so its
+    /// blocking calls need no tokio runtime (`wasm::direct_streams`).
+    pub(crate) direct_streams: bool,
+}
+
+impl DirectState for ConnState {
+    fn direct_streams(&self) -> bool {
+        self.direct_streams
+    }
+
+    fn streams_table(&mut self) -> &mut ResourceTable {
+        &mut self.table
+    }
 }
 
 impl NetworkState for ConnState {
@@ -192,6 +206,9 @@ fn instantiate_pre(
     add_wasi(&mut linker).map_err(|e| anyhow!("cannot link WASI: {}", one_line(&e)))?;
     crate::wasm::guest_clock::add_to_linker(&mut linker)?;
     crate::wasm::outbound::add_to_linker(&mut linker, blocking)?;
+    if blocking {
+        crate::wasm::direct_streams::add_to_linker(&mut linker)?;
+    }
     linker.instantiate_pre(component).map_err(|e| {
         anyhow!(
             "handler {source} needs imports the host does not provide: {}",

@@ -10,6 +10,7 @@
 //! layer (`conn`) builds on this one, never the other way round.
 
 pub(crate) mod compile_cache;
+pub(crate) mod direct_streams;
 pub(crate) mod engine;
 pub(crate) mod guest_clock;
 pub(crate) mod handler;
