@@ -72,6 +72,52 @@ fn forking_children_adopt_a_spare_instance_only_if_instantiation_runs_no_code() 
     assert!(!log.iter().any(|line| line.contains(spare)), "{log:#?}");
 }
 
+/// A forking child whose guest only reads and writes its connection runs on
+/// one thread: its streams wait without a tokio runtime, so it builds none.
+/// One whose guest sleeps gets wasmtime-wasi's runtime, of one worker thread.
+#[test]
+fn a_forking_child_builds_a_runtime_only_for_a_guest_that_needs_one() {
+    let server = test_guest(Strategy::Forking, &[]);
+    let threads = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| tasks.count())
+            .unwrap_or(0)
+    };
+    // `hold` says which child serves it, then reads until the client closes.
+    let held = server.connect();
+    (&held).write_all(b"hold\n").unwrap();
+    let mut said = String::new();
+    BufReader::new(&held).read_line(&mut said).unwrap();
+    let child: u32 = said.trim().strip_prefix("pid-").unwrap().parse().unwrap();
+    assert_eq!(
+        threads(child),
+        1,
+        "child {child} of a guest that only reads"
+    );
+    drop(held);
+    // `nap` sleeps (a pollable) after it says so.
+    let napping = server.connect();
+    (&napping).write_all(b"nap 20000\n").unwrap();
+    let mut said = String::new();
+    BufReader::new(&napping).read_line(&mut said).unwrap();
+    assert_eq!(said, "napping\n");
+    crate::support::eventually(std::time::Duration::from_secs(10), || {
+        // The host's workers' children: the napping child (and perhaps the
+        // held one, still exiting).
+        let children: Vec<u32> = harness::proc::children(server.pid())
+            .into_iter()
+            .flat_map(harness::proc::children)
+            .collect();
+        let counts: Vec<usize> = children.iter().map(|&c| threads(c)).collect();
+        if counts.contains(&2) && counts.iter().all(|&n| n <= 2) {
+            Ok(())
+        } else {
+            Err(format!("children {children:?} with {counts:?} threads"))
+        }
+    });
+    drop(napping);
+}
+
 fn every_connection_draws_its_own_random_numbers(strategy: Strategy) {
     let server = test_guest(strategy, &[]);
     let draws: Vec<String> = (0..8)

@@ -108,14 +108,10 @@ impl Forking {
     /// parent's destructors or exit handlers.
     fn run_child(&self, conn: Accepted) -> ! {
         arm_alarm(self.service.engine(), self.service.limits().timeout);
-        // Kept entered until the child exits (which runs no destructors).
-        let runtime;
-        let _entered;
         if self.service.handler().world() == World::Http {
             drain_on_order(&self.service);
-        } else if let Some(made) = child_runtime() {
-            runtime = made;
-            _entered = runtime.enter();
+        } else {
+            small_lazy_runtime();
         }
         let worker = format!("pid-{}", std::process::id());
         let id = conn.id;
@@ -180,18 +176,17 @@ impl Forking {
     }
 }
 
-/// A raw-world child's tokio runtime, for wasmtime-wasi's blocking calls
-/// (`in_tokio`) and pollables: one worker thread is enough for one
-/// connection. Without a runtime entered, wasmtime-wasi builds its own in
-/// every child, with a worker thread per core and a read of the cgroup's
-/// CPU quota to count them. `None` (logged) leaves it to do that.
-fn child_runtime() -> Option<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(|e| tracing::debug!("cannot build the child's runtime: {e}"))
-        .ok()
+/// A raw-world child's tokio runtime, should its guest need one: only its
+/// pollables and sleeps, file streams (`--dir`) and outbound sockets do
+/// (its connection's streams wait without one: `wasm::direct_streams`).
+/// wasmtime-wasi then builds its own at the first such call, with a worker
+/// thread per core and a read of the cgroup's CPU quota to count them,
+/// unless told how many: one is enough for one connection. A child that
+/// needs none (an echo) builds none.
+fn small_lazy_runtime() {
+    // The child has one thread (the worker forks with none), so nothing
+    // reads the environment while it changes.
+    std::env::set_var("TOKIO_WORKER_THREADS", "1");
 }
 
 /// In an HTTP child: a thread waits for the worker's drain order (blocked
