@@ -8,8 +8,10 @@
 //! stay). A descriptor added to the host process so never leaks into a
 //! child unnoticed: the child must be handed it.
 
+use std::fs::File;
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::Mutex;
 
 use super::signals;
 
@@ -149,9 +151,28 @@ fn close_range(first: u32, last: u32) {
     }
 }
 
-/// The number of threads this process runs, if /proc says.
+/// The number of threads this process runs, if /proc says. A forking
+/// worker asks before every fork, so `/proc/self/stat` is opened once per
+/// process and read again from its start at each call (the kernel writes
+/// its text afresh for every read).
 pub(crate) fn thread_count() -> Option<usize> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    use std::os::unix::fs::FileExt as _;
+    static STAT: Mutex<Option<(u32, File)>> = Mutex::new(None);
+    let me = std::process::id();
+    let mut stat = STAT.lock().unwrap_or_else(|e| e.into_inner());
+    if stat.as_ref().is_none_or(|(opener, _)| *opener != me) {
+        // A parent's, inherited across `fork`: its descriptor was closed
+        // with the parent's others (`close_all_but`) and its number may
+        // be another's now, so it is forgotten, not closed.
+        if let Some((_, inherited)) = stat.take() {
+            std::mem::forget(inherited);
+        }
+        *stat = Some((me, File::open("/proc/self/stat").ok()?));
+    }
+    let (_, file) = stat.as_ref()?;
+    let mut text = [0u8; 4096];
+    let len = file.read_at(&mut text, 0).ok()?;
+    let stat = std::str::from_utf8(&text[..len]).ok()?;
     // The fields after the command (which may hold spaces), in parentheses;
     // the number of threads is field 20, the 18th after it.
     let rest = &stat[stat.rfind(')')? + 2..];
