@@ -89,6 +89,7 @@ impl Forking {
         // idle timeout to flush and its close a linger.
         let backstop = (service.handler().world() == World::Handler)
             .then(|| limits.timeout + limits.idle_timeout + LINGER + Duration::from_secs(1));
+        settle_before_forking();
         // Every child serves its connection in a copy of this instance
         // instead of instantiating the handler itself.
         if service.make_spare() {
@@ -110,8 +111,6 @@ impl Forking {
         arm_alarm(self.service.engine(), self.service.limits().timeout);
         if self.service.handler().world() == World::Http {
             drain_on_order(&self.service);
-        } else {
-            small_lazy_runtime();
         }
         let worker = format!("pid-{}", std::process::id());
         let id = conn.id;
@@ -176,17 +175,29 @@ impl Forking {
     }
 }
 
-/// A raw-world child's tokio runtime, should its guest need one: only its
-/// pollables and sleeps, file streams (`--dir`) and outbound sockets do
-/// (its connection's streams wait without one: `wasm::direct_streams`).
-/// wasmtime-wasi then builds its own at the first such call, with a worker
-/// thread per core and a read of the cgroup's CPU quota to count them,
-/// unless told how many: one is enough for one connection. A child that
-/// needs none (an echo) builds none.
-fn small_lazy_runtime() {
-    // The child has one thread (the worker forks with none), so nothing
-    // reads the environment while it changes.
+/// Done once in the worker, before it forks, so that no child does it
+/// again: nothing here is random state, only what a child would otherwise
+/// work out for itself.
+/// - A raw-world child's tokio runtime, should its guest need one (only its
+///   pollables and sleeps, file streams and outbound sockets do; its
+///   connection's streams wait without one: `wasm::direct_streams`), is
+///   wasmtime-wasi's own, which has a worker thread per core and reads the
+///   cgroup's CPU quota to count them, unless told how many: one is enough
+///   for one connection. A child that needs none (an echo) makes none.
+/// - Every child seeds the random generators of its WASI context from the
+///   system (it must: a generator seeded here would be every child's).
+///   Doing so finds libc's `getrandom` first (`dlsym`), and probes the CPU
+///   for ChaCha's vector code (`cpuid`, an exit to the hypervisor in a VM);
+///   both results are kept in statics, which the children inherit. The
+///   ChaCha here has a fixed seed and is dropped: no thread's generator is
+///   touched.
+fn settle_before_forking() {
+    use rand::{Rng as _, SeedableRng as _};
+    // The worker runs one thread (the invariant above), so nothing reads
+    // the environment while it changes.
     std::env::set_var("TOKIO_WORKER_THREADS", "1");
+    let _ = getrandom::fill(&mut [0u8; 1]);
+    let _ = rand::rngs::StdRng::seed_from_u64(0).next_u32();
 }
 
 /// In an HTTP child: a thread waits for the worker's drain order (blocked
