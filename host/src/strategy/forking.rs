@@ -196,7 +196,12 @@ fn settle_before_forking() {
     // The worker runs one thread (the invariant above), so nothing reads
     // the environment while it changes.
     std::env::set_var("TOKIO_WORKER_THREADS", "1");
-    let _ = getrandom::fill(&mut [0u8; 1]);
+    // Only where getrandom(2) works: otherwise `getrandom` falls back to a
+    // descriptor of /dev/urandom, kept in a static, which every child would
+    // close (`process::fork` closes what it does not keep) and then read.
+    if process::getrandom_works() {
+        let _ = getrandom::fill(&mut [0u8; 1]);
+    }
     let _ = rand::rngs::StdRng::seed_from_u64(0).next_u32();
 }
 

@@ -179,6 +179,14 @@ pub(crate) fn thread_count() -> Option<usize> {
     rest.split(' ').nth(17)?.parse().ok()
 }
 
+/// Whether getrandom(2) works here (it is not missing, nor blocked by a
+/// seccomp filter), asked for no bytes, which never blocks.
+pub(crate) fn getrandom_works() -> bool {
+    let mut byte = [0u8; 1];
+    // SAFETY: getrandom(2) of zero bytes writes nothing.
+    unsafe { libc::syscall(libc::SYS_getrandom, byte.as_mut_ptr(), 0usize, 0u32) == 0 }
+}
+
 /// The descriptors this process has open, from /proc (leaving out the one
 /// that reads /proc).
 pub(crate) fn open_descriptors() -> io::Result<Vec<RawFd>> {
