@@ -325,7 +325,9 @@ impl Socket {
             return Some(reactor);
         }
         // Registration needs a tokio runtime in context; wasmtime-wasi enters
-        // one around every blocking call, which is where waits happen.
+        // one around every pollable's wait (and every blocking stream call
+        // of a store that is not `wasm::direct_streams`'s), which is where
+        // the reactor waits happen. Without one the wait blocks in poll(2).
         tokio::runtime::Handle::try_current().ok()?;
         // SAFETY: the descriptor belongs to `self.stream`, which outlives the
         // registration (see the field order of `Socket`).

@@ -2,8 +2,10 @@
 //! (threading, prefork, forking), made without a tokio runtime when they
 //! need none.
 //!
-//! wasmtime-wasi runs every blocking stream call, and every stream's drop,
-//! inside its tokio runtime (`in_tokio`): it enters the runtime for each
+//! wasmtime-wasi runs every blocking stream call (`blocking-read`,
+//! `blocking-skip`, `blocking-flush`, `blocking-write-and-flush`,
+//! `blocking-write-zeroes-and-flush`, `blocking-splice`), and every
+//! stream's drop, inside its tokio runtime (`in_tokio`): it enters the runtime for each
 //! call, and a forking child must build one first (a worker thread and a
 //! reactor per connection). The connection's own streams never use it:
 //! they wait in poll(2) on the calling thread (`conn::streams`), and so do
@@ -39,8 +41,8 @@ pub(crate) trait DirectState: Send + 'static {
     fn streams_table(&mut self) -> &mut ResourceTable;
 }
 
-/// Replaces the blocking stream calls and the streams' drops on the sync
-/// linker. Call after wasmtime-wasi's `add_to_linker_sync`.
+/// Replaces every blocking stream call and the streams' drops on the sync
+/// linker (wasmtime-wasi's `tracing` spans of these calls go with them). Call after wasmtime-wasi's `add_to_linker_sync`.
 pub(crate) fn add_to_linker<T: DirectState>(linker: &mut Linker<T>) -> Result<()> {
     linker.allow_shadowing(true);
     let mut streams = linker.instance(STREAMS)?;
@@ -70,6 +72,34 @@ pub(crate) fn add_to_linker<T: DirectState>(linker: &mut Linker<T>) -> Result<()
             let table = store.data_mut().streams_table();
             let flushed = wait(direct, table.blocking_flush(stream));
             Ok((returned(table, flushed)?,))
+        },
+    )?;
+    streams.func_wrap(
+        "[method]input-stream.blocking-skip",
+        |mut store: StoreContextMut<'_, T>, (stream, len): (Resource<DynInputStream>, u64)| {
+            let direct = store.data().direct_streams();
+            let table = store.data_mut().streams_table();
+            let skipped = wait(direct, table.blocking_skip(stream, len));
+            Ok((returned(table, skipped)?,))
+        },
+    )?;
+    streams.func_wrap(
+        "[method]output-stream.blocking-write-zeroes-and-flush",
+        |mut store: StoreContextMut<'_, T>, (stream, len): (Resource<DynOutputStream>, u64)| {
+            let direct = store.data().direct_streams();
+            let table = store.data_mut().streams_table();
+            let written = wait(direct, table.blocking_write_zeroes_and_flush(stream, len));
+            Ok((returned(table, written)?,))
+        },
+    )?;
+    streams.func_wrap(
+        "[method]output-stream.blocking-splice",
+        |mut store: StoreContextMut<'_, T>,
+         (dst, src, len): (Resource<DynOutputStream>, Resource<DynInputStream>, u64)| {
+            let direct = store.data().direct_streams();
+            let table = store.data_mut().streams_table();
+            let spliced = wait(direct, table.blocking_splice(dst, src, len));
+            Ok((returned(table, spliced)?,))
         },
     )?;
     streams.resource(
