@@ -402,6 +402,17 @@ impl Handler {
             }
         };
 
+        // Its memory images made now, in the host process: where the code
+        // was compiled here (not mapped from the cache) each is a memfd, a
+        // descriptor the workers (and forking children) inherit. Made at
+        // the first instantiation instead, it would be the instantiating
+        // process's own: every forking child would make its own copy.
+        if let Err(e) = component.initialize_copy_on_write_image() {
+            tracing::debug!(
+                "handler {source}: no memory image made ahead ({}); instances make it",
+                one_line(&e)
+            );
+        }
         if world_of(engine, &component) == World::Http {
             return Ok(Handler {
                 digest,
@@ -542,11 +553,24 @@ mod tests {
         bytes
     }
 
+    /// A component holding `module(start)` as its one core module.
+    fn component(start: bool) -> Vec<u8> {
+        let module = module(start);
+        let mut bytes = b"\0asm\x0d\0\x01\0".to_vec();
+        bytes.push(1); // core module section
+        bytes.push(module.len() as u8);
+        bytes.extend(module);
+        bytes
+    }
+
     #[test]
     fn instantiation_that_runs_code_is_told_apart() {
         assert!(runs_no_code_at_start(BUILTIN_ECHO));
         assert!(runs_no_code_at_start(&module(false)));
         assert!(!runs_no_code_at_start(&module(true)));
+        // A start in a module nested in a component counts too.
+        assert!(runs_no_code_at_start(&component(false)));
+        assert!(!runs_no_code_at_start(&component(true)));
         // Unreadable: counted as running code.
         let mut truncated = module(false);
         truncated.truncate(truncated.len() - 2);
