@@ -49,9 +49,6 @@ fn every_connection_gets_a_fresh_instance(strategy: Strategy) {
     }
 }
 
-/// `wasi:random` (secure and insecure) differs between connections: no
-/// random state is shared by a forked child with its siblings, or kept by a
-/// worker for the next connection.
 /// A forking worker makes one spare instance, and each child serves its
 /// connection in its own copy of it, when instantiating the handler runs no
 /// guest code; a handler with a start function (the C echo's) is
@@ -68,6 +65,8 @@ fn forking_children_adopt_a_spare_instance_only_if_instantiation_runs_no_code() 
     let c = Server::start(Strategy::Forking, Some(&language_echo("c")), &debug);
     assert_eq!(exchange(c.addr(), b"ping\n"), b"ping\n");
     assert_eq!(exchange(c.addr(), b"pong\n"), b"pong\n");
+    // Every line before the second connection's end is in by now.
+    c.closed_line(2);
     let log = c.log();
     assert!(!log.iter().any(|line| line.contains(spare)), "{log:#?}");
 }
@@ -118,6 +117,9 @@ fn a_forking_child_builds_a_runtime_only_for_a_guest_that_needs_one() {
     drop(napping);
 }
 
+/// `wasi:random` (secure and insecure) differs between connections: no
+/// random state is shared by a forked child with its siblings, or kept by a
+/// worker for the next connection.
 fn every_connection_draws_its_own_random_numbers(strategy: Strategy) {
     let server = test_guest(strategy, &[]);
     let draws: Vec<String> = (0..8)
