@@ -11,19 +11,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use wasmtime::Engine;
+use wasmtime::{Engine, Store};
 
 use crate::conn::phase::Phase;
 use crate::conn::report::{classify, log_closed, CallResult, Closed, Ending, Level, Usage};
 use crate::conn::socket::{Socket, Waits};
-use crate::conn::store::Spare;
 use crate::listener::{local_of, Peer};
 use crate::metrics::{InFlight, TenantMetrics};
 use crate::outcome::Outcome;
 use crate::settings::{Access, Grants, Limits, Outbound, ProxyProtocol};
 use crate::wasm::direct_streams::block_on;
 use crate::wasm::engine::EpochClock;
-use crate::wasm::handler::{ConnectionInfo, Handler};
+use crate::wasm::handler::{ConnState, ConnectionInfo, Handler, HandlerInstance};
 
 /// After `handle` returns, the host reads and drops what the client still
 /// sends for at most this long (and at most [`LINGER_BYTES`]), so that closing
@@ -40,6 +39,13 @@ pub struct Accepted {
     /// The local address, when the listener knows it for every connection
     /// (`Listener::fixed_local`); otherwise it is asked of the socket.
     pub(crate) local: Option<Arc<str>>,
+}
+
+/// An instance made before its connection existed, never run, and the store
+/// it lives in (`Service::make_spare`).
+pub(crate) struct Spare {
+    pub(super) store: Store<ConnState>,
+    pub(super) instance: HandlerInstance,
 }
 
 /// What every connection of one listener runs: the handler, its limits and

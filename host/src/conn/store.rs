@@ -16,11 +16,11 @@ use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream};
 
 use crate::conn::guest_log::GuestOutput;
 use crate::conn::report::CallResult;
-use crate::conn::service::Service;
+use crate::conn::service::{Service, Spare};
 use crate::conn::socket::{Socket, Waits};
 use crate::conn::streams::{SocketInput, SocketOutput};
 use crate::wasm::guest_clock::{Deadline, GuestClock};
-use crate::wasm::handler::{ConnState, ConnectionInfo, HandlerInstance};
+use crate::wasm::handler::{ConnState, ConnectionInfo};
 use crate::wasm::limits::InstanceLimiter;
 use crate::wasm::one_line;
 use crate::wasm::outbound::{self, Network};
@@ -288,13 +288,6 @@ impl Service {
         }
         Ok(store)
     }
-}
-
-/// An instance made before its connection existed, never run, and the store
-/// it lives in (`Service::make_spare`).
-pub(crate) struct Spare {
-    store: Store<ConnState>,
-    instance: HandlerInstance,
 }
 
 /// The connection of a spare instance's store until a child gives it its
