@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{Store, UpdateDeadline};
-use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream};
 
 use crate::conn::guest_log::GuestOutput;
@@ -81,21 +81,10 @@ impl Service {
         // No WASI context: building one seeds the thread's random
         // generator, which every child would then inherit (each child
         // builds its own).
-        let mut store = Store::new(
-            self.engine(),
-            ConnState {
-                wasi: None,
-                table: ResourceTable::new(),
-                limiter: InstanceLimiter::new(self.limits.max_memory),
-                clock: GuestClock {
-                    base: Instant::now(),
-                },
-                connection: Arc::new(Unconnected),
-                network: self.network(0),
-                direct_streams: false,
-            },
-        );
-        store.limiter(|state| &mut state.limiter);
+        let clock = GuestClock {
+            base: Instant::now(),
+        };
+        let mut store = self.store_of(None, clock, Arc::new(Unconnected), self.network(0), false);
         // wasmtime initializes each core instance (globals, tables, data)
         // with compiled code, which checks the store's deadline: none here,
         // the child sets the connection's.
@@ -244,22 +233,13 @@ impl Service {
                 state.direct_streams = direct_streams;
                 store
             }
-            None => {
-                let mut store = Store::new(
-                    self.engine(),
-                    ConnState {
-                        wasi: Some(wasi.build()),
-                        table: ResourceTable::new(),
-                        limiter: InstanceLimiter::new(self.limits.max_memory),
-                        clock,
-                        connection: socket.clone(),
-                        network,
-                        direct_streams,
-                    },
-                );
-                store.limiter(|state| &mut state.limiter);
-                store
-            }
+            None => self.store_of(
+                Some(wasi.build()),
+                clock,
+                socket.clone(),
+                network,
+                direct_streams,
+            ),
         };
         if waits == Waits::Async {
             // At every epoch tick the guest gives the runtime's thread to
@@ -287,6 +267,33 @@ impl Service {
             store.set_epoch_deadline(0);
         }
         Ok(store)
+    }
+
+    /// A new store of the tenant's engine holding what one connection's
+    /// store holds (its WASI context, perhaps not yet), with an empty table
+    /// and the memory limiter installed.
+    fn store_of(
+        &self,
+        wasi: Option<WasiCtx>,
+        clock: GuestClock,
+        connection: Arc<dyn Deadline>,
+        network: Arc<Network>,
+        direct_streams: bool,
+    ) -> Store<ConnState> {
+        let mut store = Store::new(
+            self.engine(),
+            ConnState {
+                wasi,
+                table: ResourceTable::new(),
+                limiter: InstanceLimiter::new(self.limits.max_memory),
+                clock,
+                connection,
+                network,
+                direct_streams,
+            },
+        );
+        store.limiter(|state| &mut state.limiter);
+        store
     }
 }
 
