@@ -382,9 +382,10 @@ impl Handler {
     ) -> Result<Handler> {
         let bytes = read(source)?;
         let digest = crate::wasm::compile_cache::digest(&bytes);
+        let precompiled = Engine::detect_precompiled(&bytes);
         // A precompiled file's sections are native code: not known inert.
-        let inert = Engine::detect_precompiled(&bytes).is_none() && runs_no_code_at_start(&bytes);
-        let component = match Engine::detect_precompiled(&bytes) {
+        let inert = precompiled.is_none() && runs_no_code_at_start(&bytes);
+        let component = match precompiled {
             Some(Precompiled::Component) => load_precompiled(engine, source, &bytes, options)?,
             Some(Precompiled::Module) => {
                 bail!("handler {source} is a precompiled core module, not a component")
