@@ -20,7 +20,7 @@ use crate::conn::service::{Service, Spare};
 use crate::conn::socket::{Socket, Waits};
 use crate::conn::streams::{SocketInput, SocketOutput};
 use crate::wasm::guest_clock::{Deadline, GuestClock};
-use crate::wasm::handler::{ConnState, ConnectionInfo};
+use crate::wasm::handler::{ConnState, ConnectionInfo, HandlerInstance};
 use crate::wasm::limits::InstanceLimiter;
 use crate::wasm::one_line;
 use crate::wasm::outbound::{self, Network};
@@ -35,34 +35,31 @@ impl Service {
         socket: &Arc<Socket>,
         info: &ConnectionInfo,
     ) -> (CallResult, Option<InstanceLimiter>) {
-        let (spare, made) = match self.take_spare() {
-            Some(Spare { store, instance }) => (Some(store), Some(instance)),
-            None => (None, None),
-        };
+        let (spare, made) = self
+            .take_spare()
+            .map(|spare| (spare.store, spare.instance))
+            .unzip();
         let (mut store, input, output) = match self.prepare(socket, info, Waits::Blocking, spare) {
             Ok(prepared) => prepared,
             Err(why) => return (CallResult::SetupFailed(why), None),
         };
-        let instance = match made {
-            Some(instance) => instance,
-            None => {
-                let Some(pre) = self.handler.pre() else {
-                    let why = "the handler is not of the host:handler/handler world".to_string();
-                    return (CallResult::SetupFailed(why), Some(dispose(store)));
-                };
-                match pre.instantiate(&mut store) {
-                    Ok(instance) => instance,
-                    // Instantiation runs guest code (start functions) and
-                    // grows memory: its failures are the guest's.
-                    Err(e) => {
-                        let failed = CallResult::Trapped(e.context("instantiation failed"));
-                        return (failed, Some(dispose(store)));
-                    }
-                }
-            }
+        let result = match made.map_or_else(|| self.instantiate(&mut store), Ok) {
+            Ok(instance) => returned(instance.call_handle(&mut store, info, input, output)),
+            Err(failed) => failed,
         };
-        let result = returned(instance.call_handle(&mut store, info, input, output));
         (result, Some(dispose(store)))
+    }
+
+    /// A fresh instance of the handler in `store`, or why there is none.
+    fn instantiate(&self, store: &mut Store<ConnState>) -> Result<HandlerInstance, CallResult> {
+        let Some(pre) = self.handler.pre() else {
+            let why = "the handler is not of the host:handler/handler world".to_string();
+            return Err(CallResult::SetupFailed(why));
+        };
+        // Instantiation runs guest code (start functions) and grows memory:
+        // its failures are the guest's.
+        pre.instantiate(store)
+            .map_err(|e| CallResult::Trapped(e.context("instantiation failed")))
     }
 
     /// Forking: makes the spare instance every child forked from now on
