@@ -35,22 +35,21 @@ const STREAMS: &str = "wasi:io/streams@0.2.12";
 
 /// What the replaced calls need of a store's data.
 pub(crate) trait DirectState: Send + 'static {
-    /// Every stream in the store's table waits on the calling thread, so
-    /// none needs a tokio runtime.
-    fn direct_streams(&self) -> bool;
-    fn streams_table(&mut self) -> &mut ResourceTable;
+    /// Whether every stream in the store's table waits on the calling
+    /// thread (so none needs a tokio runtime), and the table.
+    fn streams(&mut self) -> (bool, &mut ResourceTable);
 }
 
 /// Replaces every blocking stream call and the streams' drops on the sync
-/// linker (wasmtime-wasi's `tracing` spans of these calls go with them). Call after wasmtime-wasi's `add_to_linker_sync`.
+/// linker (wasmtime-wasi's `tracing` spans of these calls go with them).
+/// Call after wasmtime-wasi's `add_to_linker_sync`.
 pub(crate) fn add_to_linker<T: DirectState>(linker: &mut Linker<T>) -> Result<()> {
     linker.allow_shadowing(true);
     let mut streams = linker.instance(STREAMS)?;
     streams.func_wrap(
         "[method]input-stream.blocking-read",
         |mut store: StoreContextMut<'_, T>, (stream, len): (Resource<DynInputStream>, u64)| {
-            let direct = store.data().direct_streams();
-            let table = store.data_mut().streams_table();
+            let (direct, table) = store.data_mut().streams();
             let read = wait(direct, table.blocking_read(stream, len));
             Ok((returned(table, read)?,))
         },
@@ -59,8 +58,7 @@ pub(crate) fn add_to_linker<T: DirectState>(linker: &mut Linker<T>) -> Result<()
         "[method]output-stream.blocking-write-and-flush",
         |mut store: StoreContextMut<'_, T>,
          (stream, bytes): (Resource<DynOutputStream>, Vec<u8>)| {
-            let direct = store.data().direct_streams();
-            let table = store.data_mut().streams_table();
+            let (direct, table) = store.data_mut().streams();
             let written = wait(direct, table.blocking_write_and_flush(stream, bytes));
             Ok((returned(table, written)?,))
         },
@@ -68,8 +66,7 @@ pub(crate) fn add_to_linker<T: DirectState>(linker: &mut Linker<T>) -> Result<()
     streams.func_wrap(
         "[method]output-stream.blocking-flush",
         |mut store: StoreContextMut<'_, T>, (stream,): (Resource<DynOutputStream>,)| {
-            let direct = store.data().direct_streams();
-            let table = store.data_mut().streams_table();
+            let (direct, table) = store.data_mut().streams();
             let flushed = wait(direct, table.blocking_flush(stream));
             Ok((returned(table, flushed)?,))
         },
@@ -77,8 +74,7 @@ pub(crate) fn add_to_linker<T: DirectState>(linker: &mut Linker<T>) -> Result<()
     streams.func_wrap(
         "[method]input-stream.blocking-skip",
         |mut store: StoreContextMut<'_, T>, (stream, len): (Resource<DynInputStream>, u64)| {
-            let direct = store.data().direct_streams();
-            let table = store.data_mut().streams_table();
+            let (direct, table) = store.data_mut().streams();
             let skipped = wait(direct, table.blocking_skip(stream, len));
             Ok((returned(table, skipped)?,))
         },
@@ -86,8 +82,7 @@ pub(crate) fn add_to_linker<T: DirectState>(linker: &mut Linker<T>) -> Result<()
     streams.func_wrap(
         "[method]output-stream.blocking-write-zeroes-and-flush",
         |mut store: StoreContextMut<'_, T>, (stream, len): (Resource<DynOutputStream>, u64)| {
-            let direct = store.data().direct_streams();
-            let table = store.data_mut().streams_table();
+            let (direct, table) = store.data_mut().streams();
             let written = wait(direct, table.blocking_write_zeroes_and_flush(stream, len));
             Ok((returned(table, written)?,))
         },
@@ -96,8 +91,7 @@ pub(crate) fn add_to_linker<T: DirectState>(linker: &mut Linker<T>) -> Result<()
         "[method]output-stream.blocking-splice",
         |mut store: StoreContextMut<'_, T>,
          (dst, src, len): (Resource<DynOutputStream>, Resource<DynInputStream>, u64)| {
-            let direct = store.data().direct_streams();
-            let table = store.data_mut().streams_table();
+            let (direct, table) = store.data_mut().streams();
             let spliced = wait(direct, table.blocking_splice(dst, src, len));
             Ok((returned(table, spliced)?,))
         },
@@ -106,8 +100,7 @@ pub(crate) fn add_to_linker<T: DirectState>(linker: &mut Linker<T>) -> Result<()
         "input-stream",
         ResourceType::host::<DynInputStream>(),
         |mut store, rep| {
-            let direct = store.data().direct_streams();
-            let table = store.data_mut().streams_table();
+            let (direct, table) = store.data_mut().streams();
             wait(direct, HostInputStream::drop(table, Resource::new_own(rep)))
         },
     )?;
@@ -115,8 +108,7 @@ pub(crate) fn add_to_linker<T: DirectState>(linker: &mut Linker<T>) -> Result<()
         "output-stream",
         ResourceType::host::<DynOutputStream>(),
         |mut store, rep| {
-            let direct = store.data().direct_streams();
-            let table = store.data_mut().streams_table();
+            let (direct, table) = store.data_mut().streams();
             wait(
                 direct,
                 HostOutputStream::drop(table, Resource::new_own(rep)),

@@ -82,12 +82,8 @@ pub(crate) struct ConnState {
 }
 
 impl DirectState for ConnState {
-    fn direct_streams(&self) -> bool {
-        self.direct_streams
-    }
-
-    fn streams_table(&mut self) -> &mut ResourceTable {
-        &mut self.table
+    fn streams(&mut self) -> (bool, &mut ResourceTable) {
+        (self.direct_streams, &mut self.table)
     }
 }
 
