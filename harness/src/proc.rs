@@ -1,5 +1,6 @@
 //! A process tree as /proc shows it: a process's children, all its
-//! descendants, and whether a pid is still there or still running. The one
+//! descendants, its threads, and whether a pid is still there or still
+//! running. The one
 //! walker for the tests' resource counts and the bench's memory and CPU
 //! figures.
 
@@ -36,6 +37,11 @@ pub fn tree(pid: u32) -> Vec<u32> {
         i += 1;
     }
     pids
+}
+
+/// The threads `pid` runs (0 if it is gone).
+pub fn threads(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |tasks| tasks.count())
 }
 
 /// Whether a process with this pid exists (a zombie counts).

@@ -77,11 +77,7 @@ fn forking_children_adopt_a_spare_instance_only_if_instantiation_runs_no_code() 
 #[test]
 fn a_forking_child_builds_a_runtime_only_for_a_guest_that_needs_one() {
     let server = test_guest(Strategy::Forking, &[]);
-    let threads = |pid: u32| {
-        std::fs::read_dir(format!("/proc/{pid}/task"))
-            .map(|tasks| tasks.count())
-            .unwrap_or(0)
-    };
+    let threads = harness::proc::threads;
     // `hold` says which child serves it, then reads until the client closes.
     let held = server.connect();
     (&held).write_all(b"hold\n").unwrap();

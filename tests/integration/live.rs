@@ -59,11 +59,6 @@ fn two_hundred_interactive_clients_are_served_at_once(strategy: Strategy) {
     server.wait_for_log_count(|l| l.contains(" closed ") && l.contains("outcome=ok"), 200);
 }
 
-/// Threads of the process `pid`.
-fn threads_of(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
-}
-
 /// Under async, 2,000 connections are inside `handle` at the same time
 /// (each has had its line echoed and keeps its connection open), and the
 /// worker process has exactly the threads it had when idle: its runtime's,
@@ -76,7 +71,7 @@ fn async_holds_two_thousand_live_connections_on_its_runtime_threads() {
     let first = server.connect();
     echo_line(&first, b"warm\n");
     let worker = crate::support::children_of(server.pid())[0];
-    let idle_threads = threads_of(worker);
+    let idle_threads = harness::proc::threads(worker);
     let streams: Vec<TcpStream> = (0..LIVE)
         .map(|i| {
             let stream = server.connect();
@@ -88,7 +83,7 @@ fn async_holds_two_thousand_live_connections_on_its_runtime_threads() {
         })
         .collect();
     // Every connection is live now; all are served by the same threads.
-    let live_threads = threads_of(worker);
+    let live_threads = harness::proc::threads(worker);
     assert_eq!(
         live_threads, idle_threads,
         "threads of the async worker: {idle_threads} idle, {live_threads} with {LIVE} live connections"
@@ -111,7 +106,7 @@ fn async_holds_two_thousand_live_connections_on_its_runtime_threads() {
     // The burst's end trims the allocator on one of the runtime's blocking
     // threads, which exits after its keep-alive (2 s).
     eventually(Duration::from_secs(20), || {
-        let threads = threads_of(worker);
+        let threads = harness::proc::threads(worker);
         if threads == idle_threads {
             Ok(())
         } else {
