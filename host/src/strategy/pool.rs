@@ -211,8 +211,9 @@ fn work(shared: &Shared) {
             return;
         }
         if !yielded {
-            // Let the accept loop hand over its next connection before
-            // sleeping: taking it now saves a wake-up and a sleep.
+            // Look once more, after a yield, before sleeping: a connection
+            // the accept loop queues meanwhile is taken without this thread
+            // sleeping and being woken for it (see the module's doc).
             yielded = true;
             drop(state);
             std::thread::yield_now();
