@@ -244,7 +244,6 @@ fn work(shared: &Shared) {
 mod tests {
     use super::*;
     use std::sync::Barrier;
-    use std::time::Instant;
 
     /// Every job starts at once, however many are running: 50 jobs that
     /// each wait for all the others finish, on a pool of 2 warm threads.
@@ -282,10 +281,10 @@ mod tests {
             pool.execute(|| {});
             pool.join();
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pool.threads() > 3 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let _ = harness::poll(Duration::from_secs(10), || match pool.threads() {
+            3 => Ok(()),
+            n => Err(n),
+        });
         assert_eq!(pool.threads(), 3);
     }
 
@@ -298,11 +297,11 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         for i in 0..50 {
             // Both threads asleep on the queue, none between jobs.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while pool.waiting() < 2 {
-                assert!(Instant::now() < deadline, "the pool's threads never waited");
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            let asleep = harness::poll(Duration::from_secs(10), || match pool.waiting() {
+                2 => Ok(()),
+                n => Err(n),
+            });
+            assert_eq!(asleep, Ok(()), "the pool's threads never all waited");
             let tx = tx.clone();
             pool.execute(move || tx.send(i).unwrap());
             assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(i));
