@@ -71,6 +71,38 @@ fn forking_children_adopt_a_spare_instance_only_if_instantiation_runs_no_code() 
     assert!(!log.iter().any(|line| line.contains(spare)), "{log:#?}");
 }
 
+/// A forking worker moves the host's code onto huge pages before it forks,
+/// and its children share them: a child's memory holds anonymous huge pages
+/// (its guest's memory holds none). Where transparent huge pages are off
+/// (`never`), the worker says instead that the code stays on its file pages,
+/// and children serve as before.
+#[test]
+fn a_forking_worker_shares_its_code_on_huge_pages_with_its_children() {
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    let server = test_guest(Strategy::Forking, &[]);
+    let held = server.connect();
+    (&held).write_all(b"hold\n").unwrap();
+    let mut said = String::new();
+    BufReader::new(&held).read_line(&mut said).unwrap();
+    let child: u32 = said.trim().strip_prefix("pid-").unwrap().parse().unwrap();
+    let rollup = std::fs::read_to_string(format!("/proc/{child}/smaps_rollup")).unwrap();
+    let huge_kib: u64 = rollup
+        .lines()
+        .find_map(|line| line.strip_prefix("AnonHugePages:"))
+        .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no AnonHugePages in {rollup}"));
+    if thp.contains("[never]") {
+        server.wait_for_log(|line| line.contains("the host's code stays on its file pages"));
+        assert_eq!(huge_kib, 0, "{rollup}");
+    } else {
+        let moved = server.wait_for_log(|line| line.contains("moved onto huge pages"));
+        assert!(huge_kib >= 2048, "child {child}: {rollup}\n{moved}");
+    }
+    drop(held);
+    assert_eq!(exchange(server.addr(), b"count\n"), b"1");
+}
+
 /// A forking child whose guest only reads and writes its connection runs on
 /// one thread: its streams wait without a tokio runtime, so it builds none.
 /// One whose guest sleeps gets wasmtime-wasi's runtime, of one worker thread.

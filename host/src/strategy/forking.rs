@@ -34,6 +34,7 @@ use crate::listener::Peer;
 use crate::metrics::InFlight;
 use crate::outcome::Outcome;
 use crate::shutdown::Shutdown;
+use crate::sys::huge_text;
 use crate::sys::process::{self, Exit, Forked, Pid, Reaped};
 use crate::sys::signals;
 use crate::wasm::http::World;
@@ -191,6 +192,9 @@ impl Forking {
 ///   both results are kept in statics, which the children inherit. The
 ///   ChaCha here has a fixed seed and is dropped: no thread's generator is
 ///   touched.
+/// - Each child faulted the host's code in from the page cache again (`fork`
+///   copies no page-table entries of file pages): it is moved onto huge
+///   pages, which `fork` maps into the child whole (`sys::huge_text`).
 fn settle_before_forking() {
     use rand::{Rng as _, SeedableRng as _};
     // The worker runs one thread (the invariant above), so nothing reads
@@ -203,6 +207,14 @@ fn settle_before_forking() {
         let _ = getrandom::fill(&mut [0u8; 1]);
     }
     let _ = rand::rngs::StdRng::seed_from_u64(0).next_u32();
+    // One thread runs here, as `move_text_to_huge_pages` requires.
+    match huge_text::move_text_to_huge_pages() {
+        Ok(len) => tracing::info!(
+            "forking: the host's code ({} MiB) moved onto huge pages, which its children share",
+            len >> 20
+        ),
+        Err(why) => tracing::info!("forking: the host's code stays on its file pages: {why}"),
+    }
 }
 
 /// In an HTTP child: a thread waits for the worker's drain order (blocked

@@ -8,6 +8,7 @@
 pub(crate) mod epoll;
 pub(crate) mod fiber_stacks;
 pub(crate) mod handoff;
+pub(crate) mod huge_text;
 pub(crate) mod pipe;
 pub(crate) mod poll;
 pub(crate) mod process;
