@@ -123,7 +123,10 @@ impl Copy {
         // SAFETY: `target..target + len` is the text this copy equals byte
         // for byte, so code that runs there (this function returns into it)
         // runs the same before and after; the caller's contract keeps other
-        // threads out. `MREMAP_FIXED` unmaps the old pages in the same call.
+        // threads out. `MREMAP_FIXED` unmaps the old pages in the same call;
+        // the kernel checks the mapping count first, so a refusal leaves the
+        // text in place (only a failure to allocate page tables midway, under
+        // memory exhaustion, could leave the range unmapped).
         let moved = unsafe {
             libc::mremap(
                 start as *mut libc::c_void,
