@@ -72,32 +72,59 @@ fn forking_children_adopt_a_spare_instance_only_if_instantiation_runs_no_code() 
 }
 
 /// A forking worker moves the host's code onto huge pages before it forks,
-/// and its children share them: a child's memory holds anonymous huge pages
-/// (its guest's memory holds none). Where transparent huge pages are off
-/// (`never`), the worker says instead that the code stays on its file pages,
-/// and children serve as before.
+/// and its children share them: a child's code is one anonymous executable
+/// mapping, wholly on huge pages, shared with its worker, of the size the
+/// worker logged. Where transparent huge pages are off (`never`, for all
+/// sizes or for 2 MiB pages), the worker says instead that the code stays on
+/// its file pages, and the child has no such mapping.
 #[test]
 fn a_forking_worker_shares_its_code_on_huge_pages_with_its_children() {
-    let thp =
-        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    let thp = "/sys/kernel/mm/transparent_hugepage";
+    let off = |path: String| {
+        std::fs::read_to_string(path).is_ok_and(|setting| setting.contains("[never]"))
+    };
+    let available = std::path::Path::new(thp).exists()
+        && !off(format!("{thp}/enabled"))
+        && !off(format!("{thp}/hugepages-2048kB/enabled"));
     let server = test_guest(Strategy::Forking, &[]);
     let held = server.connect();
     (&held).write_all(b"hold\n").unwrap();
     let mut said = String::new();
     BufReader::new(&held).read_line(&mut said).unwrap();
     let child: u32 = said.trim().strip_prefix("pid-").unwrap().parse().unwrap();
-    let rollup = std::fs::read_to_string(format!("/proc/{child}/smaps_rollup")).unwrap();
-    let huge_kib: u64 = rollup
-        .lines()
-        .find_map(|line| line.strip_prefix("AnonHugePages:"))
-        .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no AnonHugePages in {rollup}"));
-    if thp.contains("[never]") {
-        server.wait_for_log(|line| line.contains("the host's code stays on its file pages"));
-        assert_eq!(huge_kib, 0, "{rollup}");
-    } else {
+    // The child's anonymous executable mappings (no file, no name) and
+    // their sizes in KiB: `[Size, AnonHugePages, Shared_Dirty]`.
+    let smaps = std::fs::read_to_string(format!("/proc/{child}/smaps")).unwrap();
+    let mut code: Vec<Vec<u64>> = Vec::new();
+    let mut inside = false;
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_ascii_whitespace().collect();
+        if fields
+            .first()
+            .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
+        {
+            inside = fields.len() == 5 && fields[1] == "r-xp" && fields[4] == "0";
+            if inside {
+                code.push(Vec::new());
+            }
+        } else if inside && ["Size:", "AnonHugePages:", "Shared_Dirty:"].contains(&fields[0]) {
+            code.last_mut().unwrap().push(fields[1].parse().unwrap());
+        }
+    }
+    if available {
         let moved = server.wait_for_log(|line| line.contains("moved onto huge pages"));
-        assert!(huge_kib >= 2048, "child {child}: {rollup}\n{moved}");
+        let mib: u64 = moved
+            .split("the host's code (")
+            .nth(1)
+            .and_then(|rest| rest.split(" MiB)").next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no size in {moved:?}"));
+        assert!(mib >= 2, "{moved}");
+        let kib = mib * 1024;
+        assert_eq!(code, vec![vec![kib, kib, kib]], "child {child}: {smaps}");
+    } else {
+        server.wait_for_log(|line| line.contains("the host's code stays on its file pages"));
+        assert_eq!(code, Vec::<Vec<u64>>::new(), "child {child}: {smaps}");
     }
     drop(held);
     assert_eq!(exchange(server.addr(), b"count\n"), b"1");

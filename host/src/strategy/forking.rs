@@ -34,7 +34,7 @@ use crate::listener::Peer;
 use crate::metrics::InFlight;
 use crate::outcome::Outcome;
 use crate::shutdown::Shutdown;
-use crate::sys::huge_text;
+use crate::sys::huge_text::{self, NotMoved};
 use crate::sys::process::{self, Exit, Forked, Pid, Reaped};
 use crate::sys::signals;
 use crate::wasm::http::World;
@@ -90,7 +90,7 @@ impl Forking {
         // idle timeout to flush and its close a linger.
         let backstop = (service.handler().world() == World::Handler)
             .then(|| limits.timeout + limits.idle_timeout + LINGER + Duration::from_secs(1));
-        settle_before_forking();
+        settle_before_forking(service.tenant());
         // Every child serves its connection in a copy of this instance
         // instead of instantiating the handler itself.
         if service.make_spare() {
@@ -195,7 +195,7 @@ impl Forking {
 /// - Each child faulted the host's code in from the page cache again (`fork`
 ///   copies no page-table entries of file pages): it is moved onto huge
 ///   pages, which `fork` maps into the child whole (`sys::huge_text`).
-fn settle_before_forking() {
+fn settle_before_forking(tenant: &str) {
     use rand::{Rng as _, SeedableRng as _};
     // The worker runs one thread (the invariant above), so nothing reads
     // the environment while it changes.
@@ -207,13 +207,21 @@ fn settle_before_forking() {
         let _ = getrandom::fill(&mut [0u8; 1]);
     }
     let _ = rand::rngs::StdRng::seed_from_u64(0).next_u32();
-    // One thread runs here, as `move_text_to_huge_pages` requires.
     match huge_text::move_text_to_huge_pages() {
         Ok(len) => tracing::info!(
-            "forking: the host's code ({} MiB) moved onto huge pages, which its children share",
+            "tenant {tenant}: forking worker pid-{}: the host's code ({} MiB) moved onto \
+             huge pages, which its children share",
+            std::process::id(),
             len >> 20
         ),
-        Err(why) => tracing::info!("forking: the host's code stays on its file pages: {why}"),
+        Err(NotMoved::Unavailable(why)) => tracing::info!(
+            "tenant {tenant}: forking worker pid-{}: the host's code stays on its file pages: {why}",
+            std::process::id()
+        ),
+        Err(NotMoved::Failed(why)) => tracing::warn!(
+            "tenant {tenant}: forking worker pid-{}: the host's code stays on its file pages: {why}",
+            std::process::id()
+        ),
     }
 }
 
