@@ -207,21 +207,15 @@ fn settle_before_forking(tenant: &str) {
         let _ = getrandom::fill(&mut [0u8; 1]);
     }
     let _ = rand::rngs::StdRng::seed_from_u64(0).next_u32();
+    let worker = format!("tenant {tenant}: forking worker pid-{}", std::process::id());
+    let stays = "the host's code stays on its file pages";
     match huge_text::move_text_to_huge_pages() {
         Ok(len) => tracing::info!(
-            "tenant {tenant}: forking worker pid-{}: the host's code ({} MiB) moved onto \
-             huge pages, which its children share",
-            std::process::id(),
+            "{worker}: the host's code ({} MiB) moved onto huge pages, which its children share",
             len >> 20
         ),
-        Err(NotMoved::Unavailable(why)) => tracing::info!(
-            "tenant {tenant}: forking worker pid-{}: the host's code stays on its file pages: {why}",
-            std::process::id()
-        ),
-        Err(NotMoved::Failed(why)) => tracing::warn!(
-            "tenant {tenant}: forking worker pid-{}: the host's code stays on its file pages: {why}",
-            std::process::id()
-        ),
+        Err(NotMoved::Unavailable(why)) => tracing::info!("{worker}: {stays}: {why}"),
+        Err(NotMoved::Failed(why)) => tracing::warn!("{worker}: {stays}: {why}"),
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! `fork` copies no page-table entries of a file mapping that holds no
 //! anonymous page, so every forked child faulted the host's code in again,
-//! 64 KiB at a time, and unmapped it at exit: a third of a child's page
+//! 64 KiB at a time, and unmapped it at exit: a quarter of a child's page
 //! faults. On 2 MiB anonymous pages the code is mapped by a handful of
 //! entries, which `fork` copies and the child shares, and never faults.
 //! The cost is the copy's memory: the text's whole 2 MiB pages (14 or 16
