@@ -91,6 +91,11 @@ fn read(path: &str) -> Result<String, String> {
     std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))
 }
 
+/// The last system call's error, after the name of what failed.
+fn os_error(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
 /// A huge-page-aligned anonymous mapping, read-write, advised onto huge
 /// pages; unmapped on drop unless it replaced the text.
 struct Staging {
@@ -100,7 +105,6 @@ struct Staging {
 
 impl Staging {
     fn new(len: usize, huge: usize) -> Result<Staging, String> {
-        let error = |what: &str| format!("{what}: {}", std::io::Error::last_os_error());
         let reserved = len + huge;
         // SAFETY: a new private anonymous mapping; nothing refers to it.
         let raw = unsafe {
@@ -114,7 +118,7 @@ impl Staging {
             )
         };
         if raw == libc::MAP_FAILED {
-            return Err(error("mmap"));
+            return Err(os_error("mmap"));
         }
         let raw = raw as usize;
         let start = raw.next_multiple_of(huge);
@@ -126,7 +130,7 @@ impl Staging {
                 && libc::munmap((start + len) as *mut libc::c_void, tail) == 0
         };
         if !trimmed {
-            let e = error("munmap");
+            let e = os_error("munmap");
             // SAFETY: our new mapping, whatever of it is left.
             unsafe { libc::munmap(raw as *mut libc::c_void, reserved) };
             return Err(e);
@@ -134,7 +138,7 @@ impl Staging {
         let staging = Staging { start, len };
         // SAFETY: advice on our own mapping, before anything touches it.
         if unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE) } != 0 {
-            return Err(error("madvise(MADV_HUGEPAGE)"));
+            return Err(os_error("madvise(MADV_HUGEPAGE)"));
         }
         Ok(staging)
     }
@@ -142,7 +146,6 @@ impl Staging {
     /// Makes the copy read-only and executable and moves it over
     /// `target..target + len` (which it must equal byte for byte).
     fn replace(self, target: usize) -> Result<(), String> {
-        let error = |what: &str| format!("{what}: {}", std::io::Error::last_os_error());
         let (start, len) = (self.start, self.len);
         // SAFETY: our own mapping.
         let protect = unsafe {
@@ -153,7 +156,7 @@ impl Staging {
             )
         };
         if protect != 0 {
-            return Err(error("mprotect"));
+            return Err(os_error("mprotect"));
         }
         // SAFETY: `target..target + len` is the text this copy equals byte
         // for byte, so code that runs there (this function returns into it)
@@ -173,7 +176,7 @@ impl Staging {
             )
         };
         if moved as usize != target {
-            return Err(error("mremap"));
+            return Err(os_error("mremap"));
         }
         std::mem::forget(self);
         Ok(())
