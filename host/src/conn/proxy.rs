@@ -14,8 +14,6 @@ use std::os::fd::AsFd as _;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use wasmtime_wasi_io::bytes::BytesMut;
-
 use crate::conn::proxy_header::{parse, signature, Header, Parsed, Signature, MAX_LEN};
 use crate::conn::report::Ending;
 use crate::conn::service::{Service, Unserved};
@@ -181,7 +179,7 @@ async fn forged_header(socket: &Socket, timeout: Duration) -> Option<String> {
 
 /// Takes `count` bytes the socket is known to hold (they were peeked).
 fn consume(socket: &Socket, mut count: usize) -> Result<(), String> {
-    let mut sink = BytesMut::with_capacity(count);
+    let mut sink = Vec::with_capacity(count);
     while count > 0 {
         sink.clear();
         match recv_nonblocking(socket.stream().as_fd(), &mut sink, count) {

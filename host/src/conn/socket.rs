@@ -21,6 +21,7 @@
 //! wait outlasts the connection's deadline (`--timeout`): a guest blocked in
 //! I/O is stopped by it as surely as one spinning in wasm code.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd as _, AsRawFd, RawFd};
@@ -40,6 +41,17 @@ use crate::wasm::guest_clock::Deadline;
 /// The most one read hands the guest, and the most the output stream buffers
 /// before `check-write` asks the guest to wait.
 pub(crate) const CHUNK: usize = 64 * 1024;
+
+/// The largest read copied out of the thread's receive buffer; a larger one
+/// is handed over in the buffer it was received into.
+const COPY_AT_MOST: usize = 4096;
+
+thread_local! {
+    /// This thread's receive buffer (see [`Socket::recv_now`]): a short
+    /// connection's reads (its request, then "nothing yet" or the end of
+    /// input) would otherwise allocate and free [`CHUNK`] bytes each.
+    static RECEIVED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 /// How a stream waits for its socket when the guest asks it to block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -375,22 +387,35 @@ impl Socket {
 
     /// Receives what is there without blocking: `Ok(None)` when nothing is,
     /// `Ok(Some(empty))` at end of input.
+    ///
+    /// The bytes land in this thread's receive buffer ([`RECEIVED`]) first, so
+    /// a read that finds nothing, or the end of input, allocates nothing, and
+    /// a small one only what it got; a read of more than [`COPY_AT_MOST`]
+    /// bytes takes the buffer itself along (no copy), and the thread's next
+    /// read makes another.
     pub(super) fn recv_now(&self, size: usize) -> io::Result<Option<Bytes>> {
-        let mut buf = BytesMut::with_capacity(size);
-        loop {
-            let err = match recv_nonblocking(self.stream.as_fd(), &mut buf, size) {
-                Ok(n) => {
-                    self.traffic.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                    return Ok(Some(buf.freeze()));
+        RECEIVED.with_borrow_mut(|buf| {
+            buf.clear();
+            loop {
+                let err = match recv_nonblocking(self.stream.as_fd(), buf, size) {
+                    Ok(n) => {
+                        self.traffic.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                        let bytes = if n <= COPY_AT_MOST {
+                            Bytes::copy_from_slice(buf)
+                        } else {
+                            Bytes::from(std::mem::take(buf))
+                        };
+                        return Ok(Some(bytes));
+                    }
+                    Err(err) => err,
+                };
+                match err.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => return Ok(None),
+                    _ => return Err(err),
                 }
-                Err(err) => err,
-            };
-            match err.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => return Ok(None),
-                _ => return Err(err),
             }
-        }
+        })
     }
 
     /// Records a failure of the socket and turns it into the guest's error.

@@ -5,8 +5,6 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
-use wasmtime_wasi_io::bytes::BytesMut;
-
 /// What a wait on a socket waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Interest {
@@ -132,7 +130,7 @@ pub(crate) fn peek_nonblocking(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result
 /// nothing is there).
 pub(crate) fn recv_nonblocking(
     fd: BorrowedFd<'_>,
-    buf: &mut BytesMut,
+    buf: &mut Vec<u8>,
     size: usize,
 ) -> io::Result<usize> {
     buf.reserve(size);
