@@ -27,16 +27,19 @@ pub(crate) struct Threading {
 }
 
 thread_local! {
-    static WORKER_NAME: OnceCell<String> = const { OnceCell::new() };
+    static WORKER_NAME: OnceCell<Arc<str>> = const { OnceCell::new() };
 }
 
 /// "thread-N" after `prefix`, N counting this process's threads from 1 in
-/// the order they first serve a connection.
-fn worker_name(prefix: &str) -> String {
+/// the order they first serve a connection. Made once per thread; each
+/// connection shares it.
+fn worker_name(prefix: &str) -> Arc<str> {
     static NEXT: AtomicUsize = AtomicUsize::new(1);
     WORKER_NAME.with(|name| {
-        name.get_or_init(|| format!("{prefix}thread-{}", NEXT.fetch_add(1, Ordering::Relaxed)))
-            .clone()
+        name.get_or_init(|| {
+            format!("{prefix}thread-{}", NEXT.fetch_add(1, Ordering::Relaxed)).into()
+        })
+        .clone()
     })
 }
 
