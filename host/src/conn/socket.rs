@@ -47,9 +47,11 @@ pub(crate) const CHUNK: usize = 64 * 1024;
 const COPY_AT_MOST: usize = 4096;
 
 thread_local! {
-    /// This thread's receive buffer (see [`Socket::recv_now`]): a short
-    /// connection's reads (its request, then "nothing yet" or the end of
-    /// input) would otherwise allocate and free [`CHUNK`] bytes each.
+    /// This thread's receive buffer (see [`Socket::recv_now`]), of the size
+    /// the guest asks for (at most [`CHUNK`]): a short connection's reads
+    /// (its request, then "nothing yet" or the end of input) would otherwise
+    /// allocate and free that much each. It outlives the connection; what
+    /// it held is never handed out again (each read clears it first).
     static RECEIVED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -388,34 +390,43 @@ impl Socket {
     /// Receives what is there without blocking: `Ok(None)` when nothing is,
     /// `Ok(Some(empty))` at end of input.
     ///
-    /// The bytes land in this thread's receive buffer ([`RECEIVED`]) first, so
-    /// a read that finds nothing, or the end of input, allocates nothing, and
-    /// a small one only what it got; a read of more than [`COPY_AT_MOST`]
-    /// bytes takes the buffer itself along (no copy), and the thread's next
-    /// read makes another.
+    /// The bytes land in this thread's receive buffer ([`RECEIVED`]) first:
+    /// once the thread has one, a read that finds nothing, or the end of
+    /// input, allocates nothing, and a small one only what it got. A read of
+    /// more than [`COPY_AT_MOST`] bytes takes the buffer itself along (no
+    /// copy), and the thread's next read makes another.
     pub(super) fn recv_now(&self, size: usize) -> io::Result<Option<Bytes>> {
-        RECEIVED.with_borrow_mut(|buf| {
-            buf.clear();
-            loop {
-                let err = match recv_nonblocking(self.stream.as_fd(), buf, size) {
-                    Ok(n) => {
-                        self.traffic.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                        let bytes = if n <= COPY_AT_MOST {
-                            Bytes::copy_from_slice(buf)
-                        } else {
-                            Bytes::from(std::mem::take(buf))
-                        };
-                        return Ok(Some(bytes));
-                    }
-                    Err(err) => err,
-                };
-                match err.kind() {
-                    io::ErrorKind::Interrupted => continue,
-                    io::ErrorKind::WouldBlock => return Ok(None),
-                    _ => return Err(err),
+        RECEIVED
+            .try_with(|buf| self.recv_into(&mut buf.borrow_mut(), size))
+            // The thread's buffer is already gone (during its exit).
+            .unwrap_or_else(|_| self.recv_into(&mut Vec::new(), size))
+    }
+
+    fn recv_into(&self, buf: &mut Vec<u8>, size: usize) -> io::Result<Option<Bytes>> {
+        buf.clear();
+        if buf.capacity() < size {
+            // Exactly what is asked for (`reserve` could double it).
+            *buf = Vec::with_capacity(size);
+        }
+        loop {
+            let err = match recv_nonblocking(self.stream.as_fd(), buf, size) {
+                Ok(n) => {
+                    self.traffic.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                    let bytes = if n <= COPY_AT_MOST {
+                        Bytes::copy_from_slice(buf)
+                    } else {
+                        Bytes::from(std::mem::take(buf))
+                    };
+                    return Ok(Some(bytes));
                 }
+                Err(err) => err,
+            };
+            match err.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(None),
+                _ => return Err(err),
             }
-        })
+        }
     }
 
     /// Records a failure of the socket and turns it into the guest's error.

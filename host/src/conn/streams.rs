@@ -319,6 +319,28 @@ mod tests {
         drop(sender.join().unwrap());
     }
 
+    /// Reads small and large, in turn, on one thread: each hands exactly
+    /// the bytes sent since the last (the thread's receive buffer is
+    /// cleared, copied out of, or handed over and replaced, around
+    /// `COPY_AT_MOST`).
+    #[test]
+    fn reads_of_every_size_hand_exactly_what_was_sent() {
+        let (socket, mut client) = pair(LONG, LONG);
+        let mut input = SocketInput::new(socket);
+        for (i, len) in [4096, 4097, 3, 40_000, 1, CHUNK, 4095, 5000, 2]
+            .into_iter()
+            .enumerate()
+        {
+            let sent: Vec<u8> = (0..len).map(|b| (b * 7 + i) as u8).collect();
+            client.write_all(&sent).unwrap();
+            let mut got = Vec::new();
+            while got.len() < len {
+                got.extend_from_slice(&block_on(input.blocking_read(CHUNK)).unwrap());
+            }
+            assert_eq!(got, sent, "read {i} ({len} bytes)");
+        }
+    }
+
     #[test]
     fn a_silent_client_ends_a_blocking_read_at_the_idle_timeout() {
         let (socket, _client) = pair(Duration::from_millis(50), LONG);
