@@ -25,6 +25,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpView};
 use crate::conn::guest_log::GuestOutput;
 use crate::conn::http_io::{BodyEnd, BodyError, Counters, Logged};
 use crate::conn::phase::aborting;
+use crate::conn::report::Millis;
 use crate::conn::service::Service;
 use crate::listener::Peer;
 use crate::metrics::TenantMetrics;
@@ -388,7 +389,7 @@ pub(super) fn log_request(meta: &ConnMeta, r: &RequestLine<'_>) {
         text.push_str(&format!(" via={via}"));
     }
     text.push_str(&format!(
-        " worker={} tenant={} method={} path={:?} status={} in={} out={} memory={}KiB duration={:.3}ms outcome={}",
+        " worker={} tenant={} method={} path={:?} status={} in={} out={} memory={}KiB duration={} outcome={}",
         meta.worker,
         meta.tenant,
         crate::logging::escape(r.method),
@@ -397,7 +398,7 @@ pub(super) fn log_request(meta: &ConnMeta, r: &RequestLine<'_>) {
         r.bytes_in,
         r.bytes_out,
         r.memory.div_ceil(1024),
-        r.duration.as_secs_f64() * 1000.0,
+        Millis(r.duration),
         r.outcome.name()
     ));
     if let Some(error) = r.error {

@@ -166,16 +166,26 @@ impl fmt::Display for Closed<'_> {
             )?;
         }
         if let Some(duration) = self.duration {
-            // Milliseconds to the microsecond, in integers (a float's
-            // formatting cost more than the rest of the line's numbers).
-            let micros = (duration.as_nanos() + 500) / 1000;
-            write!(f, " duration={}.{:03}ms", micros / 1000, micros % 1000)?;
+            write!(f, " duration={}", Millis(duration))?;
         }
         write!(f, " outcome={}", self.outcome.name())?;
         if let Some(error) = self.error {
             write!(f, " error={error:?}")?;
         }
         Ok(())
+    }
+}
+
+/// A duration as the log lines write it: milliseconds, rounded to the
+/// microsecond (`1.235ms`). In integers: formatting a float cost more than
+/// the rest of a line's numbers.
+pub(crate) struct Millis(pub(crate) Duration);
+
+impl fmt::Display for Millis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let micros = (self.0.as_secs().saturating_mul(1_000_000))
+            .saturating_add(u64::from((self.0.subsec_nanos() + 500) / 1000));
+        write!(f, "{}.{:03}ms", micros / 1000, micros % 1000)
     }
 }
 
