@@ -176,9 +176,10 @@ impl fmt::Display for Closed<'_> {
     }
 }
 
-/// A duration as the log lines write it: milliseconds, rounded to the
-/// microsecond (`1.235ms`). In integers: formatting a float cost more than
-/// the rest of a line's numbers.
+/// A duration as the text log's lines write it: milliseconds, rounded to
+/// the microsecond (`1.235ms`). In integers: formatting a float cost more
+/// than the rest of a line's numbers. (The JSON log's `duration_ms` is the
+/// float, unrounded.)
 pub(crate) struct Millis(pub(crate) Duration);
 
 impl fmt::Display for Millis {
@@ -518,7 +519,8 @@ mod tests {
         assert_eq!(line(499), "duration=0.000ms");
         assert_eq!(line(500), "duration=0.001ms");
         assert_eq!(line(1_234_567), "duration=1.235ms");
-        assert_eq!(line(999_999_600), "duration=1000.000ms");
+        assert_eq!(line(999_999_499), "duration=999.999ms");
+        assert_eq!(line(999_999_500), "duration=1000.000ms");
         assert_eq!(line(61_000_001_000), "duration=61000.001ms");
     }
 }

@@ -21,9 +21,9 @@
 //! wait outlasts the connection's deadline (`--timeout`): a guest blocked in
 //! I/O is stopped by it as surely as one spinning in wasm code.
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsFd as _, AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,25 +35,16 @@ use wasmtime_wasi_io::bytes::{Bytes, BytesMut};
 use wasmtime_wasi_io::streams::StreamError;
 
 pub(crate) use crate::sys::socket::Interest;
-use crate::sys::socket::{poll_one, recv_nonblocking, send_nonblocking};
+use crate::sys::socket::{poll_one, recv_nonblocking, recv_uninit_nonblocking, send_nonblocking};
 use crate::wasm::guest_clock::Deadline;
 
 /// The most one read hands the guest, and the most the output stream buffers
 /// before `check-write` asks the guest to wait.
 pub(crate) const CHUNK: usize = 64 * 1024;
 
-/// The largest read copied out of the thread's receive buffer; a larger one
-/// is handed over in the buffer it was received into.
-const COPY_AT_MOST: usize = 4096;
-
-thread_local! {
-    /// This thread's receive buffer (see [`Socket::recv_now`]), of the size
-    /// the guest asks for (at most [`CHUNK`]): a short connection's reads
-    /// (its request, then "nothing yet" or the end of input) would otherwise
-    /// allocate and free that much each. It outlives the connection; what
-    /// it held is never handed out again (each read clears it first).
-    static RECEIVED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
+/// The most a read takes into a buffer on the stack, to copy out only the
+/// bytes that came (see [`Socket::recv_now`]).
+const SMALL_READ: usize = 4096;
 
 /// How a stream waits for its socket when the guest asks it to block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +70,9 @@ pub(crate) struct Socket {
     pub(super) waits: Waits,
     /// What the output stream still held when it was dropped.
     pub(super) leftover: std::sync::Mutex<BytesMut>,
+    /// A read filled [`SMALL_READ`]: the client sends in bulk, and reads go
+    /// straight into a buffer of the size the guest asks for.
+    bulk: AtomicBool,
     pub(crate) traffic: Traffic,
 }
 
@@ -126,6 +120,7 @@ impl Socket {
             reactor: OnceLock::new(),
             waits,
             leftover: std::sync::Mutex::new(BytesMut::new()),
+            bulk: AtomicBool::new(false),
             traffic: Traffic::default(),
         })
     }
@@ -387,35 +382,39 @@ impl Socket {
         }
     }
 
-    /// Receives what is there without blocking: `Ok(None)` when nothing is,
-    /// `Ok(Some(empty))` at end of input.
+    /// Receives at most `size` bytes of what is there without blocking:
+    /// `Ok(None)` when nothing is, `Ok(Some(empty))` at end of input.
     ///
-    /// The bytes land in this thread's receive buffer ([`RECEIVED`]) first:
-    /// once the thread has one, a read that finds nothing, or the end of
-    /// input, allocates nothing, and a small one only what it got. A read of
-    /// more than [`COPY_AT_MOST`] bytes takes the buffer itself along (no
-    /// copy), and the thread's next read makes another.
+    /// Until a read fills [`SMALL_READ`], reads go through a buffer on the
+    /// stack and allocate only the bytes that came (nothing for "nothing
+    /// yet" or the end of input), not the up to [`CHUNK`] the guest asks
+    /// for (a short connection reads about three times). The first read
+    /// that fills it returns those bytes (a read may return fewer than
+    /// asked); from then on each read goes straight into a buffer of `size`
+    /// bytes, which the guest's bytes are (no copy).
     pub(super) fn recv_now(&self, size: usize) -> io::Result<Option<Bytes>> {
-        RECEIVED
-            .try_with(|buf| self.recv_into(&mut buf.borrow_mut(), size))
-            // The thread's buffer is already gone (during its exit).
-            .unwrap_or_else(|_| self.recv_into(&mut Vec::new(), size))
-    }
-
-    fn recv_into(&self, buf: &mut Vec<u8>, size: usize) -> io::Result<Option<Bytes>> {
-        buf.clear();
-        if buf.capacity() < size {
-            // Exactly what is asked for (`reserve` could double it).
-            *buf = Vec::with_capacity(size);
-        }
+        debug_assert!(size <= CHUNK, "a read of {size} bytes");
+        let fd = self.stream.as_fd();
+        let bulk = size > SMALL_READ && self.bulk.load(Ordering::Relaxed);
+        let mut small = [MaybeUninit::<u8>::uninit(); SMALL_READ];
+        let mut buf = Vec::new();
         loop {
-            let err = match recv_nonblocking(self.stream.as_fd(), buf, size) {
-                Ok(n) => {
+            let received = if bulk {
+                recv_nonblocking(fd, &mut buf, size).map(|_| &buf[..])
+            } else {
+                recv_uninit_nonblocking(fd, &mut small[..size.min(SMALL_READ)])
+            };
+            let err = match received {
+                Ok(bytes) => {
+                    let n = bytes.len();
                     self.traffic.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                    let bytes = if n <= COPY_AT_MOST {
-                        Bytes::copy_from_slice(buf)
+                    if n == SMALL_READ && !bulk {
+                        self.bulk.store(true, Ordering::Relaxed);
+                    }
+                    let bytes = if bulk {
+                        Bytes::from(std::mem::take(&mut buf))
                     } else {
-                        Bytes::from(std::mem::take(buf))
+                        Bytes::copy_from_slice(bytes)
                     };
                     return Ok(Some(bytes));
                 }

@@ -319,26 +319,53 @@ mod tests {
         drop(sender.join().unwrap());
     }
 
-    /// Reads small and large, in turn, on one thread: each hands exactly
-    /// the bytes sent since the last (the thread's receive buffer is
-    /// cleared, copied out of, or handed over and replaced, around
-    /// `COPY_AT_MOST`).
+    /// Reads of every size hand exactly the bytes sent, in order: small
+    /// ones (copied out of a buffer on the stack), the first that fills it,
+    /// and those after it (straight into a buffer of the size asked for),
+    /// including a read of fewer bytes than are waiting. Every piece is kept
+    /// to the end, so a piece that shared memory with a later read would
+    /// show.
     #[test]
     fn reads_of_every_size_hand_exactly_what_was_sent() {
         let (socket, mut client) = pair(LONG, LONG);
-        let mut input = SocketInput::new(socket);
-        for (i, len) in [4096, 4097, 3, 40_000, 1, CHUNK, 4095, 5000, 2]
-            .into_iter()
-            .enumerate()
+        let mut input = SocketInput::new(socket.clone());
+        let mut sent = Vec::new();
+        let mut pieces = Vec::new();
+        for (i, (len, ask)) in [
+            (3, CHUNK),
+            (4095, CHUNK),
+            (1, 1),
+            (4096, CHUNK),
+            (4097, CHUNK),
+            (40_000, 3),
+            (2, CHUNK),
+            (CHUNK, CHUNK),
+        ]
+        .into_iter()
+        .enumerate()
         {
-            let sent: Vec<u8> = (0..len).map(|b| (b * 7 + i) as u8).collect();
-            client.write_all(&sent).unwrap();
-            let mut got = Vec::new();
-            while got.len() < len {
-                got.extend_from_slice(&block_on(input.blocking_read(CHUNK)).unwrap());
+            let bytes: Vec<u8> = (0..len).map(|b| (b * 7 + i) as u8).collect();
+            client.write_all(&bytes).unwrap();
+            sent.extend_from_slice(&bytes);
+            let piece = block_on(input.blocking_read(ask)).unwrap();
+            assert!(
+                !piece.is_empty() && piece.len() <= ask.min(CHUNK),
+                "read {i}"
+            );
+            pieces.push(piece);
+            // Take the rest of what was sent before the next size.
+            let mut got: usize = pieces.iter().map(|p| p.len()).sum();
+            while got < sent.len() {
+                let piece = block_on(input.blocking_read(CHUNK)).unwrap();
+                got += piece.len();
+                pieces.push(piece);
             }
-            assert_eq!(got, sent, "read {i} ({len} bytes)");
         }
+        assert_eq!(pieces.concat(), sent);
+        assert_eq!(
+            socket.traffic.bytes_in.load(Ordering::Relaxed),
+            sent.len() as u64
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! (`MSG_DONTWAIT`), and poll(2) on one descriptor.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
@@ -123,6 +124,31 @@ pub(crate) fn peek_nonblocking(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result
         return Err(io::Error::last_os_error());
     }
     Ok(n as usize)
+}
+
+/// One `recv(2)` of at most `buf.len()` bytes into `buf` (uninitialised
+/// memory, such as a buffer on the stack) that never blocks: the bytes that
+/// came (none at end of input), or the error (`WouldBlock` when nothing is
+/// there).
+pub(crate) fn recv_uninit_nonblocking<'a>(
+    fd: BorrowedFd<'_>,
+    buf: &'a mut [MaybeUninit<u8>],
+) -> io::Result<&'a [u8]> {
+    // SAFETY: `buf` is valid to write for `buf.len()` bytes, which `recv`
+    // only writes; `fd` is open for the duration of the call.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `recv` initialised the first `n` (<= `buf.len()`) bytes.
+    Ok(unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n as usize) })
 }
 
 /// One `recv(2)` of at most `size` bytes that never blocks, appended to
