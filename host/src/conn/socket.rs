@@ -394,38 +394,44 @@ impl Socket {
     /// bytes, which the guest's bytes are (no copy).
     pub(super) fn recv_now(&self, size: usize) -> io::Result<Option<Bytes>> {
         debug_assert!(size <= CHUNK, "a read of {size} bytes");
-        let fd = self.stream.as_fd();
-        let bulk = size > SMALL_READ && self.bulk.load(Ordering::Relaxed);
-        let mut small = [MaybeUninit::<u8>::uninit(); SMALL_READ];
-        let mut buf = Vec::new();
         loop {
-            let received = if bulk {
-                recv_nonblocking(fd, &mut buf, size).map(|_| &buf[..])
+            let received = if size > SMALL_READ && self.bulk.load(Ordering::Relaxed) {
+                self.recv_bulk(size)
             } else {
-                recv_uninit_nonblocking(fd, &mut small[..size.min(SMALL_READ)])
+                self.recv_small(size.min(SMALL_READ))
             };
-            let err = match received {
+            match received {
                 Ok(bytes) => {
-                    let n = bytes.len();
-                    self.traffic.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                    if n == SMALL_READ && !bulk {
-                        self.bulk.store(true, Ordering::Relaxed);
-                    }
-                    let bytes = if bulk {
-                        Bytes::from(std::mem::take(&mut buf))
-                    } else {
-                        Bytes::copy_from_slice(bytes)
-                    };
+                    let n = bytes.len() as u64;
+                    self.traffic.bytes_in.fetch_add(n, Ordering::Relaxed);
                     return Ok(Some(bytes));
                 }
-                Err(err) => err,
-            };
-            match err.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => return Ok(None),
-                _ => return Err(err),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(err) => return Err(err),
             }
         }
+    }
+
+    /// One read of at most `len` (<= [`SMALL_READ`]) bytes through a buffer
+    /// on the stack, copied out. Not inlined: the buffer stays out of the
+    /// bulk reads' frame.
+    #[inline(never)]
+    fn recv_small(&self, len: usize) -> io::Result<Bytes> {
+        let mut small = [MaybeUninit::<u8>::uninit(); SMALL_READ];
+        let bytes = recv_uninit_nonblocking(self.stream.as_fd(), &mut small[..len])?;
+        if bytes.len() == SMALL_READ {
+            self.bulk.store(true, Ordering::Relaxed);
+        }
+        Ok(Bytes::copy_from_slice(bytes))
+    }
+
+    /// One read of at most `size` bytes into a buffer of that size, which
+    /// becomes the bytes handed on.
+    fn recv_bulk(&self, size: usize) -> io::Result<Bytes> {
+        let mut buf = Vec::new();
+        recv_nonblocking(self.stream.as_fd(), &mut buf, size)?;
+        Ok(Bytes::from(buf))
     }
 
     /// Records a failure of the socket and turns it into the guest's error.
