@@ -391,7 +391,7 @@ impl Socket {
     /// for (a short connection reads about three times). The first read
     /// that fills it returns those bytes (a read may return fewer than
     /// asked); from then on each read goes straight into a buffer of `size`
-    /// bytes, which the guest's bytes are (no copy).
+    /// bytes, handed on as it is (no copy).
     pub(super) fn recv_now(&self, size: usize) -> io::Result<Option<Bytes>> {
         debug_assert!(size <= CHUNK, "a read of {size} bytes");
         loop {

@@ -161,20 +161,8 @@ pub(crate) fn recv_nonblocking(
 ) -> io::Result<usize> {
     buf.reserve(size);
     let len = buf.len();
-    // SAFETY: after `reserve`, the `size` bytes after the first `len` are
-    // allocated and writable; `fd` is open for the duration of the call.
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().add(len).cast(),
-            size,
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `recv` initialised the first `n` (<= `size`) of those bytes.
-    unsafe { buf.set_len(len + n as usize) };
-    Ok(n as usize)
+    let n = recv_uninit_nonblocking(fd, &mut buf.spare_capacity_mut()[..size])?.len();
+    // SAFETY: `recv` initialised the `n` bytes after the first `len`.
+    unsafe { buf.set_len(len + n) };
+    Ok(n)
 }
